@@ -1,0 +1,79 @@
+"""Engine settings: one dataclass whose fields are also the CLI flags (underscores -> dashes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """Parse a memory size such as ``256MiB``, ``1.5GiB`` or ``1000000`` into bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read memory size {value!r}; use e.g. 512MiB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS reports as available (Linux), or a conservative 4 GiB elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+@dataclass
+class EngineArgs:
+    """Every engine argument. Each field is also a flag of `sharekv batch|serve|bench`."""
+
+    model: str | None = field(default=None, metadata={"help": "HF model directory (default: built-in demo)"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
+    kv_cache_memory: str | None = field(
+        default=None, metadata={"help": "KV pool size, e.g. 512MiB (default: 40%% of free RAM, at most 8GiB)"}
+    )
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})
+    max_num_seqs: int = field(default=256, metadata={"help": "most sequences running at once"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length (default: model's)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
+    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy"})
+    seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)"})
+
+    def kv_cache_bytes(self) -> int:
+        if self.kv_cache_memory is not None:
+            return parse_bytes(self.kv_cache_memory)
+        return min(int(available_memory_bytes() * 0.4), 8 * 2**30)
+
+    def validate(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SHAREKV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sharekv"))

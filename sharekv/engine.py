@@ -1,0 +1,265 @@
+"""The step loop: schedule -> run the model -> sample -> update sequences, free what finished."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sharekv.config import EngineArgs
+from sharekv.kv.manager import KVCacheManager
+from sharekv.model.config import ModelConfig, ModelLoadError
+from sharekv.model.llama import LlamaModel
+from sharekv.model.runner import DTYPES, ModelRunner, kv_bytes_per_block
+from sharekv.model.sampler import Sampler
+from sharekv.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from sharekv.sampling_params import InvalidParameter, SamplingParams
+from sharekv.sched import make_scheduler
+from sharekv.sequence import Sequence
+from sharekv.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("sharekv")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_seconds: float = 0.0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks, recomputes and decodes)
+    generated_tokens: int = 0
+    finished_requests: int = 0
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    stream: bool
+    arrival_time: float
+    finished_time: float | None = None
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+def _read_generation_eos(model_dir: str) -> list[int]:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        self.args = args
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        if args.model is None:
+            from sharekv.demo import ensure_demo_model
+            model_dir = ensure_demo_model()
+        else:
+            model_dir = args.model
+        if not os.path.isdir(model_dir):
+            raise ModelLoadError(f"model directory {model_dir!r} does not exist")
+        self.model_dir = model_dir
+        self.model_config = config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = Tokenizer.maybe_load(model_dir)
+        dtype = DTYPES[args.dtype]
+        device = torch.device(args.device)
+        per_block = kv_bytes_per_block(config, args.block_size, dtype)
+        num_blocks = args.kv_cache_bytes() // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {args.kv_cache_memory} holds no block of {per_block} bytes")
+        self.num_blocks = num_blocks
+        # A request may never need more KV than the whole pool, so the pool caps the context length.
+        self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
+        model = LlamaModel.from_dir(model_dir, config, self.max_model_len, dtype, device)
+        self.runner = ModelRunner(model, num_blocks, args.block_size)
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
+                                        max_num_seqs=args.max_num_seqs)
+        self.sampler = Sampler(device, args.seed)
+        eos = set(config.eos_token_ids) | set(_read_generation_eos(model_dir))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.requests: dict[str, RequestState] = {}
+        self.stats = EngineStats()
+        self._next_seq_id = 0
+        logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d",
+                    num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * per_block / 2**20,
+                    self.max_model_len)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """How many tokens of KV the pool holds."""
+        return self.num_blocks * self.args.block_size
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidParameter if the request can never run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidParameter("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise InvalidParameter("prompt", f"prompt token ids must be in [0, {vocab})")
+        if n >= self.max_model_len:
+            raise InvalidParameter("prompt", f"the prompt has {n} tokens; this model's context is "
+                                             f"{self.max_model_len} tokens, which must also hold the output")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise InvalidParameter("max_tokens", f"max_tokens {params.max_tokens} plus the prompt's {n} tokens "
+                                                 f"exceeds the context length {self.max_model_len}")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None, stream: bool = False, arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index,
+                           token_ids=list(prompt_token_ids), prompt_len=len(prompt_token_ids), params=params,
+                           arrival_time=arrival)
+            self._next_seq_id += 1
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+            if params.logprobs is not None:
+                seq.logprobs = []
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), seqs, stream, arrival)
+        self.stats.prompt_tokens += len(prompt_token_ids) * params.n
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; returns its partial output."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        state.aborted = True
+        state.finished_time = time.monotonic()
+        return self._output(state)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration. Returns finished requests, and the progress of streaming ones."""
+        t0 = time.perf_counter()
+        step = self.scheduler.schedule()
+        if step.is_empty:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return []
+        logits, sampled = self.runner.execute(step)
+        for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.kv.cache_full_blocks(seq)
+        touched: dict[str, RequestState] = {}
+        if sampled:
+            sampling_seqs = [step.seqs[i] for i in sampled]
+            result = self.sampler(logits, sampling_seqs)
+            now = time.monotonic()
+            for j, seq in enumerate(sampling_seqs):
+                self._append_token(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j], now)
+                if seq.finish_reason is not None:
+                    seq.finished_time = now
+                    self.scheduler.finish(seq)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for state in touched.values():
+            if state.finished:
+                state.finished_time = time.monotonic()
+                del self.requests[state.request_id]
+                self.stats.finished_requests += 1
+                outputs.append(self._output(state))
+            elif state.stream:
+                outputs.append(self._output(state))
+        self.stats.steps += 1
+        self.stats.computed_tokens += step.num_tokens
+        self.stats.generated_tokens += len(sampled)
+        self.stats.step_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None,
+                      now: float) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        p = seq.params
+        if seq.logprobs is not None:
+            entry = {tid: Logprob(lp, rank) for rank, (tid, lp) in enumerate((top or {}).items(), start=1)}
+            entry.setdefault(token, Logprob(logprob))
+            if self.tokenizer is not None:
+                for tid, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+            seq.logprobs.append(entry)
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        else:
+            if seq.detokenizer is not None:
+                delta = seq.detokenizer.step(seq.token_ids)
+                if delta:
+                    seq.output_text += delta
+                    if p.stop:
+                        self._check_stop_strings(seq, len(delta))
+            if seq.finish_reason is None and (
+                    (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+                    or seq.num_tokens >= self.max_model_len):
+                seq.finish_reason = "length"
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, delta_len: int) -> None:
+        text = seq.output_text
+        for stop in seq.params.stop:
+            # only the new text, and the stop string's length before it, can hold a new match
+            start = max(0, len(text) - delta_len - len(stop) + 1)
+            at = text.find(stop, start)
+            if at != -1:
+                end = at + len(stop) if seq.params.include_stop_str_in_output else at
+                seq.output_text = text[:end]
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                return
+
+    def _output(self, state: RequestState) -> RequestOutput:
+        completions = [
+            CompletionOutput(index=s.index, text=s.output_text, token_ids=s.output_token_ids,
+                             cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                             finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+            for s in state.seqs
+        ]
+        first = state.seqs[0]
+        cached = first.num_cached_tokens or 0
+        metrics = RequestMetrics(
+            arrival_time=state.arrival_time,
+            first_scheduled_time=min((s.first_scheduled_time for s in state.seqs if s.first_scheduled_time),
+                                     default=None),
+            first_token_time=min((s.first_token_time for s in state.seqs if s.first_token_time), default=None),
+            finished_time=state.finished_time,
+            num_cached_tokens=cached,
+            num_preemptions=sum(s.num_preemptions for s in state.seqs),
+        )
+        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
+                             prompt_token_ids=state.prompt_token_ids, outputs=completions,
+                             finished=state.finished or state.aborted, metrics=metrics, num_cached_tokens=cached)

@@ -1,0 +1,99 @@
+"""The pool of KV blocks: reference counts, the free list, and the prefix-cache index.
+
+A block whose reference count drops to zero stays in the prefix-cache index (if it is full and hashed)
+while it sits in the free list; it is evicted only when the allocator hands it out again. The free list
+is ordered so the least useful blocks go first: blocks with no cached content at the front, cached blocks
+in the order they were freed (least recently used first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+# A full block's identity: the hash of the chain of blocks before it and its own token ids. Keying the
+# index by the whole tuple means a lookup compares the tokens, so a hash collision can never return
+# another prompt's KV.
+BlockKey = tuple[int, tuple[int, ...]]
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    key: BlockKey | None = None
+
+    @property
+    def hash(self) -> int | None:
+        return None if self.key is None else hash(self.key)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV pool needs at least one block")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockKey, Block] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free, including those that only hold cached KV)."""
+        return len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def allocate(self) -> Block:
+        if not self._free:
+            raise RuntimeError("KV pool exhausted: caller must check num_free_blocks first")
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.key is not None:
+            del self._cached[block.key]
+            block.key = None
+            self.num_evictions += 1
+        block.ref_count = 1
+        return block
+
+    def lookup(self, key: BlockKey) -> Block | None:
+        return self._cached.get(key)
+
+    def share(self, block: Block) -> None:
+        """Take a reference to a block that already holds the wanted KV (a prefix-cache hit)."""
+        if block.ref_count == 0:
+            del self._free[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: Block) -> None:
+        if block.ref_count <= 0:
+            raise RuntimeError(f"block {block.block_id} released more often than taken")
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block.block_id] = None
+            if block.key is None:
+                self._free.move_to_end(block.block_id, last=False)
+
+    def register(self, block: Block, key: BlockKey) -> None:
+        """Index a block that has just become full. If equal KV is already indexed, keep the older one."""
+        if block.key is None and key not in self._cached:
+            block.key = key
+            self._cached[key] = block
+
+    def is_free(self, block: Block) -> bool:
+        return block.block_id in self._free
+
+    def check_invariants(self) -> None:
+        """Raise if the pool's bookkeeping is inconsistent (used by tests after every scenario)."""
+        for block in self.blocks:
+            assert block.ref_count >= 0, f"block {block.block_id} has ref count {block.ref_count}"
+            assert (block.ref_count == 0) == (block.block_id in self._free), f"block {block.block_id} free-list"
+            if block.key is not None:
+                assert self._cached.get(block.key) is block, f"block {block.block_id} not indexed"
+        assert len(self._cached) == sum(b.key is not None for b in self.blocks)

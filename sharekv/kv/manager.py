@@ -1,0 +1,96 @@
+"""Block tables of sequences on top of the block pool, with prefix caching."""
+
+from __future__ import annotations
+
+from sharekv.kv.block_pool import BlockPool
+from sharekv.sequence import Sequence
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.num_hit_tokens = 0
+
+    @property
+    def usage(self) -> float:
+        """Share of blocks held by running sequences (cached-but-free blocks count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def _update_keys(self, seq: Sequence) -> None:
+        bs = self.block_size
+        keys = seq.block_keys
+        for i in range(len(keys), seq.num_tokens // bs):
+            parent = hash(keys[i - 1]) if i else 0
+            keys.append((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+
+    def find_cached_prefix(self, seq: Sequence) -> list:
+        """Cached blocks holding a prefix of the sequence's tokens. At least one token is left to compute,
+        so the step that admits the sequence produces its next-token logits."""
+        if not self.enable_prefix_caching or seq.num_computed_tokens:
+            return []
+        self._update_keys(seq)
+        usable = (seq.num_tokens - 1) // self.block_size
+        hits = []
+        for key in seq.block_keys[:usable]:
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
+        cached = cached or []
+        needed = cdiv(seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens, self.block_size)
+        new_blocks = needed - len(seq.block_table) - len(cached)
+        revived = sum(1 for b in cached if b.ref_count == 0)  # cached-but-free blocks leave the free list
+        return new_blocks + revived <= self.pool.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
+        """Give the sequence blocks for `num_new_tokens` more tokens, after taking any cached prefix blocks.
+        Returns False (and changes nothing) if the pool cannot hold them."""
+        if not self.can_allocate(seq, num_new_tokens, cached):
+            return False
+        if cached:
+            for block in cached:
+                self.pool.share(block)
+                seq.block_table.append(block.block_id)
+            seq.num_computed_tokens += len(cached) * self.block_size
+        needed = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        while len(seq.block_table) < needed:
+            seq.block_table.append(self.pool.allocate().block_id)
+        return True
+
+    def record_prefix_query(self, seq: Sequence, num_hit_tokens: int) -> None:
+        """Count a sequence's first admission for the hit-rate metrics and its own cached-token figure."""
+        if seq.num_cached_tokens is None:
+            seq.num_cached_tokens = num_hit_tokens
+            self.num_queried_tokens += seq.prompt_len
+            self.num_hit_tokens += num_hit_tokens
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Index the blocks that the last step filled, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        self._update_keys(seq)
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_keys))
+        blocks = self.pool.blocks
+        for i in range(full - 1, -1, -1):
+            block = blocks[seq.block_table[i]]
+            if block.key is not None or self.pool.lookup(seq.block_keys[i]) is not None:
+                break  # everything before this block was indexed by an earlier step or request
+            self.pool.register(block, seq.block_keys[i])
+
+    def free(self, seq: Sequence) -> None:
+        """Return a sequence's blocks; tail blocks are released first so they are evicted first."""
+        blocks = self.pool.blocks
+        for block_id in reversed(seq.block_table):
+            self.pool.release(blocks[block_id])
+        seq.block_table = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,127 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is a pair of tensors shaped [num_blocks, block_size, kv_heads, head_dim]. A sequence
+owns a list of block ids (its block table). Keys and values are read where they lie, a tile of blocks at a
+time; the temporary copy is bounded by the tile, never a whole batch's KV, and tiles are merged with the
+log-sum-exp rule so the result equals softmax over the full context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Tokens of context gathered per tile in decode attention: bounds the temporary buffer per step.
+DECODE_TILE_TOKENS = 1024
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens (a prompt chunk, or a recompute) in this step."""
+
+    query_start: int  # offset of its first token in the step's flattened tokens
+    query_len: int
+    context_len: int  # tokens in the cache after this step, including the new ones
+    block_ids: torch.Tensor  # blocks covering context_len tokens
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each one attends to.
+
+    The first `num_decode_tokens` tokens are single-token decodes, one sequence each; prefill chunks follow.
+    """
+
+    slot_mapping: torch.Tensor
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine softmax attention over two disjoint key sets. o: [..., d], lse: [...]."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    w_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    return o_a * w_a + o_b * w_b, lse
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [..., g, d] against k, v: [..., n, d]; mask True where a key is hidden. Returns (o, lse)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores.masked_fill_(mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    return torch.matmul(probs.to(v.dtype), v), lse
+
+
+class PagedAttention:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Writes k, v to the cache, returns [tokens, heads*d]."""
+        block_size = k_cache.shape[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                    meta.decode_context_lens, block_size)
+        for chunk in meta.prefills:
+            s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
+        return out.view(q.shape[0], -1)
+
+    def _window_mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """True where a key is hidden from a query: in the future, or outside the sliding window."""
+        hidden = key_pos > query_pos
+        if self.sliding_window is not None:
+            hidden |= key_pos <= query_pos - self.sliding_window
+        return hidden
+
+    def _prefill(self, q, k, v, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
+        qlen, ctx = chunk.query_len, chunk.context_len
+        if ctx == qlen:
+            keys, values = k, v  # nothing cached before this chunk: attend to the fresh k, v directly
+        else:
+            keys = k_cache[chunk.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+            values = v_cache[chunk.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+        device = q.device
+        query_pos = torch.arange(ctx - qlen, ctx, device=device)[:, None]
+        visible = ~self._window_mask(torch.arange(ctx, device=device)[None, :], query_pos)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=visible, scale=self.scale, enable_gqa=self.group > 1,
+        )
+        return o.transpose(0, 1)
+
+    def _decode(self, q, k_cache, v_cache, block_tables, context_lens, block_size) -> torch.Tensor:
+        b = q.shape[0]
+        qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
+        tile_blocks = max(1, DECODE_TILE_TOKENS // block_size)
+        query_pos = (context_lens - 1)[:, None]
+        o = lse = None
+        for start in range(0, block_tables.shape[1], tile_blocks):
+            ids = block_tables[:, start:start + tile_blocks]
+            n = ids.shape[1] * block_size
+            keys = k_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            values = v_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            key_pos = torch.arange(start * block_size, start * block_size + n, device=q.device)[None, :]
+            mask = self._window_mask(key_pos, query_pos)[:, None, None, :]
+            o_t, lse_t = attention_with_lse(qg, keys, values, mask, self.scale)
+            o, lse = (o_t, lse_t) if o is None else merge_attention(o, lse, o_t, lse_t)
+        return o.to(q.dtype).reshape(b, self.num_heads, self.head_dim)

@@ -1,0 +1,108 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+Weights keep Hugging Face's layout, with q/k/v and gate/up fused at load time so each layer runs
+four matrix products instead of seven.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sharekv.model.attention import AttentionMetadata, PagedAttention
+from sharekv.model.config import ModelConfig, ModelLoadError
+from sharekv.model.loader import iter_tensors
+from sharekv.model.rope import RotaryEmbedding
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass
+class DecoderLayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        c = config
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ModelLoadError(f"checkpoint is missing weight {name!r}")
+            return weights.pop(name).to(dtype=dtype, device=device)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.layers: list[DecoderLayerWeights] = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            qkv = torch.cat([take(attn + "q_proj.weight"), take(attn + "k_proj.weight"),
+                             take(attn + "v_proj.weight")])
+            bias = None
+            if c.qkv_bias:
+                bias = torch.cat([take(attn + "q_proj.bias"), take(attn + "k_proj.bias"),
+                                  take(attn + "v_proj.bias")])
+            mlp = p + "mlp."
+            self.layers.append(DecoderLayerWeights(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=qkv,
+                qkv_bias=bias,
+                o_proj=take(attn + "o_proj.weight"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
+                down=take(mlp + "down_proj.weight"),
+            ))
+        self.norm = take("model.norm.weight")
+        if c.tie_word_embeddings or "lm_head.weight" not in weights:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = take("lm_head.weight")
+        self.rotary = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype, device)
+        self.attention = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window)
+
+    @classmethod
+    def from_dir(cls, model_dir: str, config: ModelConfig, max_positions: int, dtype: torch.dtype,
+                 device: torch.device) -> LlamaModel:
+        weights = {name: t for name, t in iter_tensors(model_dir) if "rotary_emb" not in name}
+        return cls(config, weights, max_positions, dtype, device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [tokens, hidden] for flattened tokens; kv_cache is [layers, 2, blocks, bs, kv, d]."""
+        c = self.config
+        n = input_ids.shape[0]
+        h = self.embed[input_ids]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k = self.rotary(positions, q.view(n, c.num_heads, c.head_dim), k.view(n, c.num_kv_heads, c.head_dim))
+            attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), kv_cache[i, 0], kv_cache[i, 1], meta)
+            h = h + F.linear(attn, layer.o_proj)
+            x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        return rms_norm(h, self.norm, c.rms_norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,82 @@
+"""Executes a scheduled step: builds the flat input tensors and attention metadata, runs the model."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from sharekv.model.attention import AttentionMetadata, PrefillChunk
+from sharekv.model.config import ModelConfig
+from sharekv.model.llama import LlamaModel
+from sharekv.sched.scheduler import SchedulerOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+        c = model.config
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        # One preallocated pool for all layers: [layer, k|v, block, slot, kv_head, head_dim].
+        self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                    dtype=model.dtype, device=self.device)
+        self.forward_seconds = 0.0
+
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Run the step. Returns logits for the sequences whose new tokens reach their end (they sample
+        a token), and those sequences' positions in `step.seqs`."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        logit_rows: list[int] = []
+        sampled: list[int] = []
+        offset = 0
+        for i, (seq, n) in enumerate(zip(step.seqs, step.num_new_tokens, strict=True)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids.extend(seq.token_ids[start:end])
+            pos = np.arange(start, end)
+            table = np.asarray(seq.block_table)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            else:
+                nblocks = -(-end // bs)
+                prefills.append(PrefillChunk(offset, n, end, torch.as_tensor(table[:nblocks], device=self.device)))
+            offset += n
+            if end == seq.num_tokens:
+                logit_rows.append(offset - 1)
+                sampled.append(i)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
+            num_decode_tokens=len(decode_lens),
+            prefills=prefills,
+        )
+        if decode_lens:
+            width = max(len(t) for t in decode_tables)
+            padded = np.zeros((len(decode_tables), width), dtype=np.int64)
+            for row, t in enumerate(decode_tables):
+                padded[row, :len(t)] = t
+            meta.decode_block_tables = torch.from_numpy(padded).to(self.device)
+            meta.decode_context_lens = torch.tensor(decode_lens, device=self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
+        t0 = time.perf_counter()
+        hidden = self.model.forward(ids, pos, self.kv_cache, meta)
+        logits = self.model.logits(hidden[logit_rows]) if logit_rows else hidden.new_empty((0, 0))
+        self.forward_seconds += time.perf_counter() - t0
+        return logits, sampled

@@ -1,0 +1,18 @@
+"""Scheduling policies, chosen by name (`--schedule NAME`)."""
+
+from __future__ import annotations
+
+from sharekv.sched.scheduler import Scheduler, SchedulerOutput
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "fcfs": Scheduler,
+}
+
+
+def make_scheduler(name: str, **kwargs) -> Scheduler:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(sorted(SCHEDULERS))}")
+    return SCHEDULERS[name](**kwargs)
+
+
+__all__ = ["SCHEDULERS", "Scheduler", "SchedulerOutput", "make_scheduler"]

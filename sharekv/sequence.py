@@ -1,0 +1,66 @@
+"""One generated continuation of a prompt, and its progress through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sharekv.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n continuations
+    token_ids: list[int]  # prompt followed by output
+    prompt_len: int
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    # Tokens whose KV is in the cache. Decode is the case of one uncomputed token; a preempted sequence
+    # drops back to 0 and recomputes prompt and output as one long prefill.
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+    output_text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    detokenizer: object | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
