@@ -53,6 +53,7 @@ class EngineArgs:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
     schedule: str = field(default="fcfs", metadata={"help": "scheduling policy"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
+    native_kernels: bool = field(default=True, metadata={"help": "use the compiled CPU attention kernel"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)"})
 
     def kv_cache_bytes(self) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from sharekv.config import EngineArgs
+from sharekv.demo import DEMO_NAME, ensure_demo_model
 from sharekv.kv.manager import KVCacheManager
 from sharekv.model.config import ModelConfig, ModelLoadError
 from sharekv.model.llama import LlamaModel
@@ -66,14 +67,11 @@ class LLMEngine:
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        if args.model is None:
-            from sharekv.demo import ensure_demo_model
-            model_dir = ensure_demo_model()
-        else:
-            model_dir = args.model
+        model_dir = ensure_demo_model() if args.model is None else args.model
         if not os.path.isdir(model_dir):
             raise ModelLoadError(f"model directory {model_dir!r} does not exist")
         self.model_dir = model_dir
+        self.model_name = DEMO_NAME if args.model is None else os.path.basename(os.path.normpath(model_dir))
         self.model_config = config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer.maybe_load(model_dir)
         dtype = DTYPES[args.dtype]
@@ -85,7 +83,7 @@ class LLMEngine:
         self.num_blocks = num_blocks
         # A request may never need more KV than the whole pool, so the pool caps the context length.
         self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
-        model = LlamaModel.from_dir(model_dir, config, self.max_model_len, dtype, device)
+        model = LlamaModel.from_dir(model_dir, config, self.max_model_len, dtype, device, args.native_kernels)
         self.runner = ModelRunner(model, num_blocks, args.block_size)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,

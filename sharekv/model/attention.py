@@ -69,6 +69,7 @@ class PagedAttention:
         self.group = num_heads // num_kv_heads
         self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
+        self.native = None  # compiled CPU decode kernel, set by the model when it runs on the CPU
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -95,8 +96,13 @@ class PagedAttention:
 
     def _prefill(self, q, k, v, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
         qlen, ctx = chunk.query_len, chunk.context_len
+        if ctx == qlen and self.sliding_window is None:
+            # nothing cached before this chunk: plain causal attention over the fresh k, v (SDPA's fast path)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                               is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
+            return o.transpose(0, 1)
         if ctx == qlen:
-            keys, values = k, v  # nothing cached before this chunk: attend to the fresh k, v directly
+            keys, values = k, v
         else:
             keys = k_cache[chunk.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
             values = v_cache[chunk.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
@@ -110,6 +116,9 @@ class PagedAttention:
         return o.transpose(0, 1)
 
     def _decode(self, q, k_cache, v_cache, block_tables, context_lens, block_size) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale,
+                                                      self.sliding_window or 0)
         b = q.shape[0]
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         tile_blocks = max(1, DECODE_TILE_TOKENS // block_size)

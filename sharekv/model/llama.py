@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.config import ModelConfig, ModelLoadError
 from sharekv.model.loader import iter_tensors
+from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
 
 
@@ -36,7 +37,7 @@ class DecoderLayerWeights:
 
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, native_kernels: bool = True) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -77,12 +78,14 @@ class LlamaModel:
             self.lm_head = take("lm_head.weight")
         self.rotary = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype, device)
         self.attention = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window)
+        if device.type == "cpu" and c.head_dim % 16 == 0 and native_kernels:
+            self.attention.native = cpu_kernels()
 
     @classmethod
     def from_dir(cls, model_dir: str, config: ModelConfig, max_positions: int, dtype: torch.dtype,
-                 device: torch.device) -> LlamaModel:
+                 device: torch.device, native_kernels: bool = True) -> LlamaModel:
         weights = {name: t for name, t in iter_tensors(model_dir) if "rotary_emb" not in name}
-        return cls(config, weights, max_positions, dtype, device)
+        return cls(config, weights, max_positions, dtype, device, native_kernels)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

@@ -59,6 +59,7 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         raw_logprobs = logits.log_softmax(dim=-1)
         _penalize(logits, seqs)

@@ -1,0 +1,174 @@
+"""`sharekv batch`: run an OpenAI Batch API input file (JSONL) through the engine.
+
+Every valid line is handed to the engine before the first step, so the scheduler sees the whole batch.
+Results are appended to the output file as each line finishes and flushed at once, so an interrupted job
+loses nothing it finished; rerunning with the same output file skips the custom_ids already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from sharekv.engine import LLMEngine
+from sharekv.openai_api import APIError, ParsedRequest, parse_request, response_body, usage
+from sharekv.outputs import RequestOutput
+from sharekv.sampling_params import InvalidParameter
+
+
+@dataclass
+class BatchSummary:
+    requests: int = 0  # lines completed in this run
+    skipped: int = 0  # lines already in the output file from an earlier run
+    errors: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    wall_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.prompt_tokens + self.generated_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
+
+
+@dataclass
+class _Line:
+    number: int
+    custom_id: str
+    parsed: ParsedRequest
+    request_ids: list[str]
+    outputs: dict[str, RequestOutput]
+
+
+def _done_keys(output_path: str) -> set[str]:
+    """What an earlier run answered: custom_ids that succeeded, and `line:N` for lines that got an error
+    record (errors are keyed by line, so a duplicate id's error never hides the original's result).
+    A torn last line from a crash is cut off."""
+    if not os.path.exists(output_path):
+        return set()
+    with open(output_path, "rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+            data = data[:data.rfind(b"\n") + 1]
+    done = set()
+    for raw in data.splitlines():
+        record = json.loads(raw)
+        done.add(f"line:{record['line']}" if "line" in record else record["custom_id"])
+    return done
+
+
+def _error_record(custom_id: str, error: APIError, line: int) -> dict:
+    """A request the engine refused, answered as the API would (status and OpenAI error body)."""
+    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+            "response": {"status_code": error.status, "request_id": f"req_{uuid.uuid4().hex}", "body": error.body()},
+            "error": None, "line": line}
+
+
+def _parse_line(raw: str, engine: LLMEngine) -> tuple[str, ParsedRequest]:
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e}") from e
+    if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
+        raise ValueError("each line must be an object with a string 'custom_id'")
+    custom_id = record["custom_id"]
+    if record.get("method", "POST") != "POST":
+        raise _LineError(custom_id, APIError("'method' must be POST", param="method"))
+    try:
+        parsed = parse_request(record.get("body"), record.get("url"), engine.tokenizer)
+        for _, ids in parsed.prompts:
+            engine.check_request(ids, parsed.params)
+    except InvalidParameter as e:
+        raise _LineError(custom_id, APIError(str(e), param=e.param)) from e
+    except APIError as e:
+        raise _LineError(custom_id, e) from e
+    return custom_id, parsed
+
+
+class _LineError(Exception):
+    def __init__(self, custom_id: str, error: APIError) -> None:
+        super().__init__(error.message)
+        self.custom_id = custom_id
+        self.error = error
+
+
+def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bool = True) -> BatchSummary:
+    summary = BatchSummary()
+    start = time.perf_counter()
+    done = _done_keys(output_path)
+    with open(input_path) as f:
+        raw_lines = f.read().splitlines()
+    with open(output_path, "a") as out:
+        def write(record: dict) -> None:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+
+        pending: dict[str, _Line] = {}  # engine request id -> its line
+        seen: set[str] = set()
+        for number, raw in enumerate(raw_lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                custom_id, parsed = _parse_line(raw, engine)
+            except _LineError as e:
+                if f"line:{number}" not in done:
+                    write(_error_record(e.custom_id, e.error, number))
+                    summary.errors += 1
+                seen.add(e.custom_id)
+                continue
+            except ValueError as e:
+                if f"line:{number}" not in done:
+                    write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": None, "response": None,
+                           "error": {"code": "invalid_request", "message": str(e)}, "line": number})
+                    summary.errors += 1
+                continue
+            if custom_id in seen:
+                if f"line:{number}" not in done:
+                    write(_error_record(custom_id, APIError(f"duplicate custom_id {custom_id!r}", param="custom_id"),
+                                        number))
+                    summary.errors += 1
+                continue
+            seen.add(custom_id)
+            if custom_id in done:
+                summary.skipped += 1
+                continue
+            line = _Line(number, custom_id, parsed, [], {})
+            for k, (text, ids) in enumerate(parsed.prompts):
+                request_id = f"{custom_id}#{k}#{uuid.uuid4().hex[:8]}"
+                engine.add_request(request_id, ids, parsed.params, prompt=text)
+                line.request_ids.append(request_id)
+                pending[request_id] = line
+
+        lines_left = len({id(line) for line in pending.values()})
+        with tqdm(total=lines_left, desc="batch", unit="req", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished:
+                        continue
+                    line = pending.pop(output.request_id)
+                    line.outputs[output.request_id] = output
+                    if len(line.outputs) < len(line.request_ids):
+                        continue
+                    outputs = [line.outputs[r] for r in line.request_ids]
+                    body = response_body(line.parsed, outputs, line.parsed.model or engine.model_name,
+                                         engine.tokenizer)
+                    write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
+                           "response": {"status_code": 200, "request_id": body["id"], "body": body},
+                           "error": None})
+                    u = usage(outputs)
+                    summary.requests += 1
+                    summary.prompt_tokens += u["prompt_tokens"]
+                    summary.cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
+                    summary.generated_tokens += u["completion_tokens"]
+                    bar.update(1)
+    summary.wall_seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,140 @@
+"""`sharekv bench throughput`: offline throughput on a documents x questions batch.
+
+Optionally runs `transformers` generate on the same prompts in the same process (the oracle users would
+otherwise reach for), so the ratio is measured side by side on the same noisy machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import torch
+
+from sharekv.bench.workloads import BenchRequest, documents_x_questions
+from sharekv.config import EngineArgs
+from sharekv.llm import LLM
+from sharekv.sampling_params import SamplingParams
+
+
+def _run_engine(llm: LLM, requests: list[BenchRequest]) -> dict:
+    engine = llm.engine
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    step0, fwd0 = engine.stats.step_seconds, engine.runner.forward_seconds
+    hit0, query0 = engine.kv.num_hit_tokens, engine.kv.num_queried_tokens
+    steps0, computed0 = engine.stats.steps, engine.stats.computed_tokens
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
+    wall = time.perf_counter() - start
+    step_s = engine.stats.step_seconds - step0
+    fwd_s = engine.runner.forward_seconds - fwd0
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    queried = engine.kv.num_queried_tokens - query0
+    return {
+        "requests": len(requests),
+        "wall_seconds": wall,
+        "requests_per_second": len(requests) / wall,
+        "input_tokens_per_second": prompt_tokens / wall,
+        "output_tokens_per_second": output_tokens / wall,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "computed_tokens": engine.stats.computed_tokens - computed0,
+        "prefix_cache_hit_rate": (engine.kv.num_hit_tokens - hit0) / queried if queried else 0.0,
+        "steps": engine.stats.steps - steps0,
+        "outside_forward_share": 1.0 - fwd_s / step_s if step_s else 0.0,
+        "token_ids": [o.outputs[0].token_ids for o in outputs],
+    }
+
+
+def _run_transformers(model_dir: str, requests: list[BenchRequest], batch_size: int, dtype: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos, as the engine run does
+    # Batch requests of similar output length together so padding wastes as little as possible.
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].max_tokens, len(requests[i].prompt_token_ids)))
+    tokens: dict[int, list[int]] = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = max(len(requests[i].prompt_token_ids) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding, as decoder-only generation needs
+                p = requests[i].prompt_token_ids
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            new = max(requests[i].max_tokens for i in idx)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)
+            for row, i in enumerate(idx):
+                tokens[i] = out[row, width:width + requests[i].max_tokens].tolist()
+    wall = time.perf_counter() - start
+    output_tokens = sum(r.max_tokens for r in requests)
+    return {"batch_size": batch_size, "wall_seconds": wall, "output_tokens_per_second": output_tokens / wall,
+            "requests_per_second": len(requests) / wall, "token_ids": [tokens[i] for i in range(len(requests))]}
+
+
+def _decode_overhead(llm: LLM, batch: int, vocab: int) -> dict:
+    """Share of step time outside the forward when `batch` sequences decode together."""
+    reqs = documents_x_questions(batch, 1, 0, 32, (64, 64), vocab, seed=123)
+    result = _run_engine(llm, reqs)
+    return {"batch": batch, "outside_forward_share": result["outside_forward_share"]}
+
+
+def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, doc_len: int, question_len: int,
+                         output_len: tuple[int, int], seed: int, out_path: str,
+                         hf_batch_sizes: list[int] | None = None) -> dict:
+    llm = LLM(**dataclasses.asdict(args))
+    vocab = llm.engine.model_config.vocab_size
+    requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len, vocab, seed)
+    _run_engine(llm, documents_x_questions(2, 1, 16, 8, (4, 4), vocab, seed=seed + 1))  # warm-up
+    ours = _run_engine(llm, requests)
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "engine_args": dataclasses.asdict(args),
+        "kv_pool_tokens": llm.engine.num_kv_tokens,
+        "workload": {"num_docs": num_docs, "questions_per_doc": questions_per_doc, "doc_len": doc_len,
+                     "question_len": question_len, "output_len": list(output_len), "seed": seed},
+        "sharekv": {k: v for k, v in ours.items() if k != "token_ids"},
+        "decode64": _decode_overhead(llm, 64, vocab),
+    }
+    if hf_batch_sizes:
+        runs = []
+        for bs in hf_batch_sizes:
+            run = _run_transformers(llm.engine.model_dir, requests, bs, args.dtype)
+            run["greedy_match"] = run.pop("token_ids") == ours["token_ids"]
+            runs.append(run)
+        best = min(runs, key=lambda r: r["wall_seconds"])
+        result["transformers"] = {"runs": runs, "best_batch_size": best["batch_size"],
+                                  "speedup": best["wall_seconds"] / ours["wall_seconds"]}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(result, os.path.splitext(out_path)[0] + ".png")
+    return result
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["sharekv"]
+    values = [result["sharekv"]["output_tokens_per_second"]]
+    for run in result.get("transformers", {}).get("runs", []):
+        names.append(f"transformers\nbatch {run['batch_size']}")
+        values.append(run["output_tokens_per_second"])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.5))
+    ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"{result['sharekv']['requests']} requests, documents x questions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,121 @@
+"""`sharekv batch | bench | make-model`. Every EngineArgs field is a flag (underscores -> dashes)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+
+from sharekv.config import EngineArgs
+from sharekv.model.config import ModelLoadError
+from sharekv.sampling_params import InvalidParameter
+
+
+def add_engine_args(parser: argparse.ArgumentParser, **defaults: typing.Any) -> None:
+    group = parser.add_argument_group("engine")
+    hints = typing.get_type_hints(EngineArgs)
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        kind = hints[f.name]
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        group.add_argument(flag, type=base, default=default, help=f.metadata["help"])
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})
+
+
+def _cmd_batch(ns: argparse.Namespace) -> int:
+    from sharekv.batch import run_batch
+    from sharekv.engine import LLMEngine
+
+    engine = LLMEngine(engine_args_from(ns))
+    print(f"model {engine.model_name}: KV pool holds {engine.num_kv_tokens} tokens "
+          f"({engine.num_blocks} blocks of {ns.block_size})", file=sys.stderr)
+    summary = run_batch(engine, ns.input, ns.output, use_tqdm=not ns.no_progress)
+    s = summary
+    print(f"requests {s.requests} (skipped {s.skipped} done earlier, {s.errors} errors) | prompt tokens "
+          f"{s.prompt_tokens}, cached {s.cached_tokens} | generated {s.generated_tokens} | "
+          f"{s.wall_seconds:.1f} s | {s.tokens_per_second:.0f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
+    from sharekv.bench.throughput import run_throughput_bench
+
+    result = run_throughput_bench(engine_args_from(ns), num_docs=ns.num_docs, questions_per_doc=ns.questions,
+                                  doc_len=ns.doc_len, question_len=ns.question_len,
+                                  output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed,
+                                  out_path=ns.output,
+                                  hf_batch_sizes=[int(b) for b in ns.hf_batch_sizes.split(",") if b])
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_make_model(ns: argparse.Namespace) -> int:
+    from sharekv.bench.workloads import BENCH_MODEL_CONFIG
+    from sharekv.demo import DEMO_CONFIG, write_random_llama
+
+    config = {"demo": DEMO_CONFIG, "llama-110m": BENCH_MODEL_CONFIG}[ns.preset]
+    write_random_llama(ns.out_dir, config, seed=ns.seed, with_tokenizer=ns.preset == "demo")
+    print(ns.out_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharekv", description="LLM inference for batches that share prefixes")
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    batch = sub.add_parser("batch", help="run an OpenAI Batch API JSONL file")
+    batch.add_argument("-i", "--input", required=True, help="input JSONL (OpenAI batch format)")
+    batch.add_argument("-o", "--output", required=True, help="output JSONL; rerun with the same file to resume")
+    batch.add_argument("--no-progress", action="store_true")
+    add_engine_args(batch)
+    batch.set_defaults(func=_cmd_batch)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    tp = bench.add_parser("throughput", help="offline throughput on a documents x questions workload")
+    tp.add_argument("--num-docs", type=int, default=16)
+    tp.add_argument("--questions", type=int, default=8)
+    tp.add_argument("--doc-len", type=int, default=600)
+    tp.add_argument("--question-len", type=int, default=50)
+    tp.add_argument("--min-output", type=int, default=32)
+    tp.add_argument("--max-output", type=int, default=80)
+    tp.add_argument("--workload-seed", type=int, default=0)
+    tp.add_argument("--output", default="results/throughput.json", help="JSON result file (and a .png plot)")
+    tp.add_argument("--hf-batch-sizes", default="", help="also run transformers generate at these batch sizes, "
+                    "e.g. 8,16,32 (needs transformers)")
+    add_engine_args(tp)
+    tp.set_defaults(func=_cmd_bench_throughput)
+
+    mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
+    mk.add_argument("out_dir")
+    mk.add_argument("--preset", choices=["demo", "llama-110m"], default="llama-110m")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.set_defaults(func=_cmd_make_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except (ModelLoadError, InvalidParameter, FileNotFoundError, ValueError) as e:
+        print(f"sharekv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished results are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

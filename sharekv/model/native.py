@@ -1,0 +1,44 @@
+"""Native CPU kernels (C++ via torch's extension builder), compiled on first use and cached.
+
+Decode attention in plain torch has to gather every sequence's blocks into a temporary tensor before it
+can multiply; the kernel reads the blocks where they lie. Where no compiler is available (or
+SHAREKV_NATIVE=0), the portable torch path runs instead, with the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from types import ModuleType
+
+from sharekv.config import default_cache_dir
+
+logger = logging.getLogger("sharekv")
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention.cpp")
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module, or None if it cannot be built here (a warning says why, once)."""
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+        return _state["module"]
+
+
+def _build() -> ModuleType | None:
+    if os.environ.get("SHAREKV_NATIVE", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build_dir = os.path.join(default_cache_dir(), "torch_extensions", "sharekv_cpu_v1")
+        os.makedirs(build_dir, exist_ok=True)
+        logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
+        return load(name="sharekv_cpu_v1", sources=[_SOURCE], build_directory=build_dir,
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, unsupported platform: fall back, but say so
+        logger.warning("native CPU kernels unavailable (%s); using the slower torch attention path", e)
+        return None

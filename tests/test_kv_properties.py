@@ -1,0 +1,125 @@
+"""Property-based tests of the block pool and the prefix-caching KV manager."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from sharekv.kv.block_pool import BlockPool
+from sharekv.kv.manager import KVCacheManager
+from sharekv.sampling_params import SamplingParams
+from sharekv.sequence import Sequence
+
+BLOCK = 4
+PARAMS = SamplingParams()
+
+
+class KVManagerMachine(RuleBasedStateMachine):
+    """Random interleavings of admit (with prefix-cache hits), compute, grow, and free of sequences over
+    a small token alphabet, so prefixes collide often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv = KVCacheManager(num_blocks=12, block_size=BLOCK)
+        self.live: list[Sequence] = []
+        self.next_id = 0
+
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=20), chunk=st.integers(1, 12))
+    def admit(self, tokens, chunk):
+        seq = Sequence(self.next_id, str(self.next_id), 0, list(tokens), len(tokens), PARAMS)
+        self.next_id += 1
+        cached = self.kv.find_cached_prefix(seq)
+        assert len(cached) * BLOCK < len(tokens)  # at least one token is always left to compute
+        for i, block in enumerate(cached):  # a hit holds exactly the tokens asked for
+            assert block.key[1] == tuple(tokens[i * BLOCK:(i + 1) * BLOCK])
+        n = min(len(tokens) - len(cached) * BLOCK, chunk)
+        before = self.kv.pool.num_free_blocks
+        if self.kv.allocate(seq, n, cached):
+            self.live.append(seq)
+            self._compute(seq, n)
+        else:
+            assert self.kv.pool.num_free_blocks == before and not seq.block_table
+
+    def _compute(self, seq: Sequence, n: int) -> None:
+        seq.num_computed_tokens += n
+        self.kv.cache_full_blocks(seq)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), chunk=st.integers(1, 8), token=st.integers(0, 2))
+    def advance(self, data, chunk, token):
+        seq = data.draw(st.sampled_from(self.live))
+        if seq.num_uncomputed_tokens == 0:
+            seq.token_ids.append(token)  # a decode step produced a token
+        n = min(seq.num_uncomputed_tokens, chunk)
+        if self.kv.allocate(seq, n):
+            self._compute(seq, n)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        seq = data.draw(st.sampled_from(self.live))
+        self.live.remove(seq)
+        self.kv.free(seq)
+
+    @invariant()
+    def bookkeeping(self):
+        pool = self.kv.pool
+        pool.check_invariants()
+        held = Counter(b for seq in self.live for b in seq.block_table)
+        for block in pool.blocks:  # ref count == number of tables holding it; never negative
+            assert block.ref_count == held.get(block.block_id, 0)
+        for seq in self.live:  # a sequence never holds one block twice
+            assert len(set(seq.block_table)) == len(seq.block_table)
+        written = Counter(b for seq in self.live for b in seq.block_table[seq.num_computed_tokens // BLOCK:])
+        for block_id, owners in written.items():  # a block still being written belongs to one sequence
+            assert owners == 1, f"partial block {block_id} handed out twice"
+
+    def teardown(self):
+        for seq in self.live:
+            self.kv.free(seq)
+        pool = self.kv.pool
+        pool.check_invariants()
+        assert pool.num_free_blocks == pool.num_blocks  # every block free or merely cached
+
+
+TestKVManager = KVManagerMachine.TestCase
+TestKVManager.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class TestBlockPool:
+    def test_lru_order_and_eviction(self):
+        pool = BlockPool(3)
+        a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+        pool.register(a, (0, (1,)))
+        pool.register(b, (0, (2,)))
+        pool.release(a)
+        pool.release(b)
+        pool.release(c)  # uncached: goes to the front, reused first
+        assert pool.allocate() is c
+        assert pool.lookup((0, (1,))) is a
+        assert pool.allocate() is a  # least recently freed cached block is evicted next
+        assert pool.lookup((0, (1,))) is None and pool.num_evictions == 1
+        pool.share(b)  # a hit revives a free cached block without evicting it
+        assert b.ref_count == 1 and not pool.is_free(b)
+        pool.check_invariants()
+
+    def test_release_below_zero_is_an_error(self):
+        pool = BlockPool(1)
+        block = pool.allocate()
+        pool.release(block)
+        try:
+            pool.release(block)
+        except RuntimeError:
+            return
+        raise AssertionError("double release was not caught")
+
+    def test_duplicate_content_keeps_the_first_block(self):
+        pool = BlockPool(2)
+        a, b = pool.allocate(), pool.allocate()
+        pool.register(a, (0, (5,)))
+        pool.register(b, (0, (5,)))
+        assert pool.lookup((0, (5,))) is a and b.key is None
+        pool.check_invariants()
