@@ -77,9 +77,13 @@ def test_stories260k_trained_weights():
     assert_engine_clean(llm.engine)
 
 
-def test_torch_attention_path_matches(tiny_models, references):
-    """The portable attention path (used off the CPU, or without a compiler) gives the same tokens."""
+@pytest.mark.parametrize("native", [True, False])
+def test_unwritten_kv_slots_are_never_read(tiny_models, references, native):
+    """The pool starts uninitialised: poison it with NaN and both attention paths (the native kernel and
+    the portable torch path used off the CPU) must still give transformers' tokens."""
     prompts, expected = references
-    llm = LLM(tiny_models["llama"], native_kernels=False, **SCENARIOS["preemption"])
+    llm = LLM(tiny_models["llama"], native_kernels=native, **SCENARIOS["preemption"])
+    assert (llm.engine.runner.model.attention.native is not None) == native
+    llm.engine.runner.kv_cache.fill_(float("nan"))
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected["llama"]

@@ -131,6 +131,8 @@ class PagedAttention:
             values = v_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
             key_pos = torch.arange(start * block_size, start * block_size + n, device=q.device)[None, :]
             mask = self._window_mask(key_pos, query_pos)[:, None, None, :]
+            # Padding slots were never written and may hold anything, even NaN: zero them in our copy.
+            values = values.masked_fill(mask.transpose(-1, -2), 0.0)
             o_t, lse_t = attention_with_lse(qg, keys, values, mask, self.scale)
             o, lse = (o_t, lse_t) if o is None else merge_attention(o, lse, o_t, lse_t)
         return o.to(q.dtype).reshape(b, self.num_heads, self.head_dim)

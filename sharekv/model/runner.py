@@ -26,8 +26,9 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        # One preallocated pool for all layers: [layer, k|v, block, slot, kv_head, head_dim].
-        self.kv_cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+        # One preallocated pool for all layers: [layer, k|v, block, slot, kv_head, head_dim]. Left
+        # uninitialised: the OS maps pages as they are first written, and attention reads only written slots.
+        self.kv_cache = torch.empty(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                     dtype=model.dtype, device=self.device)
         self.forward_seconds = 0.0
 
