@@ -47,13 +47,51 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_workload_args(parser: argparse.ArgumentParser, question_len: int, system_len: int) -> None:
+    parser.add_argument("--num-docs", type=int, default=16)
+    parser.add_argument("--questions", type=int, default=8, help="questions per document")
+    parser.add_argument("--system-len", type=int, default=system_len, help="tokens of a shared system prompt")
+    parser.add_argument("--doc-len", type=int, default=600)
+    parser.add_argument("--question-len", type=int, default=question_len)
+    parser.add_argument("--min-output", type=int, default=32)
+    parser.add_argument("--max-output", type=int, default=80)
+    parser.add_argument("--workload-seed", type=int, default=0)
+
+
+def _cmd_bench_prefix_batch(ns: argparse.Namespace) -> int:
+    from sharekv.bench.prefix_batch import PrefixBatchWorkload, run_prefix_batch_bench
+
+    workload = PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions, system_len=ns.system_len,
+                                   fewshot_len=ns.fewshot_len, doc_len=ns.doc_len, question_len=ns.question_len,
+                                   output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed)
+    result = run_prefix_batch_bench(engine_args_from(ns), workload, [int(t) for t in ns.pool_tokens.split(",")],
+                                    ns.policies.split(","), ns.output)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    for run in result["runs"]:
+        print(f"{run['schedule']:>8} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s, reuse "
+              f"{100 * run['reuse_of_maximum']:.1f}% of max, peak blocks {run['peak_kv_blocks']}, "
+              f"preemptions {run['preemptions']}, greedy match {run['greedy_match']}")
+    return 0
+
+
+def _cmd_bench_attention(ns: argparse.Namespace) -> int:
+    from sharekv.bench.attention import run_attention_bench
+
+    result = run_attention_bench([int(g) for g in ns.group_sizes.split(",")], ns.prefix_len, ns.suffix_len,
+                                 ns.output, ns.repeats)
+    for row in result["results"]:
+        print(f"group {row['group_size']:>3}: per request {row['per_request_ms']:7.2f} ms, prefix-shared "
+              f"{row['prefix_shared_ms']:7.2f} ms, {row['speedup']:.2f}x")
+    return 0
+
+
 def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
     from sharekv.bench.throughput import run_throughput_bench
 
     result = run_throughput_bench(engine_args_from(ns), num_docs=ns.num_docs, questions_per_doc=ns.questions,
                                   doc_len=ns.doc_len, question_len=ns.question_len,
                                   output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed,
-                                  out_path=ns.output,
+                                  out_path=ns.output, system_len=ns.system_len,
                                   hf_batch_sizes=[int(b) for b in ns.hf_batch_sizes.split(",") if b],
                                   vllm_python=ns.vllm_python)
     print(json.dumps(result, indent=2))
@@ -84,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput on a documents x questions workload")
-    tp.add_argument("--num-docs", type=int, default=16)
-    tp.add_argument("--questions", type=int, default=8)
-    tp.add_argument("--doc-len", type=int, default=600)
-    tp.add_argument("--question-len", type=int, default=50)
-    tp.add_argument("--min-output", type=int, default=32)
-    tp.add_argument("--max-output", type=int, default=80)
-    tp.add_argument("--workload-seed", type=int, default=0)
+    _add_workload_args(tp, question_len=50, system_len=0)
     tp.add_argument("--output", default="results/throughput.json", help="JSON result file (and a .png plot)")
     tp.add_argument("--hf-batch-sizes", default="", help="also run transformers generate at these batch sizes, "
                     "e.g. 8,16,32 (needs transformers)")
@@ -98,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "through vLLM too")
     add_engine_args(tp)
     tp.set_defaults(func=_cmd_bench_throughput)
+
+    pb = bench.add_parser("prefix-batch", help="scheduling policies on one prefix-sharing batch, small KV pool")
+    _add_workload_args(pb, question_len=20, system_len=40)
+    pb.add_argument("--fewshot-len", type=int, default=0, help="tokens of a few-shot block after the system prompt")
+    pb.add_argument("--pool-tokens", default="5760", help="KV pool sizes in tokens, e.g. 2880,5760,11520")
+    pb.add_argument("--policies", default="fcfs,global", help="schedules to compare; ratios are vs the first")
+    pb.add_argument("--output", default="results/prefix_batch.json", help="JSON result file (and a .png plot)")
+    add_engine_args(pb)
+    pb.set_defaults(func=_cmd_bench_prefix_batch)
+
+    at = bench.add_parser("attention", help="decode attention vs group size: per-request vs prefix-shared")
+    at.add_argument("--group-sizes", default="1,2,4,8,16,32,64")
+    at.add_argument("--prefix-len", type=int, default=1000)
+    at.add_argument("--suffix-len", type=int, default=32)
+    at.add_argument("--repeats", type=int, default=20)
+    at.add_argument("--output", default="results/attention.json", help="JSON result file (and a .png plot)")
+    at.set_defaults(func=_cmd_bench_attention)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

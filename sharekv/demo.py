@@ -115,6 +115,11 @@ def ensure_demo_model(cache_dir: str | None = None) -> str:
     return path
 
 
+def resolve_model_dir(model: str | None) -> str:
+    """The model directory to load: the given one, or the demo model when none is given."""
+    return ensure_demo_model() if model is None else model
+
+
 def train_demo_tokenizer(out_path: str, vocab_size: int = DEMO_CONFIG["vocab_size"]) -> None:
     """Train the shipped byte-level BPE tokenizer on CPython's bundled documentation text."""
     from pydoc_data.topics import topics

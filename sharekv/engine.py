@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from sharekv.config import EngineArgs
-from sharekv.demo import DEMO_NAME, ensure_demo_model
+from sharekv.demo import DEMO_NAME, resolve_model_dir
 from sharekv.kv.manager import KVCacheManager
 from sharekv.model.config import ModelConfig, ModelLoadError
 from sharekv.model.llama import LlamaModel
@@ -32,6 +32,8 @@ class EngineStats:
     step_seconds: float = 0.0
     prompt_tokens: int = 0
     computed_tokens: int = 0  # tokens run through the model (prefill chunks, recomputes and decodes)
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model (not served by shared/cached KV)
+    peak_blocks_used: int = 0
     generated_tokens: int = 0
     finished_requests: int = 0
 
@@ -67,7 +69,7 @@ class LLMEngine:
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        model_dir = ensure_demo_model() if args.model is None else args.model
+        model_dir = resolve_model_dir(args.model)
         if not os.path.isdir(model_dir):
             raise ModelLoadError(f"model directory {model_dir!r} does not exist")
         self.model_dir = model_dir
@@ -84,10 +86,10 @@ class LLMEngine:
         # A request may never need more KV than the whole pool, so the pool caps the context length.
         self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
         model = LlamaModel.from_dir(model_dir, config, self.max_model_len, dtype, device, args.native_kernels)
-        self.runner = ModelRunner(model, num_blocks, args.block_size)
+        self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
-                                        max_num_seqs=args.max_num_seqs)
+                                        max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len)
         self.sampler = Sampler(device, args.seed)
         eos = set(config.eos_token_ids) | set(_read_generation_eos(model_dir))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -168,9 +170,14 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         logits, sampled = self.runner.execute(step)
+        prompt_computed = 0
         for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
+            prompt_computed += max(0, min(seq.num_computed_tokens + n, seq.prompt_len) - seq.num_computed_tokens)
             seq.num_computed_tokens += n
             self.kv.cache_full_blocks(seq)
+        self.stats.prompt_tokens_computed += prompt_computed
+        used = self.kv.pool.num_blocks - self.kv.pool.num_free_blocks
+        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
         touched: dict[str, RequestState] = {}
         if sampled:
             sampling_seqs = [step.seqs[i] for i in sampled]

@@ -111,12 +111,13 @@ def _decode_overhead(llm: LLM, batch: int, vocab: int) -> dict:
 
 
 def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, doc_len: int, question_len: int,
-                         output_len: tuple[int, int], seed: int, out_path: str,
+                         output_len: tuple[int, int], seed: int, out_path: str, system_len: int = 0,
                          hf_batch_sizes: list[int] | None = None, vllm_python: str | None = None) -> dict:
     llm = LLM(**dataclasses.asdict(args))
     result_model_dir = llm.engine.model_dir
     vocab = llm.engine.model_config.vocab_size
-    requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len, vocab, seed)
+    requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len, vocab, seed,
+                                     system_len=system_len)
     _run_engine(llm, documents_x_questions(2, 1, 16, 8, (4, 4), vocab, seed=seed + 1))  # warm-up
     ours = _run_engine(llm, requests)
     result = {
@@ -124,7 +125,8 @@ def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int
         "engine_args": dataclasses.asdict(args),
         "kv_pool_tokens": llm.engine.num_kv_tokens,
         "workload": {"num_docs": num_docs, "questions_per_doc": questions_per_doc, "doc_len": doc_len,
-                     "question_len": question_len, "output_len": list(output_len), "seed": seed},
+                     "question_len": question_len, "system_len": system_len, "output_len": list(output_len),
+                     "seed": seed},
         "sharekv": {k: v for k, v in ours.items() if k != "token_ids"},
         "decode64": _decode_overhead(llm, 64, vocab),
     }

@@ -28,6 +28,15 @@ class PrefillChunk:
 
 
 @dataclass
+class SharedPrefix:
+    """Decode rows whose sequences share their first blocks: the prefix KV is read once for all of them."""
+
+    rows: torch.Tensor  # positions among the step's decode tokens
+    prefix_len: int  # tokens in the shared blocks
+    block_ids: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens go in the cache and what each one attends to.
 
@@ -38,6 +47,8 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
+    decode_starts: torch.Tensor | None = None  # first position each decode row reads from its own blocks
+    shared_prefixes: list[SharedPrefix] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -80,8 +91,7 @@ class PagedAttention:
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta.decode_block_tables,
-                                    meta.decode_context_lens, block_size)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
         for chunk in meta.prefills:
             s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
             out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
@@ -115,10 +125,41 @@ class PagedAttention:
         )
         return o.transpose(0, 1)
 
-    def _decode(self, q, k_cache, v_cache, block_tables, context_lens, block_size) -> torch.Tensor:
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
+        """Each row over its own blocks from its start position; rows of a shared prefix then merge in the
+        prefix part, computed once per group."""
+        starts = meta.decode_starts
+        if starts is None:
+            starts = torch.zeros_like(meta.decode_context_lens)
         if self.native is not None:
-            return self.native.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, self.scale,
-                                                      self.sliding_window or 0)
+            o, lse = self.native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                        meta.decode_context_lens, starts, self.scale,
+                                                        self.sliding_window or 0)
+        else:
+            o, lse = self._decode_tiles(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                        starts, block_size)
+        for shared in meta.shared_prefixes:
+            o_p, lse_p = self.shared_prefix_attention(q[shared.rows], k_cache, v_cache, shared)
+            merged, _ = merge_attention(o_p, lse_p, o[shared.rows].float(), lse[shared.rows])
+            o[shared.rows] = merged.to(o.dtype)
+        return o
+
+    def shared_prefix_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                shared: SharedPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of m rows [m, heads, d] over one prefix: the members' queries are stacked per KV head
+        so the prefix KV is read once, in one matrix product, instead of once per member."""
+        m = q.shape[0]
+        keys = k_cache[shared.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:shared.prefix_len]
+        values = v_cache[shared.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:shared.prefix_len]
+        stacked = q.view(m, self.num_kv_heads, self.group, self.head_dim).transpose(0, 1)
+        stacked = stacked.reshape(self.num_kv_heads, m * self.group, self.head_dim)
+        o, lse = attention_with_lse(stacked, keys.transpose(0, 1), values.transpose(0, 1), None, self.scale)
+        o = o.view(self.num_kv_heads, m, self.group, self.head_dim).transpose(0, 1)
+        lse = lse.view(self.num_kv_heads, m, self.group).transpose(0, 1)
+        return o.reshape(m, self.num_heads, self.head_dim).float(), lse.reshape(m, self.num_heads)
+
+    def _decode_tiles(self, q, k_cache, v_cache, block_tables, context_lens, starts, block_size):
+        """Portable decode: gather a bounded tile of blocks at a time and merge tiles by log-sum-exp."""
         b = q.shape[0]
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         tile_blocks = max(1, DECODE_TILE_TOKENS // block_size)
@@ -130,9 +171,10 @@ class PagedAttention:
             keys = k_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
             values = v_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
             key_pos = torch.arange(start * block_size, start * block_size + n, device=q.device)[None, :]
-            mask = self._window_mask(key_pos, query_pos)[:, None, None, :]
+            hidden = self._window_mask(key_pos, query_pos) | (key_pos < starts[:, None])
+            mask = hidden[:, None, None, :]
             # Padding slots were never written and may hold anything, even NaN: zero them in our copy.
             values = values.masked_fill(mask.transpose(-1, -2), 0.0)
             o_t, lse_t = attention_with_lse(qg, keys, values, mask, self.scale)
             o, lse = (o_t, lse_t) if o is None else merge_attention(o, lse, o_t, lse_t)
-        return o.to(q.dtype).reshape(b, self.num_heads, self.head_dim)
+        return o.to(q.dtype).reshape(b, self.num_heads, self.head_dim), lse.reshape(b, self.num_heads)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.config import ModelConfig, ModelLoadError
+from sharekv.model.linear import Linear
 from sharekv.model.loader import iter_tensors
 from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
@@ -27,12 +28,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class DecoderLayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    qkv: Linear
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
@@ -64,18 +64,16 @@ class LlamaModel:
             mlp = p + "mlp."
             self.layers.append(DecoderLayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=qkv,
-                qkv_bias=bias,
-                o_proj=take(attn + "o_proj.weight"),
+                qkv=Linear(qkv, bias, native_kernels),
+                o_proj=Linear(take(attn + "o_proj.weight"), pack=native_kernels),
                 post_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
-                down=take(mlp + "down_proj.weight"),
+                gate_up=Linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
+                               pack=native_kernels),
+                down=Linear(take(mlp + "down_proj.weight"), pack=native_kernels),
             ))
         self.norm = take("model.norm.weight")
-        if c.tie_word_embeddings or "lm_head.weight" not in weights:
-            self.lm_head = self.embed
-        else:
-            self.lm_head = take("lm_head.weight")
+        tied = c.tie_word_embeddings or "lm_head.weight" not in weights
+        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"), pack=native_kernels)
         self.rotary = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype, device)
         self.attention = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window)
         if device.type == "cpu" and c.head_dim % 16 == 0 and native_kernels:
@@ -96,16 +94,16 @@ class LlamaModel:
         h = self.embed[input_ids]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = self.rotary(positions, q.view(n, c.num_heads, c.head_dim), k.view(n, c.num_kv_heads, c.head_dim))
             attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), kv_cache[i, 0], kv_cache[i, 1], meta)
-            h = h + F.linear(attn, layer.o_proj)
+            h = h + layer.o_proj(attn)
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

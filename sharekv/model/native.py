@@ -7,6 +7,7 @@ SHAREKV_NATIVE=0), the portable torch path runs instead, with the same results.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -34,10 +35,13 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        build_dir = os.path.join(default_cache_dir(), "torch_extensions", "sharekv_cpu_v1")
+        with open(_SOURCE, "rb") as f:
+            name = "sharekv_cpu_" + hashlib.sha1(f.read()).hexdigest()[:12]  # a changed source builds anew
+        build_dir = os.path.join(default_cache_dir(), "torch_extensions", name)
         os.makedirs(build_dir, exist_ok=True)
-        logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
-        return load(name="sharekv_cpu_v1", sources=[_SOURCE], build_directory=build_dir,
+        if not os.path.exists(os.path.join(build_dir, name + ".so")):
+            logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
+        return load(name=name, sources=[_SOURCE], build_directory=build_dir,
                     extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, unsupported platform: fall back, but say so
         logger.warning("native CPU kernels unavailable (%s); using the slower torch attention path", e)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from sharekv.model.attention import AttentionMetadata, PrefillChunk
+from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefix
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.scheduler import SchedulerOutput
@@ -20,9 +20,45 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
 
 
+def shared_block_prefixes(tables: np.ndarray, context_lens: np.ndarray, block_size: int
+                          ) -> list[tuple[np.ndarray, int]]:
+    """Groups of rows (two or more) whose block tables start with the same blocks, each row in the group
+    of its deepest such prefix. Only blocks before each row's newest token count: that block is being
+    written and is never shared."""
+    usable = (context_lens - 1) // block_size
+    groups: list[tuple[np.ndarray, int]] = []
+    stack = [(np.arange(len(tables)), 0)]
+    while stack:
+        rows, depth = stack.pop()
+        cap = int(usable[rows].min())
+        sub = tables[rows]
+        while depth < cap and (sub[:, depth] == sub[0, depth]).all():
+            depth += 1
+        alone = []
+        if depth < cap or len(np.unique(usable[rows])) > 1:
+            # rows diverge at `depth` (or some end there): split by the next block; pairs or more go deeper
+            ends = usable[rows] <= depth
+            alone = list(rows[ends])
+            rest = rows[~ends]
+            keys, inverse = np.unique(tables[rest, depth], return_inverse=True) if len(rest) else ([], [])
+            for k in range(len(keys)):
+                members = rest[inverse == k]
+                if len(members) > 1:
+                    stack.append((members, depth + 1))
+                else:
+                    alone.extend(members)
+        else:
+            alone = list(rows)
+        if depth > 0 and len(alone) > 1:
+            groups.append((np.asarray(alone), depth))
+    return groups
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool = True) -> None:
         c = model.config
+        # Sliding-window attention does not see a whole prefix, so it never shares one.
+        self.share_prefixes = share_prefixes and c.sliding_window is None
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -74,6 +110,15 @@ class ModelRunner:
                 padded[row, :len(t)] = t
             meta.decode_block_tables = torch.from_numpy(padded).to(self.device)
             meta.decode_context_lens = torch.tensor(decode_lens, device=self.device)
+            if self.share_prefixes and len(decode_lens) > 1:
+                starts = np.zeros(len(decode_lens), dtype=np.int64)
+                for rows, n_blocks in shared_block_prefixes(padded, np.asarray(decode_lens), bs):
+                    starts[rows] = n_blocks * bs
+                    meta.shared_prefixes.append(SharedPrefix(
+                        torch.from_numpy(rows).to(self.device), n_blocks * bs,
+                        torch.from_numpy(padded[rows[0], :n_blocks].copy()).to(self.device)))
+                if meta.shared_prefixes:
+                    meta.decode_starts = torch.from_numpy(starts).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()

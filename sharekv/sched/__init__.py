@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from sharekv.sched.global_policy import GlobalScheduler
 from sharekv.sched.scheduler import Scheduler, SchedulerOutput
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    "fcfs": Scheduler,
+    "fcfs": Scheduler,  # arrival order + LRU prefix cache: the streaming baseline
+    "global": GlobalScheduler,  # whole-batch prefix groups, pinned prefixes, decode-first, memory-sized steps
 }
 
 

@@ -36,8 +36,10 @@ class SchedulerOutput:
 class Scheduler:
     """First come, first served: the streaming baseline, with the LRU prefix cache of the KV manager."""
 
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
+                 max_model_len: int) -> None:
         self.kv = kv
+        self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()

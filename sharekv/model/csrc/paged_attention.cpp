@@ -1,11 +1,14 @@
 // Decode attention over the paged KV cache, reading each sequence's blocks where they lie.
 // One task per (sequence, kv head): every key and value row is loaded once for all the query heads that
 // share it (GQA), scores stay in a small per-task buffer, and nothing of the cache is copied.
+// Each sequence attends to positions [start, context_len); the log-sum-exp of its scores is returned too,
+// so a part computed elsewhere (a group's shared prefix) can be merged in exactly.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -37,7 +40,7 @@ static inline const float* as_float(const T* row, float* buf, int64_t dim) {
 
 template <typename T>
 static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
-                          const int64_t* context_lens, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
+                          const int64_t* context_lens, const int64_t* starts, T* out, float* lse, int64_t batch, int64_t heads, int64_t kv_heads,
                           int64_t dim, int64_t block_size, int64_t table_width, float scale, int64_t window) {
   const int64_t group = heads / kv_heads;
   const int64_t row = kv_heads * dim;  // stride between consecutive tokens of one block
@@ -46,9 +49,16 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const int64_t ctx = context_lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+      const int64_t first = std::max<int64_t>(starts[b], window > 0 ? ctx - window : 0);
       const int64_t n = ctx - first;
       const int64_t* table = block_tables + b * table_width;
+      if (n <= 0) {  // nothing of its own to attend to: contributes nothing to a merge
+        for (int64_t g = 0; g < group; ++g) {
+          lse[b * heads + h * group + g] = -std::numeric_limits<float>::infinity();
+          for (int64_t d = 0; d < dim; ++d) out[(b * heads + h * group + g) * dim + d] = static_cast<T>(0.f);
+        }
+        continue;
+      }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < dim; ++d)
           qf[g * dim + d] = static_cast<float>(q[(b * heads + h * group + g) * dim + d]) * scale;
@@ -74,6 +84,7 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         }
         const float inv = 1.f / sum;
         for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+        lse[b * heads + h * group + g] = m + std::log(sum);
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = first; t0 < ctx;) {
@@ -92,25 +103,28 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
   });
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor context_lens, double scale,
-                                     int64_t window) {
+std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                                  torch::Tensor block_tables, torch::Tensor context_lens,
+                                                  torch::Tensor starts, double scale, int64_t window) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
   q = q.contiguous();
   block_tables = block_tables.to(torch::kInt64).contiguous();
   context_lens = context_lens.to(torch::kInt64).contiguous();
+  starts = starts.to(torch::kInt64).contiguous();
+  TORCH_CHECK(starts.numel() == q.size(0), "one start position per sequence");
   auto out = torch::empty_like(q);
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                             block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-                            out.data_ptr<scalar_t>(), batch, heads, kv_heads, dim, block_size,
+                            starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size,
                             block_tables.size(1), static_cast<float>(scale), window);
   });
-  return out;
+  return {out, lse};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

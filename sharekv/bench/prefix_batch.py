@@ -1,0 +1,139 @@
+"""`sharekv bench prefix-batch`: scheduling policies on the same prefix-sharing batch, side by side.
+
+The batch is N documents x M questions behind a shared system prompt (and an optional few-shot block: a
+3-level tree), shuffled. Each policy runs the same requests with a KV pool deliberately smaller than all
+distinct prefixes. Reported per policy and pool size: prompt tokens reused vs the forest's maximum,
+prompt tokens computed, peak KV blocks, throughput, and the ratio to the first policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import time
+
+import torch
+
+from sharekv.bench.workloads import BenchRequest, documents_x_questions
+from sharekv.config import EngineArgs
+from sharekv.demo import resolve_model_dir
+from sharekv.kv.prefix_forest import PrefixForest, group_prompts
+from sharekv.llm import LLM
+from sharekv.model.config import ModelConfig
+from sharekv.model.runner import DTYPES, kv_bytes_per_block
+from sharekv.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class PrefixBatchWorkload:
+    num_docs: int = 16
+    questions_per_doc: int = 8
+    system_len: int = 40
+    fewshot_len: int = 0
+    doc_len: int = 600
+    question_len: int = 20
+    output_len: tuple[int, int] = (32, 80)
+    seed: int = 0
+
+    def requests(self, vocab: int) -> list[BenchRequest]:
+        return documents_x_questions(self.num_docs, self.questions_per_doc, self.doc_len, self.question_len,
+                                     self.output_len, vocab, self.seed, system_len=self.system_len + self.fewshot_len)
+
+
+def _run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
+    llm = LLM(**dataclasses.asdict(args))
+    engine = llm.engine
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    start = time.perf_counter()
+    outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
+    wall = time.perf_counter() - start
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    stats = engine.stats
+    result = {
+        "schedule": args.schedule,
+        "kv_pool_tokens": engine.num_kv_tokens,
+        "wall_seconds": wall,
+        "requests_per_second": len(requests) / wall,
+        "tokens_per_second": (prompt_tokens + output_tokens) / wall,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_computed": stats.prompt_tokens_computed,
+        "reused_prompt_tokens": prompt_tokens - stats.prompt_tokens_computed,
+        "computed_tokens": stats.computed_tokens,
+        "peak_kv_blocks": stats.peak_blocks_used,
+        "preemptions": engine.scheduler.num_preemptions,
+        "token_ids": [o.outputs[0].token_ids for o in outs],
+    }
+    del llm, engine
+    gc.collect()
+    return result
+
+
+def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],
+                           policies: list[str], out_path: str) -> dict:
+    model_dir = resolve_model_dir(args.model)
+    config = ModelConfig.from_dir(model_dir)
+    requests = workload.requests(config.vocab_size)
+    forest = PrefixForest([r.prompt_token_ids for r in requests])
+    grouping = group_prompts(forest, min_prefix_len=args.block_size)
+    per_token = kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]) // args.block_size
+    runs = []
+    for tokens in pool_tokens:
+        for policy in policies:
+            run_args = dataclasses.replace(args, model=model_dir, schedule=policy,
+                                           kv_cache_memory=str(tokens * per_token))
+            run = _run_policy(run_args, requests)
+            run["reuse_of_maximum"] = run["reused_prompt_tokens"] / forest.max_reusable_tokens
+            runs.append(run)
+    reference = runs[0]["token_ids"]
+    for run in runs:
+        run["greedy_match"] = run.pop("token_ids") == reference
+    ratios = {}
+    for tokens in pool_tokens:
+        at = {r["schedule"]: r for r in runs if r["kv_pool_tokens"] // args.block_size == tokens // args.block_size}
+        base = at[policies[0]]
+        ratios[str(tokens)] = {p: base["wall_seconds"] / at[p]["wall_seconds"] for p in policies}
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "model": model_dir,
+        "workload": dataclasses.asdict(workload),
+        "forest": {"prompt_tokens": forest.total_tokens, "distinct_tokens": forest.distinct_tokens,
+                   "max_reusable_tokens": forest.max_reusable_tokens, "groups": len(grouping.groups),
+                   "grouping_saved_tokens": grouping.saved_tokens,
+                   "grouping_given_up_share": grouping.given_up_tokens / forest.total_tokens},
+        "runs": runs,
+        "speedup_vs_" + policies[0]: ratios,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+    _plot(result, policies, os.path.splitext(out_path)[0] + ".png")
+    return result
+
+
+def _plot(result: dict, policies: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_reuse, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in policies:
+        runs = sorted((r for r in result["runs"] if r["schedule"] == policy), key=lambda r: r["kv_pool_tokens"])
+        pools = [r["kv_pool_tokens"] for r in runs]
+        ax_reuse.plot(pools, [100 * r["reuse_of_maximum"] for r in runs], marker="o", label=policy)
+        ax_tp.plot(pools, [r["tokens_per_second"] for r in runs], marker="o", label=policy)
+    ax_reuse.set(xlabel="KV pool (tokens)", ylabel="prompt reuse (% of the maximum)", ylim=(0, 105))
+    ax_tp.set(xlabel="KV pool (tokens)", ylabel="tokens / s (prompt + output)")
+    for ax in (ax_reuse, ax_tp):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    w = result["workload"]
+    fig.suptitle(f"{w['num_docs']} documents x {w['questions_per_doc']} questions, "
+                 f"{result['forest']['distinct_tokens']} distinct of {result['forest']['prompt_tokens']} prompt tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""Prefix-shared decode attention equals the per-request path; the runner finds shared block prefixes."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from sharekv import LLM, SamplingParams
+from sharekv.model.attention import AttentionMetadata, PagedAttention
+from sharekv.model.native import cpu_kernels
+from sharekv.model.runner import shared_block_prefixes
+from tests.conftest import assert_engine_clean
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefixes=st.lists(st.lists(st.integers(0, 3), min_size=0, max_size=5), min_size=1, max_size=12),
+       extra=st.lists(st.integers(1, 40), min_size=12, max_size=12))
+def test_shared_block_prefixes(prefixes, extra):
+    bs = 4
+    # rows = a shared-ish prefix of block ids (small alphabet so they collide) + private blocks
+    tables, lens = [], []
+    for i, p in enumerate(prefixes):
+        own = [100 + 10 * i + j for j in range(3)]
+        tables.append(p + own)
+        lens.append(len(p) * bs + extra[i] % (3 * bs) + 1)
+    width = max(map(len, tables))
+    padded = np.zeros((len(tables), width), dtype=np.int64)
+    for r, t in enumerate(tables):
+        padded[r, :len(t)] = t
+    lens = np.asarray(lens)
+    groups = shared_block_prefixes(padded, lens, bs)
+    seen = set()
+    for rows, n in groups:
+        assert len(rows) >= 2 and n >= 1
+        assert not seen & set(rows.tolist())  # each row in at most one group
+        seen |= set(rows.tolist())
+        for r in rows:
+            assert (padded[r, :n] == padded[rows[0], :n]).all()
+            assert n <= (lens[r] - 1) // bs  # never the block holding the newest token
+    # maximal sharing for identical usable prefixes: two rows with the same full prefix are grouped
+    usable = [tuple(padded[r, :(lens[r] - 1) // bs]) for r in range(len(tables))]
+    for r in range(len(tables)):
+        if usable[r] and usable.count(usable[r]) > 1:
+            assert r in seen
+
+
+def _random_case(members, prefix_len, suffix_max, heads=8, kv_heads=2, dim=64, bs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prefix_blocks = prefix_len // bs
+    suffix_lens = torch.randint(1, suffix_max + 1, (members,), generator=g)
+    suffix_blocks = [(int(s) + bs - 1) // bs for s in suffix_lens]
+    num_blocks = prefix_blocks + sum(suffix_blocks) + 1
+    k_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, dim, generator=g)
+    tables, next_block = [], prefix_blocks
+    for nb in suffix_blocks:
+        tables.append(list(range(prefix_blocks)) + list(range(next_block, next_block + nb)))
+        next_block += nb
+    width = max(map(len, tables))
+    padded = torch.zeros(members, width, dtype=torch.long)
+    for r, t in enumerate(tables):
+        padded[r, :len(t)] = torch.tensor(t)
+    lens = prefix_len + suffix_lens
+    q = torch.randn(members, heads, dim, generator=g)
+    return q, k_cache, v_cache, padded, lens
+
+
+def _metadata(padded, lens, bs, shared: bool) -> AttentionMetadata:
+    from sharekv.model.attention import SharedPrefix
+
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode_tokens=len(lens),
+                             decode_block_tables=padded, decode_context_lens=lens)
+    if shared:
+        for rows, n in shared_block_prefixes(padded.numpy(), lens.numpy(), bs):
+            starts = torch.zeros_like(lens) if meta.decode_starts is None else meta.decode_starts
+            starts[torch.from_numpy(rows)] = n * bs
+            meta.decode_starts = starts
+            meta.shared_prefixes.append(SharedPrefix(torch.from_numpy(rows), n * bs, padded[rows[0], :n]))
+    return meta
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("members,prefix_len", [(2, 16), (7, 160), (32, 1008)])
+def test_shared_equals_unshared(native, members, prefix_len):
+    q, k, v, padded, lens = _random_case(members, prefix_len, suffix_max=40)
+    attn = PagedAttention(8, 2, 64, None)
+    attn.native = cpu_kernels() if native else None
+    if native:
+        assert attn.native is not None, "the native kernel must build on the CI machine"
+    plain = attn._decode(q, k, v, _metadata(padded, lens, 16, shared=False), 16)
+    meta = _metadata(padded, lens, 16, shared=True)
+    assert meta.shared_prefixes and meta.shared_prefixes[0].prefix_len == prefix_len
+    shared = attn._decode(q, k, v, meta, 16)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_with_and_without_prefix_sharing(tiny_models):
+    """Many decodes over one long shared prompt: identical greedy tokens with the sharing on and off."""
+    prompt = list(range(3, 103))
+    prompts = [prompt + [200 + i, 201 + i] for i in range(10)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    outs = {}
+    for flag in (True, False):
+        llm = LLM(tiny_models["llama"], block_size=4, kv_cache_memory="4MiB", prefix_shared_attention=flag,
+                  max_num_batched_tokens=128)
+        outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert_engine_clean(llm.engine)
+    assert outs[True] == outs[False]
