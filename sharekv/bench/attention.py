@@ -13,12 +13,11 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 
-from sharekv.model.attention import AttentionMetadata, PagedAttention, SharedPrefix
+from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.native import cpu_kernels
-from sharekv.model.runner import shared_block_prefixes
+from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes
 
 
 def _case(members: int, prefix_len: int, suffix_len: int, heads: int, kv_heads: int, dim: int, bs: int):
@@ -48,23 +47,27 @@ def _timed(fn, repeats: int) -> float:
 def run_attention_bench(group_sizes: list[int], prefix_len: int, suffix_len: int, out_path: str,
                         repeats: int = 20, heads: int = 9, kv_heads: int = 3, dim: int = 64, bs: int = 16) -> dict:
     attn = PagedAttention(heads, kv_heads, dim, None)
-    attn.native = cpu_kernels()
+    native = cpu_kernels()
+    backends = ["native", "torch"] if native is not None else ["torch"]
     rows = []
     for g in group_sizes:
         q, k, v, tables, lens = _case(g, prefix_len, suffix_len, heads, kv_heads, dim, bs)
         plain = AttentionMetadata(torch.zeros(0, dtype=torch.long), g, tables, lens)
         shared = AttentionMetadata(torch.zeros(0, dtype=torch.long), g, tables, lens)
-        starts = np.zeros(g, dtype=np.int64)
-        for members, n in shared_block_prefixes(tables.numpy(), lens.numpy(), bs):
-            starts[members] = n * bs
-            shared.shared_prefixes.append(SharedPrefix(torch.from_numpy(members), n * bs, tables[members[0], :n]))
-        shared.decode_starts = torch.from_numpy(starts)
-        t_plain = _timed(lambda m=plain, q=q, k=k, v=v: attn._decode(q, k, v, m, bs), repeats)
-        t_shared = _timed(lambda m=shared, q=q, k=k, v=v: attn._decode(q, k, v, m, bs), repeats)
-        rows.append({"group_size": g, "per_request_ms": 1e3 * t_plain, "prefix_shared_ms": 1e3 * t_shared,
-                     "speedup": t_plain / t_shared})
+        groups = shared_block_prefixes(tables.numpy(), lens.numpy(), bs)
+        if groups:  # a group of one shares nothing: both paths are then the same
+            shared.shared_prefixes, shared.decode_starts = pack_shared_prefixes(groups, tables.numpy(), bs)
+        row = {"group_size": g}
+        for backend in backends:
+            kernel = native if backend == "native" else None
+            attn.native = kernel
+            t_plain = _timed(lambda m=plain, q=q, k=k, v=v: attn._decode(q, k, v, m, bs), repeats)
+            t_shared = _timed(lambda m=shared, q=q, k=k, v=v: attn._decode(q, k, v, m, bs), repeats)
+            row |= {f"{backend}_per_request_ms": 1e3 * t_plain, f"{backend}_prefix_shared_ms": 1e3 * t_shared,
+                    f"{backend}_speedup": t_plain / t_shared}
+        rows.append(row)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-              "backend": "native" if attn.native is not None else "torch",
+              "backends": backends,
               "prefix_len": prefix_len, "suffix_len": suffix_len, "heads": heads, "kv_heads": kv_heads,
               "head_dim": dim, "block_size": bs, "results": rows}
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -81,12 +84,15 @@ def _plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [r["group_size"] for r in result["results"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(sizes, [r["per_request_ms"] for r in result["results"]], marker="o", label="per request")
-    ax.plot(sizes, [r["prefix_shared_ms"] for r in result["results"]], marker="o", label="prefix-shared")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for backend in result["backends"]:
+        ax.plot(sizes, [r[f"{backend}_per_request_ms"] for r in result["results"]], marker="o",
+                label=f"per request ({backend})")
+        ax.plot(sizes, [r[f"{backend}_prefix_shared_ms"] for r in result["results"]], marker="s", linestyle="--",
+                label=f"prefix-shared ({backend} suffix)")
     ax.set(xscale="log", yscale="log", xlabel="group size (members sharing the prefix)",
            ylabel="decode attention, one layer (ms)",
-           title=f"{result['prefix_len']}-token prefix, {result['suffix_len']}-token suffixes ({result['backend']})")
+           title=f"{result['prefix_len']}-token prefix, {result['suffix_len']}-token suffixes")
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.grid(alpha=0.3, which="both")
     ax.legend()

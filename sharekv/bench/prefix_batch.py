@@ -73,7 +73,7 @@ def _run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],
-                           policies: list[str], out_path: str) -> dict:
+                           policies: list[str], out_path: str, vllm_python: str | None = None) -> dict:
     model_dir = resolve_model_dir(args.model)
     config = ModelConfig.from_dir(model_dir)
     requests = workload.requests(config.vocab_size)
@@ -88,14 +88,29 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
             run = _run_policy(run_args, requests)
             run["reuse_of_maximum"] = run["reused_prompt_tokens"] / forest.max_reusable_tokens
             runs.append(run)
+    if vllm_python:
+        from sharekv.bench.throughput import run_vllm_peer
+
+        for tokens in pool_tokens:  # vLLM-CPU blocks hold 128 tokens
+            peer = run_vllm_peer(vllm_python, model_dir, requests, args.dtype, num_blocks=max(1, tokens // 128))
+            prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+            output_tokens = sum(len(t) for t in peer["token_ids"])
+            runs.append({"schedule": "vllm-cpu", "kv_pool_tokens": max(1, tokens // 128) * 128,
+                         "wall_seconds": peer["wall_seconds"],
+                         "requests_per_second": len(requests) / peer["wall_seconds"],
+                         "tokens_per_second": (prompt_tokens + output_tokens) / peer["wall_seconds"],
+                         "reuse_of_maximum": None, "token_ids": peer["token_ids"]})
     reference = runs[0]["token_ids"]
     for run in runs:
         run["greedy_match"] = run.pop("token_ids") == reference
     ratios = {}
-    for tokens in pool_tokens:
-        at = {r["schedule"]: r for r in runs if r["kv_pool_tokens"] // args.block_size == tokens // args.block_size}
+    for i, tokens in enumerate(pool_tokens):
+        # runs are in order: the policies at each pool size, then (if asked) vLLM at each pool size
+        at = {r["schedule"]: r for r in runs[i * len(policies):(i + 1) * len(policies)]}
+        if vllm_python:
+            at["vllm-cpu"] = runs[len(pool_tokens) * len(policies) + i]
         base = at[policies[0]]
-        ratios[str(tokens)] = {p: base["wall_seconds"] / at[p]["wall_seconds"] for p in policies}
+        ratios[str(tokens)] = {name: base["wall_seconds"] / r["wall_seconds"] for name, r in at.items()}
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "model": model_dir,
@@ -110,22 +125,23 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         json.dump(result, f, indent=2)
-    _plot(result, policies, os.path.splitext(out_path)[0] + ".png")
+    _plot(result, os.path.splitext(out_path)[0] + ".png")
     return result
 
 
-def _plot(result: dict, policies: list[str], path: str) -> None:
+def _plot(result: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_reuse, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
-    for policy in policies:
-        runs = sorted((r for r in result["runs"] if r["schedule"] == policy), key=lambda r: r["kv_pool_tokens"])
+    for name in dict.fromkeys(r["schedule"] for r in result["runs"]):
+        runs = sorted((r for r in result["runs"] if r["schedule"] == name), key=lambda r: r["kv_pool_tokens"])
         pools = [r["kv_pool_tokens"] for r in runs]
-        ax_reuse.plot(pools, [100 * r["reuse_of_maximum"] for r in runs], marker="o", label=policy)
-        ax_tp.plot(pools, [r["tokens_per_second"] for r in runs], marker="o", label=policy)
+        if runs[0]["reuse_of_maximum"] is not None:
+            ax_reuse.plot(pools, [100 * r["reuse_of_maximum"] for r in runs], marker="o", label=name)
+        ax_tp.plot(pools, [r["tokens_per_second"] for r in runs], marker="o", label=name)
     ax_reuse.set(xlabel="KV pool (tokens)", ylabel="prompt reuse (% of the maximum)", ylim=(0, 105))
     ax_tp.set(xlabel="KV pool (tokens)", ylabel="tokens / s (prompt + output)")
     for ax in (ax_reuse, ax_tp):

@@ -28,12 +28,15 @@ class PrefillChunk:
 
 
 @dataclass
-class SharedPrefix:
-    """Decode rows whose sequences share their first blocks: the prefix KV is read once for all of them."""
+class SharedPrefixes:
+    """Groups of decode rows whose sequences share their first blocks; each group's prefix KV is read once.
 
-    rows: torch.Tensor  # positions among the step's decode tokens
-    prefix_len: int  # tokens in the shared blocks
-    block_ids: torch.Tensor
+    Padded to one batch so every group is attended in the same few tensor ops.
+    """
+
+    rows: torch.Tensor  # [groups, most members]: positions among the step's decode tokens, -1 = padding
+    prefix_lens: torch.Tensor  # [groups]: tokens in the shared blocks
+    block_ids: torch.Tensor  # [groups, most prefix blocks], padded with block 0
 
 
 @dataclass
@@ -48,7 +51,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None
     decode_context_lens: torch.Tensor | None = None
     decode_starts: torch.Tensor | None = None  # first position each decode row reads from its own blocks
-    shared_prefixes: list[SharedPrefix] = field(default_factory=list)
+    shared_prefixes: SharedPrefixes | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -86,8 +89,8 @@ class PagedAttention:
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Writes k, v to the cache, returns [tokens, heads*d]."""
         block_size = k_cache.shape[1]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:
@@ -138,25 +141,34 @@ class PagedAttention:
         else:
             o, lse = self._decode_tiles(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                                         starts, block_size)
-        for shared in meta.shared_prefixes:
-            o_p, lse_p = self.shared_prefix_attention(q[shared.rows], k_cache, v_cache, shared)
-            merged, _ = merge_attention(o_p, lse_p, o[shared.rows].float(), lse[shared.rows])
-            o[shared.rows] = merged.to(o.dtype)
+        shared = meta.shared_prefixes
+        if shared is not None:
+            o_p, lse_p = self.shared_prefix_attention(q, k_cache, v_cache, shared)
+            member = shared.rows >= 0
+            rows = shared.rows[member]
+            merged, _ = merge_attention(o_p[member], lse_p[member], o[rows].float(), lse[rows])
+            o[rows] = merged.to(o.dtype)
         return o
 
     def shared_prefix_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                shared: SharedPrefix) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of m rows [m, heads, d] over one prefix: the members' queries are stacked per KV head
-        so the prefix KV is read once, in one matrix product, instead of once per member."""
-        m = q.shape[0]
-        keys = k_cache[shared.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:shared.prefix_len]
-        values = v_cache[shared.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:shared.prefix_len]
-        stacked = q.view(m, self.num_kv_heads, self.group, self.head_dim).transpose(0, 1)
-        stacked = stacked.reshape(self.num_kv_heads, m * self.group, self.head_dim)
-        o, lse = attention_with_lse(stacked, keys.transpose(0, 1), values.transpose(0, 1), None, self.scale)
-        o = o.view(self.num_kv_heads, m, self.group, self.head_dim).transpose(0, 1)
-        lse = lse.view(self.num_kv_heads, m, self.group).transpose(0, 1)
-        return o.reshape(m, self.num_heads, self.head_dim).float(), lse.reshape(m, self.num_heads)
+                                shared: SharedPrefixes) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of each group's members over the group's prefix. The members' queries are stacked per
+        KV head, so each prefix is read once, in one matrix product, instead of once per member.
+        Returns o [groups, members, heads, d] and lse [groups, members, heads] (padding rows are junk)."""
+        groups, members = shared.rows.shape
+        kvh, g, d = self.num_kv_heads, self.group, self.head_dim
+        stacked = q[shared.rows.clamp(min=0)].view(groups, members, kvh, g, d).permute(0, 2, 1, 3, 4)
+        stacked = stacked.reshape(groups, kvh, members * g, d)
+        n = shared.block_ids.shape[1] * k_cache.shape[1]
+        keys = k_cache[shared.block_ids].view(groups, n, kvh, d).transpose(1, 2)
+        values = v_cache[shared.block_ids].view(groups, n, kvh, d).transpose(1, 2)
+        hidden = torch.arange(n, device=q.device)[None, :] >= shared.prefix_lens[:, None]
+        mask = hidden[:, None, None, :]
+        values = values.masked_fill(mask.transpose(-1, -2), 0.0)  # padding blocks may hold anything
+        o, lse = attention_with_lse(stacked, keys, values, mask, self.scale)
+        o = o.view(groups, kvh, members, g, d).permute(0, 2, 1, 3, 4).reshape(groups, members, self.num_heads, d)
+        lse = lse.view(groups, kvh, members, g).permute(0, 2, 1, 3).reshape(groups, members, self.num_heads)
+        return o.float(), lse
 
     def _decode_tiles(self, q, k_cache, v_cache, block_tables, context_lens, starts, block_size):
         """Portable decode: gather a bounded tile of blocks at a time and merge tiles by log-sum-exp."""
@@ -165,7 +177,8 @@ class PagedAttention:
         tile_blocks = max(1, DECODE_TILE_TOKENS // block_size)
         query_pos = (context_lens - 1)[:, None]
         o = lse = None
-        for start in range(0, block_tables.shape[1], tile_blocks):
+        first = int(starts.min()) // block_size  # blocks before every row's start are not read at all
+        for start in range(first, block_tables.shape[1], tile_blocks):
             ids = block_tables[:, start:start + tile_blocks]
             n = ids.shape[1] * block_size
             keys = k_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)

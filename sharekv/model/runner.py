@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefix
+from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixes
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.scheduler import SchedulerOutput
@@ -54,9 +54,31 @@ def shared_block_prefixes(tables: np.ndarray, context_lens: np.ndarray, block_si
     return groups
 
 
+def pack_shared_prefixes(groups: list[tuple[np.ndarray, int]], tables: np.ndarray, block_size: int,
+                         device: torch.device | str = "cpu") -> tuple[SharedPrefixes, torch.Tensor]:
+    """Pad the groups into one batch, and give each decode row the position its own attention starts at."""
+    members = max(len(rows) for rows, _ in groups)
+    width = max(n for _, n in groups)
+    rows = np.full((len(groups), members), -1, dtype=np.int64)
+    block_ids = np.zeros((len(groups), width), dtype=np.int64)
+    starts = np.zeros(len(tables), dtype=np.int64)
+    for i, (r, n) in enumerate(groups):
+        rows[i, :len(r)] = r
+        block_ids[i, :n] = tables[r[0], :n]
+        starts[r] = n * block_size
+    lens = np.array([n * block_size for _, n in groups], dtype=np.int64)
+    shared = SharedPrefixes(*(torch.from_numpy(a).to(device) for a in (rows, lens, block_ids)))
+    return shared, torch.from_numpy(starts).to(device)
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool = True) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool | None = None
+                 ) -> None:
         c = model.config
+        if share_prefixes is None:
+            # The native CPU kernel rereads a shared prefix from cache faster than the stacked path computes
+            # it once (see `sharekv bench attention`); the gathering torch path gains many times over.
+            share_prefixes = model.attention.native is None
         # Sliding-window attention does not see a whole prefix, so it never shares one.
         self.share_prefixes = share_prefixes and c.sliding_window is None
         self.model = model
@@ -111,14 +133,9 @@ class ModelRunner:
             meta.decode_block_tables = torch.from_numpy(padded).to(self.device)
             meta.decode_context_lens = torch.tensor(decode_lens, device=self.device)
             if self.share_prefixes and len(decode_lens) > 1:
-                starts = np.zeros(len(decode_lens), dtype=np.int64)
-                for rows, n_blocks in shared_block_prefixes(padded, np.asarray(decode_lens), bs):
-                    starts[rows] = n_blocks * bs
-                    meta.shared_prefixes.append(SharedPrefix(
-                        torch.from_numpy(rows).to(self.device), n_blocks * bs,
-                        torch.from_numpy(padded[rows[0], :n_blocks].copy()).to(self.device)))
-                if meta.shared_prefixes:
-                    meta.decode_starts = torch.from_numpy(starts).to(self.device)
+                groups = shared_block_prefixes(padded, np.asarray(decode_lens), bs)
+                if groups:
+                    meta.shared_prefixes, meta.decode_starts = pack_shared_prefixes(groups, padded, bs, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
