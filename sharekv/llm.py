@@ -16,12 +16,14 @@ PromptType = str | list[int] | dict[str, Any]
 
 
 class LLM:
-    """An engine for offline batches. Keyword arguments are `EngineArgs` fields."""
+    """An engine for offline batches. Keyword arguments are `EngineArgs` fields; the schedule defaults to
+    `global`, which plans each batch as a whole."""
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         unknown = set(engine_args) - set(EngineArgs.field_names())
         if unknown:
             raise TypeError(f"unknown engine arguments: {sorted(unknown)}")
+        engine_args.setdefault("schedule", "global")
         self.engine = LLMEngine(EngineArgs(model=model, **engine_args))
         self._counter = 0
 

@@ -73,7 +73,7 @@ def assert_engine_clean(engine) -> None:
     """After every request has ended: no queued or running sequence, no reference held, every block free
     (possibly still holding cached KV), and the pool's bookkeeping consistent."""
     assert not engine.requests
-    assert not engine.scheduler.running and not engine.scheduler.waiting
+    assert not engine.scheduler.has_unfinished()
     pool = engine.kv.pool
     pool.check_invariants()
     assert all(b.ref_count == 0 for b in pool.blocks)

@@ -27,18 +27,19 @@ def references(tiny_models):
     return prompts, {arch: hf_greedy(path, prompts, NEW_TOKENS) for arch, path in tiny_models.items()}
 
 
+@pytest.mark.parametrize("schedule", ["fcfs", "global"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_greedy_matches_transformers(tiny_models, references, arch, scenario):
+def test_greedy_matches_transformers(tiny_models, references, arch, scenario, schedule):
     prompts, expected = references
-    llm = LLM(tiny_models[arch], **SCENARIOS[scenario])
+    llm = LLM(tiny_models[arch], schedule=schedule, **SCENARIOS[scenario])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected[arch]
     engine = llm.engine
     if scenario == "prefix_cache":
         assert engine.kv.num_hit_tokens > 0
         assert outs[-1].num_cached_tokens > 0  # the repeated prompt
-    if scenario == "preemption":
+    if scenario == "preemption" and schedule == "fcfs":  # global admission is sized so it rarely preempts
         assert engine.scheduler.num_preemptions > 0
     if scenario == "chunked_prefill":
         assert max(len(p) for p in prompts) > SCENARIOS[scenario]["max_num_batched_tokens"]

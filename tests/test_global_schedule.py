@@ -76,3 +76,15 @@ def test_pinned_prefixes_released_on_abort(tiny_models):
         engine.step()
     assert not scheduler.units and not scheduler.group_of
     assert_engine_clean(engine)
+
+
+def test_global_preemption_fallback(tiny_models, monkeypatch):
+    """If admission overcommits (here: forced by pretending requests need no memory), running requests
+    are preempted and recomputed: same tokens as fcfs, pinned prefixes intact, nothing leaked."""
+    requests = _batch()
+    _, expected = _run(tiny_models["llama"], "fcfs", requests, kv_cache_memory="4MiB")
+    monkeypatch.setattr(GlobalScheduler, "_blocks_to_finish", lambda self, seq, held: 0)
+    llm, got = _run(tiny_models["llama"], "global", requests, kv_cache_memory="96KiB", max_num_batched_tokens=48)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert got == expected
+    assert_engine_clean(llm.engine)

@@ -7,7 +7,6 @@ the same process; the result is the median of repeated calls.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -15,6 +14,7 @@ import time
 
 import torch
 
+from sharekv.bench.report import pyplot, write_result
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes
@@ -70,19 +70,11 @@ def run_attention_bench(group_sizes: list[int], prefix_len: int, suffix_len: int
               "backends": backends,
               "prefix_len": prefix_len, "suffix_len": suffix_len, "heads": heads, "kv_heads": kv_heads,
               "head_dim": dim, "block_size": bs, "results": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(result, os.path.splitext(out_path)[0] + ".png")
-    return result
+    return write_result(result, out_path, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sizes = [r["group_size"] for r in result["results"]]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for backend in result["backends"]:

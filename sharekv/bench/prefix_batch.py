@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import platform
 import time
 
 import torch
 
+from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
 from sharekv.demo import resolve_model_dir
@@ -122,19 +122,11 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
         "runs": runs,
         "speedup_vs_" + policies[0]: ratios,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(result, os.path.splitext(out_path)[0] + ".png")
-    return result
+    return write_result(result, out_path, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_reuse, ax_tp) = plt.subplots(1, 2, figsize=(10, 4))
     for name in dict.fromkeys(r["schedule"] for r in result["runs"]):
         runs = sorted((r for r in result["runs"] if r["schedule"] == name), key=lambda r: r["kv_pool_tokens"])

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
 from sharekv.llm import LLM
@@ -146,19 +147,11 @@ def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int
                           "output_tokens_per_second": ours["output_tokens"] / peer["wall_seconds"],
                           "speedup": peer["wall_seconds"] / ours["wall_seconds"],
                           "greedy_match": peer["token_ids"] == ours["token_ids"]}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(result, os.path.splitext(out_path)[0] + ".png")
-    return result
+    return write_result(result, out_path, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = ["sharekv"]
     values = [result["sharekv"]["output_tokens_per_second"]]
     if "vllm" in result:

@@ -15,7 +15,6 @@ prefix per request). Then:
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -144,14 +143,6 @@ class GlobalScheduler(Scheduler):
                         break  # members wait for the prefix
             if not unit.waiting:
                 self.units.remove(unit)
-
-    def _start(self, seq: Sequence, out: SchedulerOutput, n: int) -> None:
-        seq.status = SequenceStatus.RUNNING
-        if seq.first_scheduled_time is None:
-            seq.first_scheduled_time = time.monotonic()
-        self.running.append(seq)
-        out.seqs.append(seq)
-        out.num_new_tokens.append(n)
 
     def finish(self, seq: Sequence) -> None:
         unit = self.group_of.pop(seq.seq_id, None)

@@ -90,13 +90,17 @@ class Scheduler:
                 break
             self.kv.record_prefix_query(seq, len(cached) * self.kv.block_size)
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
-            self.running.append(seq)
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            self._start(seq, out, n)
             budget -= n
+
+    def _start(self, seq: Sequence, out: SchedulerOutput, n: int) -> None:
+        """Move an admitted sequence to running and put its first `n` tokens into this step."""
+        seq.status = SequenceStatus.RUNNING
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.monotonic()
+        self.running.append(seq)
+        out.seqs.append(seq)
+        out.num_new_tokens.append(n)
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)

@@ -1,0 +1,26 @@
+"""Where every benchmark's figures go: a JSON file and a PNG plot beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (benchmarks run without a screen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_result(result: dict, out_path: str, plot: Callable[[dict, str], None]) -> dict:
+    """Write `result` to `out_path` and its plot to the same name with .png."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.splitext(out_path)[0] + ".png")
+    return result
