@@ -23,10 +23,6 @@ class Block:
     ref_count: int = 0
     key: BlockKey | None = None
 
-    @property
-    def hash(self) -> int | None:
-        return None if self.key is None else hash(self.key)
-
 
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
@@ -45,10 +41,6 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (free, including those that only hold cached KV)."""
         return len(self._free)
-
-    @property
-    def num_cached_blocks(self) -> int:
-        return len(self._cached)
 
     def allocate(self) -> Block:
         if not self._free:

@@ -18,11 +18,6 @@ class KVCacheManager:
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0
 
-    @property
-    def usage(self) -> float:
-        """Share of blocks held by running sequences (cached-but-free blocks count as free)."""
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
-
     def _update_keys(self, seq: Sequence) -> None:
         bs = self.block_size
         keys = seq.block_keys
