@@ -112,6 +112,8 @@ class GlobalScheduler(Scheduler):
             budget = self.max_num_batched_tokens - out.num_tokens
             if self.waiting:
                 return
+        if not self.units or budget <= 0:
+            return  # nothing waits to start: skip the per-running-sequence headroom sum
         headroom = self.kv.pool.num_free_blocks - sum(self._blocks_to_finish(s, len(s.block_table))
                                                       for s in self.running)
         for unit in list(self.units):
