@@ -11,7 +11,7 @@ import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -34,9 +34,6 @@ class BatchSummary:
     @property
     def tokens_per_second(self) -> float:
         return (self.prompt_tokens + self.generated_tokens) / self.wall_seconds if self.wall_seconds else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self) | {"tokens_per_second": self.tokens_per_second}
 
 
 @dataclass
@@ -159,8 +156,7 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bo
                     if len(line.outputs) < len(line.request_ids):
                         continue
                     outputs = [line.outputs[r] for r in line.request_ids]
-                    body = response_body(line.parsed, outputs, line.parsed.model or engine.model_name,
-                                         engine.tokenizer)
+                    body = response_body(line.parsed, outputs, line.parsed.model or engine.model_name)
                     write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
                            "response": {"status_code": 200, "request_id": body["id"], "body": body},
                            "error": None})

@@ -35,7 +35,6 @@ class EngineStats:
     prompt_tokens_computed: int = 0  # prompt tokens run through the model (not served by shared/cached KV)
     peak_blocks_used: int = 0
     generated_tokens: int = 0
-    finished_requests: int = 0
 
 
 @dataclass
@@ -194,7 +193,6 @@ class LLMEngine:
             if state.finished:
                 state.finished_time = time.monotonic()
                 del self.requests[state.request_id]
-                self.stats.finished_requests += 1
                 outputs.append(self._output(state))
             elif state.stream:
                 outputs.append(self._output(state))

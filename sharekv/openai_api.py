@@ -168,7 +168,7 @@ def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: 
     return ParsedRequest(endpoint, prompts, params, model if isinstance(model, str) else None)
 
 
-def _completion_logprobs(choice: CompletionOutput, tokenizer: Tokenizer | None) -> dict | None:
+def _completion_logprobs(choice: CompletionOutput) -> dict | None:
     if choice.logprobs is None:
         return None
     tokens, token_logprobs, top = [], [], []
@@ -207,7 +207,7 @@ def usage(outputs: list[RequestOutput]) -> dict:
 
 
 def response_body(parsed: ParsedRequest, outputs: list[RequestOutput], model: str,
-                  tokenizer: Tokenizer | None, request_id: str | None = None) -> dict:
+                  request_id: str | None = None) -> dict:
     """The OpenAI response object for finished outputs (one RequestOutput per prompt)."""
     created = int(time.time())
     n = parsed.params.n
@@ -220,7 +220,7 @@ def response_body(parsed: ParsedRequest, outputs: list[RequestOutput], model: st
                                 "logprobs": _chat_logprobs(c), "finish_reason": c.finish_reason,
                                 "stop_reason": c.stop_reason})
             else:
-                choices.append({"index": index, "text": c.text, "logprobs": _completion_logprobs(c, tokenizer),
+                choices.append({"index": index, "text": c.text, "logprobs": _completion_logprobs(c),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
     if parsed.endpoint == CHAT:
         rid, obj = request_id or f"chatcmpl-{uuid.uuid4().hex}", "chat.completion"

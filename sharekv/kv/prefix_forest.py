@@ -29,7 +29,6 @@ class PrefixForest:
 
     def __init__(self, prompts: list[list[int]]) -> None:
         self.root = ForestNode((), 0)
-        self.num_prompts = len(prompts)
         self.total_tokens = sum(len(p) for p in prompts)
         for index, prompt in enumerate(prompts):
             self._insert(index, prompt)
