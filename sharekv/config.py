@@ -51,11 +51,13 @@ class EngineArgs:
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences running at once"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: model's)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
-    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy"})
+    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy: fcfs | global | fair"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     prefix_shared_attention: bool | None = field(
         default=None, metadata={"help": "decode rows sharing prefix blocks read the prefix KV once per step "
                                         "(default: where it is faster, i.e. not with the native CPU kernel)"})
+    swap_space: str = field(default="1GiB", metadata={"help": "host RAM for the KV of preempted requests, "
+                                                                "copied back on resume (0 = always recompute)"})
     native_kernels: bool = field(default=True, metadata={"help": "compiled decode attention, oneDNN-packed linears"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: all cores)"})
 

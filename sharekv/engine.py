@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sharekv.config import EngineArgs
+from sharekv.config import EngineArgs, parse_bytes
 from sharekv.demo import DEMO_NAME, resolve_model_dir
 from sharekv.kv.manager import KVCacheManager
+from sharekv.kv.swap import SwapSpace
 from sharekv.model.config import ModelConfig, ModelLoadError
 from sharekv.model.llama import LlamaModel
 from sharekv.model.runner import DTYPES, ModelRunner, kv_bytes_per_block
@@ -85,10 +86,12 @@ class LLMEngine:
         # A request may never need more KV than the whole pool, so the pool caps the context length.
         self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
         model = LlamaModel.from_dir(model_dir, config, self.max_model_len, dtype, device, args.native_kernels)
-        self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention)
+        num_swap_slots = parse_bytes(args.swap_space) // per_block
+        self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
-                                        max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len)
+                                        max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
+                                        swap=SwapSpace(num_swap_slots))
         self.sampler = Sampler(device, args.seed)
         eos = set(config.eos_token_ids) | set(_read_generation_eos(model_dir))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -122,7 +125,8 @@ class LLMEngine:
                                                  f"exceeds the context length {self.max_model_len}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, stream: bool = False, arrival_time: float | None = None) -> None:
+                    prompt: str | None = None, stream: bool = False, arrival_time: float | None = None,
+                    user: str | None = None, priority: int = 0) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
@@ -131,7 +135,7 @@ class LLMEngine:
         for index in range(params.n):
             seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index,
                            token_ids=list(prompt_token_ids), prompt_len=len(prompt_token_ids), params=params,
-                           arrival_time=arrival)
+                           arrival_time=arrival, user=user, priority=priority)
             self._next_seq_id += 1
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
@@ -164,6 +168,7 @@ class LLMEngine:
         """Run one iteration. Returns finished requests, and the progress of streaming ones."""
         t0 = time.perf_counter()
         step = self.scheduler.schedule()
+        self.runner.copy_swapped_blocks(step)
         if step.is_empty:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")

@@ -34,6 +34,10 @@ class Sequence:
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
+    swap_slots: list[int] | None = None  # host slots holding its KV while preempted by swap
+    num_swapped_tokens: int = 0  # tokens of KV in those slots
+    user: str | None = None  # who sent it, for per-user fairness
+    priority: int = 0  # lower runs earlier
     generator: torch.Generator | None = None
     output_text: str = ""
     logprobs: list[dict[int, float]] | None = None

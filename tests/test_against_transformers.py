@@ -16,8 +16,10 @@ SCENARIOS = {
     "chunked_prefill": dict(max_num_batched_tokens=24, block_size=4, kv_cache_memory="4MiB"),
     # (b) shared prefixes and a repeated prompt served from the prefix cache
     "prefix_cache": dict(max_num_batched_tokens=512, block_size=4, kv_cache_memory="4MiB"),
-    # (c) a pool far smaller than the batch: sequences are preempted and recomputed
+    # (c) a pool far smaller than the batch: sequences are preempted, their KV swapped out and back in
     "preemption": dict(max_num_batched_tokens=64, block_size=4, kv_cache_memory="160KiB"),
+    # (d) the same without swap space: preempted sequences are recomputed
+    "recompute": dict(max_num_batched_tokens=64, block_size=4, kv_cache_memory="160KiB", swap_space="0"),
 }
 
 
@@ -27,7 +29,7 @@ def references(tiny_models):
     return prompts, {arch: hf_greedy(path, prompts, NEW_TOKENS) for arch, path in tiny_models.items()}
 
 
-@pytest.mark.parametrize("schedule", ["fcfs", "global"])
+@pytest.mark.parametrize("schedule", ["fcfs", "global", "fair"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_greedy_matches_transformers(tiny_models, references, arch, scenario, schedule):
@@ -39,8 +41,9 @@ def test_greedy_matches_transformers(tiny_models, references, arch, scenario, sc
     if scenario == "prefix_cache":
         assert engine.kv.num_hit_tokens > 0
         assert outs[-1].num_cached_tokens > 0  # the repeated prompt
-    if scenario == "preemption" and schedule == "fcfs":  # global admission is sized so it rarely preempts
+    if scenario in ("preemption", "recompute") and schedule != "global":  # global admission rarely preempts
         assert engine.scheduler.num_preemptions > 0
+        assert (engine.scheduler.num_swapped_out > 0) == (scenario == "preemption")
     if scenario == "chunked_prefill":
         assert max(len(p) for p in prompts) > SCENARIOS[scenario]["max_num_batched_tokens"]
     assert_engine_clean(engine)

@@ -72,8 +72,8 @@ def pack_shared_prefixes(groups: list[tuple[np.ndarray, int]], tables: np.ndarra
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool | None = None
-                 ) -> None:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool | None = None,
+                 num_swap_slots: int = 0) -> None:
         c = model.config
         if share_prefixes is None:
             # The native CPU kernel rereads a shared prefix from cache faster than the stacked path computes
@@ -88,7 +88,22 @@ class ModelRunner:
         # uninitialised: the OS maps pages as they are first written, and attention reads only written slots.
         self.kv_cache = torch.empty(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                     dtype=model.dtype, device=self.device)
+        # Host RAM for preempted sequences' blocks, same layout; pinned on an accelerator for fast copies.
+        self.swap_cache = torch.empty(c.num_layers, 2, num_swap_slots, block_size, c.num_kv_heads, c.head_dim,
+                                      dtype=model.dtype, device="cpu", pin_memory=self.device.type == "cuda")
         self.forward_seconds = 0.0
+
+    def copy_swapped_blocks(self, step: SchedulerOutput) -> None:
+        """Do the step's block copies: out to host first (those blocks may be reused in this very step),
+        then back in. All blocks in one direction move in one gathered copy, not block by block."""
+        if step.swap_out:
+            blocks, slots = zip(*step.swap_out, strict=True)
+            src = torch.tensor(blocks, device=self.device)
+            self.swap_cache[:, :, list(slots)] = self.kv_cache.index_select(2, src).to("cpu")
+        if step.swap_in:
+            slots, blocks = zip(*step.swap_in, strict=True)
+            data = self.swap_cache[:, :, list(slots)].to(self.device, non_blocking=True)
+            self.kv_cache.index_copy_(2, torch.tensor(blocks, device=self.device), data)
 
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Run the step. Returns logits for the sequences whose new tokens reach their end (they sample

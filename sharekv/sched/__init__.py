@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from sharekv.sched.fair import FairScheduler
 from sharekv.sched.global_policy import GlobalScheduler
 from sharekv.sched.scheduler import Scheduler, SchedulerOutput
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "fcfs": Scheduler,  # arrival order + LRU prefix cache: the streaming baseline
-    "global": GlobalScheduler,  # whole-batch prefix groups, pinned prefixes, decode-first, memory-sized steps
+    "global": GlobalScheduler,
+    "fair": FairScheduler,  # per-user virtual token counters; preempts (swaps out) the most-served user  # whole-batch prefix groups, pinned prefixes, decode-first, memory-sized steps
 }
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from sharekv.kv.block_pool import Block
 from sharekv.kv.manager import KVCacheManager, cdiv
 from sharekv.kv.prefix_forest import PrefixForest, group_prompts
+from sharekv.kv.swap import SwapSpace
 from sharekv.sched.scheduler import Scheduler, SchedulerOutput
 from sharekv.sequence import Sequence, SequenceStatus
 
@@ -49,8 +50,8 @@ def _max_new_tokens(seq: Sequence, max_model_len: int) -> int:
 
 class GlobalScheduler(Scheduler):
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int) -> None:
-        super().__init__(kv, max_num_batched_tokens, max_num_seqs, max_model_len)
+                 max_model_len: int, swap: SwapSpace | None = None) -> None:
+        super().__init__(kv, max_num_batched_tokens, max_num_seqs, max_model_len, swap)
         self._unplanned: list[Sequence] = []
         self.units: deque[PrefixGroupState] = deque()  # groups (and single requests) not fully started
         self.group_of: dict[int, PrefixGroupState] = {}  # seq_id -> its group
