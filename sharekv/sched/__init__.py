@@ -9,7 +9,7 @@ from sharekv.sched.scheduler import Scheduler, SchedulerOutput
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "fcfs": Scheduler,  # arrival order + LRU prefix cache: the streaming baseline
     "global": GlobalScheduler,
-    "fair": FairScheduler,  # per-user virtual token counters; preempts (swaps out) the most-served user  # whole-batch prefix groups, pinned prefixes, decode-first, memory-sized steps
+    "fair": FairScheduler,  # per-user virtual token counters; preempts (swaps) the most-served user
 }
 
 
