@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from sharekv.engine import LLMEngine
-from sharekv.openai_api import APIError, ParsedRequest, parse_request, response_body, usage
+from sharekv.openai_api import APIError, ParsedRequest, parse_and_check, response_body, usage
 from sharekv.outputs import RequestOutput
-from sharekv.sampling_params import InvalidParameter
 
 
 @dataclass
@@ -81,11 +80,7 @@ def _parse_line(raw: str, engine: LLMEngine) -> tuple[str, ParsedRequest]:
     if record.get("method", "POST") != "POST":
         raise _LineError(custom_id, APIError("'method' must be POST", param="method"))
     try:
-        parsed = parse_request(record.get("body"), record.get("url"), engine.tokenizer)
-        for _, ids in parsed.prompts:
-            engine.check_request(ids, parsed.params)
-    except InvalidParameter as e:
-        raise _LineError(custom_id, APIError(str(e), param=e.param)) from e
+        parsed = parse_and_check(record.get("body"), record.get("url"), engine)
     except APIError as e:
         raise _LineError(custom_id, e) from e
     return custom_id, parsed

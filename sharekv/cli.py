@@ -1,4 +1,4 @@
-"""`sharekv batch | bench | make-model`. Every EngineArgs field is a flag (underscores -> dashes)."""
+"""`sharekv batch | serve | bench | make-model`. Every EngineArgs field is a flag (underscores -> dashes)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,21 @@ import logging
 import sys
 import typing
 
-from sharekv.config import EngineArgs
+from sharekv.config import EngineArgs, ServerArgs
 from sharekv.model.config import ModelLoadError
 from sharekv.sampling_params import InvalidParameter
 
 
-def add_engine_args(parser: argparse.ArgumentParser, **defaults: typing.Any) -> None:
-    group = parser.add_argument_group("engine")
-    hints = typing.get_type_hints(EngineArgs)
-    for f in dataclasses.fields(EngineArgs):
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, **defaults: typing.Any) -> None:
+    """One flag per dataclass field, named after it (underscores -> dashes)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, f.default)
+        if f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kind = hints[f.name]
         if kind is bool or bool in typing.get_args(kind):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
@@ -28,8 +32,16 @@ def add_engine_args(parser: argparse.ArgumentParser, **defaults: typing.Any) -> 
         group.add_argument(flag, type=base, default=default, help=f.metadata["help"])
 
 
+def add_engine_args(parser: argparse.ArgumentParser, **defaults: typing.Any) -> None:
+    add_dataclass_args(parser, EngineArgs, "engine", **defaults)
+
+
+def dataclass_from(cls: type, ns: argparse.Namespace) -> typing.Any:
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})
+    return dataclass_from(EngineArgs, ns)
 
 
 def _cmd_batch(ns: argparse.Namespace) -> int:
@@ -44,6 +56,16 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
     print(f"requests {s.requests} (skipped {s.skipped} done earlier, {s.errors} errors) | prompt tokens "
           f"{s.prompt_tokens}, cached {s.cached_tokens} | generated {s.generated_tokens} | "
           f"{s.wall_seconds:.1f} s | {s.tokens_per_second:.0f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(ns: argparse.Namespace) -> int:
+    from sharekv.engine import LLMEngine
+    from sharekv.serve.app import serve
+
+    server = dataclass_from(ServerArgs, ns)
+    server.validate()
+    serve(LLMEngine(engine_args_from(ns)), server)
     return 0
 
 
@@ -121,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--no-progress", action="store_true")
     add_engine_args(batch, schedule="global")
     batch.set_defaults(func=_cmd_batch)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, metrics)")
+    add_dataclass_args(srv, ServerArgs, "server")
+    add_engine_args(srv)
+    srv.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput on a documents x questions workload")

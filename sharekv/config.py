@@ -81,5 +81,28 @@ class EngineArgs:
         return [f.name for f in dataclasses.fields(cls)]
 
 
+@dataclass
+class ServerArgs:
+    """Settings of `sharekv serve` beyond the engine's. Each field is also a flag."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (all interfaces: 0.0.0.0)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: str | None = field(
+        default_factory=lambda: os.environ.get("SHAREKV_API_KEY"),
+        metadata={"help": "require 'Authorization: Bearer KEY' on /v1/* (default: $SHAREKV_API_KEY)"})
+    served_model_name: str | None = field(default=None, metadata={"help": "model id clients send "
+                                                                         "(default: the model directory's name)"})
+    max_waiting_requests: int = field(default=256, metadata={"help": "queued requests beyond this get 503"})
+    max_request_body: str = field(default="4MiB", metadata={"help": "largest accepted request body"})
+    max_n: int = field(default=16, metadata={"help": "largest accepted n"})
+    max_tokens_limit: int | None = field(default=None, metadata={"help": "largest accepted max_tokens "
+                                                                        "(default: the context length)"})
+
+    def validate(self) -> None:
+        if self.max_waiting_requests < 0 or self.max_n < 1:
+            raise ValueError("max_waiting_requests must be >= 0 and max_n >= 1")
+        parse_bytes(self.max_request_body)
+
+
 def default_cache_dir() -> str:
     return os.environ.get("SHAREKV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sharekv"))

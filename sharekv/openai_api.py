@@ -5,10 +5,11 @@ Shared by `sharekv batch` and the server so both accept and return exactly the s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sharekv.outputs import CompletionOutput, RequestOutput
 from sharekv.sampling_params import InvalidParameter, SamplingParams
@@ -39,6 +40,10 @@ class ParsedRequest:
     prompts: list[tuple[str | None, list[int]]]  # one entry per prompt; each yields n choices
     params: SamplingParams
     model: str | None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    user: str | None = None
+    priority: int = 0  # vLLM's extension: lower runs earlier
 
 
 # body field -> (SamplingParams field, accepted types)
@@ -157,6 +162,10 @@ def _flatten_content(message: dict) -> dict:
     return message
 
 
+def _optional(body: dict, key: str, types: tuple[type, ...], default: Any) -> Any:
+    return default if body.get(key) is None else _typed(body, key, types)
+
+
 def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: int = 16) -> ParsedRequest:
     if endpoint not in ENDPOINTS:
         raise APIError(f"unsupported url {endpoint!r}; use {' or '.join(ENDPOINTS)}", param="url")
@@ -164,8 +173,35 @@ def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: 
         raise APIError("the request body must be a JSON object")
     params = sampling_params_from_body(body, endpoint, max_n)
     prompts = prompts_from_body(body, endpoint, tokenizer)
-    model = body.get("model")
-    return ParsedRequest(endpoint, prompts, params, model if isinstance(model, str) else None)
+    model = _optional(body, "model", (str,), None)
+    options = _optional(body, "stream_options", (dict,), {})
+    return ParsedRequest(endpoint, prompts, params, model, stream=_optional(body, "stream", (bool,), False),
+                         include_usage=bool(options.get("include_usage")),
+                         user=_optional(body, "user", (str,), None), priority=_optional(body, "priority", (int,), 0))
+
+
+class RequestChecker(Protocol):
+    tokenizer: Tokenizer | None
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+
+def parse_and_check(body: Any, endpoint: str, engine: RequestChecker, max_n: int = 16,
+                    max_tokens_limit: int | None = None) -> ParsedRequest:
+    """Parse a request and make sure the engine can run every prompt of it (context length, token ids).
+    With `max_tokens_limit`, a larger max_tokens is refused and a missing one is set to the limit."""
+    parsed = parse_request(body, endpoint, engine.tokenizer, max_n)
+    params = parsed.params
+    if max_tokens_limit is not None:
+        if params.max_tokens is not None and params.max_tokens > max_tokens_limit:
+            raise APIError(f"max_tokens must be at most {max_tokens_limit} on this server", param="max_tokens")
+        params.max_tokens = params.max_tokens or max_tokens_limit
+    try:
+        for _, ids in parsed.prompts:
+            engine.check_request(ids, params)
+    except InvalidParameter as e:
+        raise APIError(str(e), param=e.param) from e
+    return parsed
 
 
 def _completion_logprobs(choice: CompletionOutput) -> dict | None:
@@ -222,9 +258,84 @@ def response_body(parsed: ParsedRequest, outputs: list[RequestOutput], model: st
             else:
                 choices.append({"index": index, "text": c.text, "logprobs": _completion_logprobs(c),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-    if parsed.endpoint == CHAT:
-        rid, obj = request_id or f"chatcmpl-{uuid.uuid4().hex}", "chat.completion"
-    else:
-        rid, obj = request_id or f"cmpl-{uuid.uuid4().hex}", "text_completion"
+    rid, obj = request_id or new_request_id(parsed.endpoint), _kind(parsed.endpoint)[1]
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
             "usage": usage(outputs)}
+
+
+def _kind(endpoint: str) -> tuple[str, str]:
+    """(id prefix, object name) of a non-streaming response."""
+    return ("chatcmpl", "chat.completion") if endpoint == CHAT else ("cmpl", "text_completion")
+
+
+def new_request_id(endpoint: str) -> str:
+    return f"{_kind(endpoint)[0]}-{uuid.uuid4().hex}"
+
+
+class StreamFormatter:
+    """Turns the growing outputs of one streaming request into OpenAI's chunk objects (sent as SSE).
+
+    Each chunk carries one choice's new text. While a choice may still hit a stop string, the last
+    characters that could begin one are held back, so text that the stop string later cuts is never sent.
+    """
+
+    def __init__(self, parsed: ParsedRequest, model: str, request_id: str) -> None:
+        self.parsed = parsed
+        self.model = model
+        self.request_id = request_id
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if parsed.endpoint == CHAT else "text_completion"
+        self.holdback = max((len(s) for s in parsed.params.stop), default=1) - 1
+        self._sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) sent
+        self._done: set[int] = set()
+
+    def _chunk(self, choices: list[dict], usage_value: dict | None = None) -> dict:
+        chunk = {"id": self.request_id, "object": self.object, "created": self.created, "model": self.model,
+                 "choices": choices}
+        if self.parsed.include_usage:
+            chunk["usage"] = usage_value
+        return chunk
+
+    def first_chunks(self) -> list[dict]:
+        """Chat streams open with the assistant's role, one chunk per choice."""
+        if self.parsed.endpoint != CHAT:
+            return []
+        total = len(self.parsed.prompts) * self.parsed.params.n
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(total)]
+
+    def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
+        """Chunks for what is new in `out`, the latest output of the request's `prompt_index`-th prompt."""
+        result = []
+        for c in out.outputs:
+            index = prompt_index * self.parsed.params.n + c.index
+            if index in self._done:
+                continue
+            sent_chars, sent_tokens = self._sent.get(index, (0, 0))
+            finished = c.finish_reason is not None
+            end = len(c.text) if finished or not self.parsed.params.stop else max(sent_chars,
+                                                                                   len(c.text) - self.holdback)
+            text = c.text[sent_chars:end]
+            new_tokens = len(c.token_ids) - sent_tokens
+            if not text and not finished and not (c.logprobs is not None and new_tokens):
+                continue
+            self._sent[index] = (end, len(c.token_ids))
+            logprobs = None if c.logprobs is None else c.logprobs[sent_tokens:len(c.token_ids)]
+            part = dataclasses.replace(c, token_ids=c.token_ids[sent_tokens:], logprobs=logprobs)
+            choice: dict[str, Any] = {"index": index}
+            if self.parsed.endpoint == CHAT:
+                choice["delta"] = {"content": text} if text else {}
+                choice["logprobs"] = _chat_logprobs(part)
+            else:
+                choice["text"] = text
+                choice["logprobs"] = _completion_logprobs(part)
+            choice["finish_reason"] = c.finish_reason
+            choice["stop_reason"] = c.stop_reason
+            if finished:
+                self._done.add(index)
+            result.append(self._chunk([choice]))
+        return result
+
+    def usage_chunk(self, outputs: list[RequestOutput]) -> dict | None:
+        """The last chunk, with no choices and the usage, when the client asked for it."""
+        return self._chunk([], usage(outputs)) if self.parsed.include_usage else None

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the background engine loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sharekv.config import ServerArgs, parse_bytes
+from sharekv.engine import LLMEngine
+from sharekv.openai_api import (
+    CHAT,
+    COMPLETIONS,
+    APIError,
+    ParsedRequest,
+    StreamFormatter,
+    new_request_id,
+    parse_and_check,
+    response_body,
+)
+from sharekv.outputs import RequestOutput
+from sharekv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
+from sharekv.serve.metrics import ServerMetrics
+from sharekv.serve.schema import CHAT_REQUEST, COMPLETION_REQUEST, openapi_extra
+
+logger = logging.getLogger("sharekv.serve")
+RETRY_AFTER_SECONDS = 1
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(APIError(message, status, type_, param, code).body(), status_code=status, headers=headers)
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(f"the request body is larger than {limit} bytes", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(f"the request body is larger than {limit} bytes", status=413)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from e
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(obj: object) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer KEY` on /v1/* (as OpenAI and vLLM do); /health and /metrics stay open.
+    Plain ASGI, so streaming responses and disconnect detection pass through untouched."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
+                                  "invalid_request_error", code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
+    server.validate()
+    model_name = server.served_model_name or engine.model_name
+    metrics = ServerMetrics(model_name)
+    runner = AsyncEngine(engine, metrics, server.max_waiting_requests)
+    body_limit = parse_bytes(server.max_request_body)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runner.start()
+        logger.info("serving %s (KV pool %d tokens, schedule %s)", model_name, engine.num_kv_tokens,
+                    engine.args.schedule)
+        yield
+        runner.stop()
+
+    app = FastAPI(title="sharekv", version="0.1.0", lifespan=lifespan)
+    app.state.async_engine = runner
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), "invalid_request_error", headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return _error(500, f"internal error: {type(e).__name__}", "internal_error")
+
+    if server.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=server.api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if runner.error is not None:
+            return _error(503, f"the engine stopped: {runner.error}", "internal_error")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "sharekv", "root": engine.model_dir,
+                                            "max_model_len": engine.max_model_len}]}
+
+    async def generate(request: Request, endpoint: str) -> Response:
+        body = await _read_json(request, body_limit)
+        parsed = parse_and_check(body, endpoint, engine, server.max_n, server.max_tokens_limit)
+        if parsed.model is not None and parsed.model != model_name:
+            raise APIError(f"The model `{parsed.model}` does not exist.", status=404, param="model",
+                           code="model_not_found")
+        request_id = new_request_id(endpoint)
+        queue: asyncio.Queue = asyncio.Queue()
+        ids = [f"{request_id}-{i}" for i in range(len(parsed.prompts))]
+        try:
+            for engine_id, (text, token_ids) in zip(ids, parsed.prompts, strict=True):
+                runner.add(engine_id, token_ids, parsed.params, text, parsed.user, parsed.priority, queue)
+        except QueueFull as e:
+            for engine_id in ids:
+                runner.abort(engine_id)
+            raise APIError(f"the server is overloaded ({e}); retry later", status=503, type="server_error",
+                           code="overloaded") from e
+        except EngineDead as e:
+            raise APIError(str(e), status=503, type="server_error") from e
+        index = {engine_id: i for i, engine_id in enumerate(ids)}
+        if parsed.stream:
+            return StreamingResponse(_stream(parsed, request_id, queue, index),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.ensure_future(_disconnected(request))
+        collector = asyncio.ensure_future(_collect(queue, index))
+        try:
+            await asyncio.wait({watcher, collector}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not collector.done():
+                collector.cancel()
+                for engine_id in ids:
+                    runner.abort(engine_id)
+        if collector.cancelled():
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return JSONResponse(response_body(parsed, collector.result(), model_name, request_id))
+
+    async def _collect(queue: asyncio.Queue, index: dict[str, int]) -> list[RequestOutput]:
+        final: list[RequestOutput | None] = [None] * len(index)
+        while any(o is None for o in final):
+            out = await queue.get()
+            if isinstance(out, EngineDead):
+                raise APIError(str(out), status=500, type="internal_error")
+            if out.finished:
+                final[index[out.request_id]] = out
+        return final
+
+    async def _stream(parsed: ParsedRequest, request_id: str, queue: asyncio.Queue,
+                      index: dict[str, int]) -> AsyncIterator[str]:
+        formatter = StreamFormatter(parsed, model_name, request_id)
+        final: list[RequestOutput | None] = [None] * len(index)
+        try:
+            for chunk in formatter.first_chunks():
+                yield _sse(chunk)
+            while any(o is None for o in final):
+                out = await queue.get()
+                if isinstance(out, EngineDead):
+                    yield _sse(APIError(str(out), status=500, type="internal_error").body())
+                    return
+                for chunk in formatter.chunks(index[out.request_id], out):
+                    yield _sse(chunk)
+                if out.finished:
+                    final[index[out.request_id]] = out
+            usage_chunk = formatter.usage_chunk(final)
+            if usage_chunk is not None:
+                yield _sse(usage_chunk)
+            yield "data: [DONE]\n\n"
+        finally:
+            # Reached early when the client disconnects (the response task is cancelled): stop generating.
+            for engine_id, i in index.items():
+                if final[i] is None:
+                    runner.abort(engine_id)
+
+    @app.post(COMPLETIONS, openapi_extra=openapi_extra(COMPLETION_REQUEST))
+    async def completions(request: Request) -> Response:
+        return await generate(request, COMPLETIONS)
+
+    @app.post(CHAT, openapi_extra=openapi_extra(CHAT_REQUEST))
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, CHAT)
+
+    return app
+
+
+def serve(engine: LLMEngine, server: ServerArgs) -> None:
+    import uvicorn
+
+    if server.host not in ("127.0.0.1", "localhost", "::1") and not server.api_key:
+        logger.warning("binding to %s without --api-key: anyone who can reach this port can use the model",
+                       server.host)
+    uvicorn.run(build_app(engine, server), host=server.host, port=server.port, log_level="info",
+                timeout_graceful_shutdown=5)

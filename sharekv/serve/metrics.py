@@ -1,0 +1,62 @@
+"""Prometheus metrics under the names vLLM users chart, with the `sharekv:` prefix instead of `vllm:`."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sharekv.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0, 160.0, 640.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 80.0)
+
+
+class ServerMetrics:
+    """One registry per server, so several servers (as in tests) never share counters."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"sharekv:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(f"sharekv:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"sharekv:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Requests with sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to start or to resume.")
+        self.swapped = gauge("num_requests_swapped", "Sequences whose KV is swapped out to host RAM.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks held by requests (1 = full); "
+                              "blocks that only hold cached prefixes count as free.")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
+        self.preemptions = counter("num_preemptions", "Sequences preempted (swapped out or to be recomputed).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self._success = Counter("sharekv:request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=r)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive output tokens.",
+                             _ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.",
+                                    _LATENCY_BUCKETS)
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        for completion in out.outputs:
+            self._success.labels(self.model_name, completion.finish_reason or "abort").inc()
+        if m.ttft is not None:
+            self.ttft.observe(m.ttft)
+        if m.e2e_latency is not None:
+            self.e2e.observe(m.e2e_latency)
+        if m.time_in_queue is not None:
+            self.queue_time.observe(m.time_in_queue)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
