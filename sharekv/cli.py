@@ -122,6 +122,39 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_flags(ns: argparse.Namespace) -> list[str]:
+    """The engine flags given on this command line, to pass on to a `sharekv serve` subprocess."""
+    flags = []
+    for f in dataclasses.fields(EngineArgs):
+        value = getattr(ns, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _cmd_bench_serve(ns: argparse.Namespace) -> int:
+    from sharekv.bench.serve import run_serve_bench
+    from sharekv.bench.serve_trace import SyntheticTrace
+
+    def pair(text: str) -> tuple[int, int]:
+        low, high = (int(x) for x in text.split(","))
+        return low, high
+
+    spec = SyntheticTrace(num_requests=ns.num_requests, gamma_shape=ns.gamma_shape, prompt_len=pair(ns.prompt_len),
+                          output_len=pair(ns.output_len), zipf_a=ns.zipf_a, num_users=ns.num_users,
+                          user_zipf_a=ns.user_zipf_a, session_fraction=ns.session_fraction, turns=ns.turns,
+                          seed=ns.workload_seed)
+    run_serve_bench(_engine_flags(ns), ns.schedules.split(","), [float(r) for r in ns.request_rates.split(",")],
+                    spec, ns.output, ns.slo_ttft, ns.slo_tpot, url=ns.url, api_key=ns.api_key,
+                    burstgpt=ns.burstgpt, time_scale=ns.time_scale)
+    return 0
+
+
 def _cmd_make_model(ns: argparse.Namespace) -> int:
     from sharekv.bench.workloads import BENCH_MODEL_CONFIG
     from sharekv.demo import DEMO_CONFIG, write_random_llama
@@ -178,6 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--repeats", type=int, default=20)
     at.add_argument("--output", default="results/attention.json", help="JSON result file (and a .png plot)")
     at.set_defaults(func=_cmd_bench_attention)
+
+    sv = bench.add_parser("serve", help="replay an arrival trace against a live server: latency, goodput, fairness")
+    sv.add_argument("--url", default=None, help="target this running server instead of starting one per schedule")
+    sv.add_argument("--api-key", default=None, help="bearer key for --url")
+    sv.add_argument("--schedules", default="fcfs,fair", help="start a server per schedule and compare them")
+    sv.add_argument("--request-rates", default="2,4,8", help="offered request rates (req/s) of the synthetic trace")
+    sv.add_argument("--num-requests", type=int, default=120)
+    sv.add_argument("--gamma-shape", type=float, default=0.5, help="inter-arrival burstiness (1 = Poisson)")
+    sv.add_argument("--prompt-len", default="16,512", help="Zipf-distributed prompt lengths: min,max")
+    sv.add_argument("--output-len", default="8,128", help="Zipf-distributed response lengths: min,max")
+    sv.add_argument("--zipf-a", type=float, default=1.2, help="length skew")
+    sv.add_argument("--num-users", type=int, default=8)
+    sv.add_argument("--user-zipf-a", type=float, default=1.2, help="user popularity skew (heavy vs light users)")
+    sv.add_argument("--session-fraction", type=float, default=0.3, help="share of requests in multi-turn sessions")
+    sv.add_argument("--turns", type=int, default=3, help="turns per session; each extends the previous prompt")
+    sv.add_argument("--workload-seed", type=int, default=0)
+    sv.add_argument("--burstgpt", default=None, help="replay this BurstGPT-layout CSV instead (its own arrivals)")
+    sv.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT speed-up factor")
+    sv.add_argument("--slo-ttft", type=float, default=1.0, help="goodput SLO on time to first token (s)")
+    sv.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on time per output token (s)")
+    sv.add_argument("--output", default="results/serve.json", help="JSON result file (and a .png plot)")
+    add_engine_args(sv)
+    sv.set_defaults(func=_cmd_bench_serve)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

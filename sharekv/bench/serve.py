@@ -1,0 +1,260 @@
+"""`sharekv bench serve`: replay an arrival trace against a live server and report latency, goodput and
+per-user fairness. Starts one `sharekv serve` per schedule on localhost (or targets `--url`), so policies
+are compared side by side on the same requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.serve_trace import SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
+
+
+@dataclass
+class RequestRecord:
+    user: str
+    prompt_tokens: int
+    status: int = 0
+    sent: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # arrival time of each streamed chunk with text
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.sent if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.output_tokens < 2 or not self.token_times:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (self.output_tokens - 1)
+
+
+async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest, rec: RequestRecord,
+                headers: dict) -> None:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "user": req.user}
+    rec.sent = time.perf_counter()
+    try:
+        async with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as response:
+            rec.status = response.status_code
+            if response.status_code != 200:
+                rec.error = (await response.aread()).decode(errors="replace")[:200]
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    rec.token_times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    rec.output_tokens = chunk["usage"]["completion_tokens"]
+                    rec.cached_tokens = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+    except httpx.HTTPError as e:
+        rec.error = f"{type(e).__name__}: {e}"
+
+
+async def replay(url: str, model: str, trace: list[TraceRequest], api_key: str | None = None,
+                 progress: bool = True) -> tuple[list[RequestRecord], float]:
+    """Send every request at its time (a session turn also waits for the turn before it to finish)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    records = [RequestRecord(r.user, len(r.prompt)) for r in trace]
+    last_turn: dict[int, asyncio.Task] = {}
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    bar = tqdm(total=len(trace), desc="requests", unit="req", disable=not progress)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+        start = time.perf_counter()
+
+        async def run(req: TraceRequest, rec: RequestRecord, before: asyncio.Task | None) -> None:
+            await asyncio.sleep(max(0.0, start + req.send_at - time.perf_counter()))
+            if before is not None:
+                await before
+            await _send(http, url, model, req, rec, headers)
+            bar.update(1)
+
+        tasks = []
+        for req, rec in zip(trace, records, strict=True):
+            task = asyncio.create_task(run(req, rec, last_turn.get(req.session)))
+            if req.session is not None:
+                last_turn[req.session] = task
+            tasks.append(task)
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    bar.close()
+    return records, duration
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def summarize(records: list[RequestRecord], duration: float, slo_ttft: float, slo_tpot: float) -> dict:
+    ok = [r for r in records if r.status == 200 and r.error is None]
+    itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
+    good = [r for r in ok if r.ttft is not None and r.ttft <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
+    users: dict[str, dict] = {}
+    for r in ok:
+        u = users.setdefault(r.user, {"requests": 0, "output_tokens": 0, "ttfts": []})
+        u["requests"] += 1
+        u["output_tokens"] += r.output_tokens
+        if r.ttft is not None:
+            u["ttfts"].append(r.ttft)
+    per_user = {name: {"requests": u["requests"], "output_tokens": u["output_tokens"],
+                       "mean_ttft": float(np.mean(u["ttfts"])) if u["ttfts"] else None}
+                for name, u in sorted(users.items())}
+    means = np.asarray([u["mean_ttft"] for u in per_user.values() if u["mean_ttft"] is not None])
+    return {
+        "requests": len(records),
+        "completed": len(ok),
+        "rejected_503": sum(r.status == 503 for r in records),
+        "failed": sum(r.status != 503 for r in records) - len(ok),
+        "duration_s": duration,
+        "requests_per_s": len(ok) / duration,
+        "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "ttft_s": _percentiles([r.ttft for r in ok if r.ttft is not None]),
+        "itl_s": _percentiles(itl),
+        "tpot_s": _percentiles([r.tpot for r in ok if r.tpot is not None]),
+        "goodput_requests_per_s": len(good) / duration,
+        "goodput_fraction": len(good) / len(records) if records else 0.0,
+        "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
+        "per_user": per_user,
+        # Spread of service across users: worst over best mean TTFT, and Jain's index of the mean TTFTs
+        # (1 = every user waits alike).
+        "user_ttft_spread": float(means.max() / means.min()) if len(means) > 1 and means.min() > 0 else None,
+        "user_ttft_jain": float(means.sum() ** 2 / (len(means) * (means ** 2).sum())) if len(means) else None,
+        "ttft_samples": sorted(r.ttft for r in ok if r.ttft is not None),
+        "itl_samples": sorted(itl),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -> Iterator[str]:
+    """`sharekv serve` in a subprocess on a free localhost port, until the block ends."""
+    port = _free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sharekv.cli", "serve", "--port", str(port), *engine_flags],
+                                stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"sharekv serve exited with {proc.returncode}; see {log_path}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sharekv serve did not come up in {timeout:.0f} s; see {log_path}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _served_model(url: str, api_key: str | None) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+
+
+def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[float], spec: SyntheticTrace,
+                    out_path: str, slo_ttft: float, slo_tpot: float, url: str | None = None,
+                    api_key: str | None = None, burstgpt: str | None = None, time_scale: float = 1.0) -> dict:
+    """For each schedule (one fresh server each, unless `url` is given) and each request rate, replay the
+    trace and summarize. With a BurstGPT file the trace's own arrival times are used (scaled)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    runs = []
+    targets = [None] if url else schedules
+    for schedule in targets:
+        flags = engine_flags + ([] if schedule is None else ["--schedule", schedule])
+        log = os.path.splitext(out_path)[0] + f".{schedule or 'remote'}.server.log"
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        server = contextlib.nullcontext(url) if url else local_server(flags, log)
+        with server as base:
+            model = _served_model(base, api_key)
+            for k, rate in enumerate(rates if not burstgpt else [None]):
+                if burstgpt:
+                    trace = burstgpt_trace(burstgpt, time_scale, spec.num_requests, seed=spec.seed)
+                else:
+                    # a fresh seed per rate: later runs must not hit prompts an earlier run left in the cache
+                    trace = synthetic_trace(dataclasses.replace(spec, rate=rate, seed=spec.seed + 1000 * k))
+                records, duration = asyncio.run(replay(base, model, trace, api_key))
+                summary = summarize(records, duration, slo_ttft, slo_tpot)
+                runs.append({"schedule": schedule or "remote", "rate": rate, **summary})
+                print(f"{schedule or 'remote':>6} rate {rate}: {summary['completed']}/{summary['requests']} ok, "
+                      f"TTFT p50 {summary['ttft_s']['p50']}, goodput {summary['goodput_requests_per_s']:.2f} req/s, "
+                      f"user TTFT spread {summary['user_ttft_spread']}", file=sys.stderr)
+    result = {"benchmark": "serve", "trace": "burstgpt" if burstgpt else "synthetic",
+              "workload": dataclasses.asdict(spec) | ({"burstgpt": burstgpt, "time_scale": time_scale}
+                                                      if burstgpt else {}),
+              "engine_flags": engine_flags, "runs": runs}
+    return write_result(result, out_path, plot_serve)
+
+
+def plot_serve(result: dict, png_path: str) -> None:
+    plt = pyplot()
+    runs = result["runs"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for run in runs:
+        label = f"{run['schedule']} @ {run['rate']} req/s" if run["rate"] else run["schedule"]
+        for ax, key in ((axes[0][0], "ttft_samples"), (axes[0][1], "itl_samples")):
+            xs = run[key]
+            if xs:
+                ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=label)
+    axes[0][0].set(title="TTFT CDF", xlabel="seconds", ylabel="fraction of requests", xscale="log")
+    axes[0][1].set(title="inter-token latency CDF", xlabel="seconds", ylabel="fraction of gaps", xscale="log")
+    for schedule in dict.fromkeys(r["schedule"] for r in runs):
+        mine = [r for r in runs if r["schedule"] == schedule and r["rate"]]
+        if mine:
+            axes[1][0].plot([r["rate"] for r in mine], [r["goodput_requests_per_s"] for r in mine], "o-",
+                            label=schedule)
+    slo = runs[0]["slo"] if runs else {}
+    axes[1][0].set(title=f"goodput (TTFT <= {slo.get('ttft_s')} s, TPOT <= {slo.get('tpot_s')} s)",
+                   xlabel="offered request rate (req/s)", ylabel="requests/s within SLO")
+    last_rate = max((r["rate"] or 0 for r in runs), default=0)
+    top = [r for r in runs if (r["rate"] or 0) == last_rate]
+    width = 0.8 / max(1, len(top))
+    users = sorted({u for r in top for u in r["per_user"]})
+    for j, run in enumerate(top):
+        axes[1][1].bar(np.arange(len(users)) + j * width, [run["per_user"].get(u, {}).get("mean_ttft") or 0
+                                                          for u in users], width, label=run["schedule"])
+    axes[1][1].set(title="mean TTFT per user (busiest run)", ylabel="seconds", xticks=np.arange(len(users)))
+    axes[1][1].set_xticklabels(users, rotation=45)
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
