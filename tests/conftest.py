@@ -79,4 +79,5 @@ def assert_engine_clean(engine) -> None:
     assert all(b.ref_count == 0 for b in pool.blocks)
     assert pool.num_free_blocks == pool.num_blocks
     swap = engine.scheduler.swap
+    swap.check_invariants()
     assert swap.num_free_slots == swap.num_slots

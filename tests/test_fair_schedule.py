@@ -96,3 +96,38 @@ def test_priority_jumps_the_queue(tiny_models):
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["normal-0", "urgent", "normal-1", "normal-2", "normal-3"]
     assert_engine_clean(engine)
+
+
+def test_next_turn_reuses_kv_held_in_swap_space(tiny_models):
+    """A conversation's first turn is swapped out and resumed; the device cache then evicts it. The next
+    turn still finds the earlier turn's KV in the swap space and copies it back instead of recomputing."""
+    model = tiny_models["llama"]
+    engine = _engine(model, "fcfs", kv_cache_memory="96KiB", max_num_seqs=8)  # 48 blocks of 4 tokens
+    rng = random.Random(5)
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for i in range(2):
+        engine.add_request(f"filler-{i}", [rng.randrange(3, 256) for _ in range(40)], long)
+    turn1 = [rng.randrange(3, 256) for _ in range(48)]
+    engine.add_request("turn-1", turn1, long)  # the newest: preempted (swapped) when blocks run out
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs |= {o.request_id: o for o in engine.step() if o.finished}
+    assert outputs["turn-1"].metrics.num_preemptions > 0 and engine.scheduler.num_swapped_out > 0
+    evictions = engine.kv.pool.num_evictions
+    for i in range(4):  # other traffic pushes turn 1 out of the device prefix cache
+        engine.add_request(f"other-{i}", [rng.randrange(3, 256) for _ in range(120)], long)
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert engine.kv.pool.num_evictions > evictions
+    turn2 = turn1 + outputs["turn-1"].outputs[0].token_ids + [rng.randrange(3, 256) for _ in range(8)]
+    engine.add_request("turn-2", turn2, GREEDY)
+    while engine.has_unfinished_requests():
+        outputs |= {o.request_id: o for o in engine.step() if o.finished}
+    assert engine.scheduler.num_host_hit_tokens >= 32
+    assert outputs["turn-2"].num_cached_tokens >= engine.scheduler.num_host_hit_tokens
+    assert_engine_clean(engine)
+    fresh = _engine(model, "fcfs")
+    fresh.add_request("turn-2", turn2, GREEDY)
+    while fresh.has_unfinished_requests():
+        expected = fresh.step()
+    assert outputs["turn-2"].outputs[0].token_ids == expected[0].outputs[0].token_ids

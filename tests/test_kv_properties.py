@@ -10,6 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sharekv.kv.block_pool import BlockPool
 from sharekv.kv.manager import KVCacheManager
+from sharekv.kv.swap import SwapSpace
 from sharekv.sampling_params import SamplingParams
 from sharekv.sequence import Sequence
 
@@ -123,3 +124,49 @@ class TestBlockPool:
         pool.register(b, (0, (5,)))
         assert pool.lookup((0, (5,))) is a and b.key is None
         pool.check_invariants()
+
+
+class SwapSpaceMachine(RuleBasedStateMachine):
+    """Random takes, returns (with and without cache keys), lookups and claims of host swap slots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swap = SwapSpace(8)
+        self.held: list[int] = []  # slots taken or claimed, not yet given back
+        self.content: dict[int, object] = {}  # slot -> the key of the KV it holds
+
+    @rule(n=st.integers(1, 4))
+    def take(self, n: int) -> None:
+        slots = self.swap.take(n)
+        assert (slots is None) == (n > self.swap.num_free_slots + (len(slots) if slots else 0))
+        for slot in slots or []:
+            assert slot not in self.held
+            self.held.append(slot)
+            self.content.pop(slot, None)
+
+    @precondition(lambda self: self.held)
+    @rule(count=st.integers(1, 4), key=st.integers(0, 5), with_key=st.booleans())
+    def give_back(self, count: int, key: int, with_key: bool) -> None:
+        slots, self.held = self.held[:count], self.held[count:]
+        keys = [(0, (key, i)) if with_key else None for i in range(len(slots))]
+        for slot, k in zip(slots, keys, strict=True):
+            if k is not None and self.swap.lookup(k) is None:
+                self.content[slot] = k
+        self.swap.give_back(slots, keys)
+
+    @rule(key=st.integers(0, 5), i=st.integers(0, 3))
+    def lookup_and_claim(self, key: int, i: int) -> None:
+        slot = self.swap.lookup((0, (key, i)))
+        if slot is not None:
+            assert self.content.get(slot) == (0, (key, i))  # a hit returns the slot holding that KV
+            self.swap.claim(slot)
+            self.held.append(slot)
+
+    @invariant()
+    def consistent(self) -> None:
+        self.swap.check_invariants()
+        assert self.swap.num_free_slots + len(self.held) == 8
+
+
+TestSwapSpace = SwapSpaceMachine.TestCase
+TestSwapSpace.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

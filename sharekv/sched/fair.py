@@ -85,7 +85,7 @@ class FairScheduler(Scheduler):
     def _has_room(self, seq: Sequence) -> bool:
         if len(self.running) >= self.max_num_seqs:
             return False
-        cached, restored, n = self._admission(seq, self.max_num_batched_tokens)
+        cached, _, restored, n = self._admission(seq, self.max_num_batched_tokens)
         return self.kv.can_allocate(seq, restored - len(cached) * self.kv.block_size + n, cached)
 
     def _start(self, seq: Sequence, out: SchedulerOutput, n: int) -> None:

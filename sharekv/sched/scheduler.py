@@ -52,8 +52,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_swapped_out = 0
-        # Slots of resumed sequences are read by this step's copies, so they are reusable from the next step.
-        self._slots_read_this_step: list[int] = []
+        self.num_host_hit_tokens = 0  # prompt tokens whose KV came back from the swap space's index
+        # Slots read by this step's copies are free again from the next step (with their cache keys).
+        self._slots_read_this_step: list[tuple[int, object]] = []
 
     def add(self, seq: Sequence) -> None:
         """Queue behind everything of equal or higher priority (lower value)."""
@@ -72,8 +73,10 @@ class Scheduler:
 
     def _fill(self, out: SchedulerOutput) -> None:
         """Running sequences, then (unless this step had to preempt) waiting ones, decodes first."""
-        self.swap.give_back(self._slots_read_this_step)
-        self._slots_read_this_step = []
+        if self._slots_read_this_step:
+            slots, keys = zip(*self._slots_read_this_step, strict=True)
+            self.swap.give_back(list(slots), list(keys))
+            self._slots_read_this_step = []
         preempted = len(out.preempted)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if len(out.preempted) == preempted:
@@ -107,31 +110,51 @@ class Scheduler:
             self.waiting.popleft()
             budget -= out.num_new_tokens[-1]
 
-    def _admission(self, seq: Sequence, budget: int) -> tuple[list, int, int]:
-        """What starting `seq` takes: its blocks in the prefix cache, the tokens of KV it starts with (cached
-        or swapped out), and the tokens this step computes."""
+    def _admission(self, seq: Sequence, budget: int) -> tuple[list, list[int], int, int]:
+        """What starting `seq` takes: its blocks in the device prefix cache; the host slots to copy into the
+        blocks after those (its own if it was swapped out, else any the swap space still holds for its
+        prefix); the tokens of KV it then has; and the tokens this step computes."""
+        bs = self.kv.block_size
         cached = self.kv.find_cached_prefix(seq)
-        restored = max(len(cached) * self.kv.block_size, seq.num_swapped_tokens)
-        return cached, restored, min(seq.num_tokens - restored, budget)
+        if seq.swap_slots is not None:
+            host = seq.swap_slots[len(cached):cdiv(seq.num_swapped_tokens, bs)]
+            restored = max(len(cached) * bs, seq.num_swapped_tokens)
+        else:
+            host = []
+            for key in seq.block_keys[len(cached):(seq.num_tokens - 1) // bs]:
+                slot = self.swap.lookup(key)
+                if slot is None:
+                    break
+                host.append(slot)
+            restored = (len(cached) + len(host)) * bs
+        return cached, host, restored, min(seq.num_tokens - restored, budget)
 
     def _admit(self, seq: Sequence, out: SchedulerOutput, budget: int) -> bool:
         """Give a waiting sequence its blocks and start it in this step with up to `budget` tokens. Blocks
-        still in the prefix cache are shared; a swapped-out sequence gets the rest of its KV copied back.
+        still in the prefix cache are shared, KV in host slots is copied back, the rest is computed.
         Returns False, changing nothing, if the pool cannot hold them."""
-        cached, restored, n = self._admission(seq, budget)
+        cached, host, restored, n = self._admission(seq, budget)
         hit = len(cached) * self.kv.block_size
         if not self.kv.allocate(seq, restored - hit + n, cached):
             return False
         seq.num_computed_tokens = restored
-        self.kv.record_prefix_query(seq, hit)
+        out.swap_in.extend(zip(host, seq.block_table[len(cached):len(cached) + len(host)], strict=True))
         if seq.swap_slots is not None:
-            first = len(cached)
-            last = cdiv(seq.num_swapped_tokens, self.kv.block_size)
-            out.swap_in.extend(zip(seq.swap_slots[first:last], seq.block_table[first:last], strict=True))
-            self._slots_read_this_step.extend(seq.swap_slots)
+            self._slots_read_this_step += zip(seq.swap_slots, self._swapped_keys(seq), strict=True)
             seq.swap_slots, seq.num_swapped_tokens = None, 0
+        else:
+            for slot, key in zip(host, seq.block_keys[len(cached):], strict=False):
+                self.swap.claim(slot)
+                self._slots_read_this_step.append((slot, key))
+            self.num_host_hit_tokens += len(host) * self.kv.block_size
+        self.kv.record_prefix_query(seq, restored)  # counted at the first admission only
         self._start(seq, out, n)
         return True
+
+    def _swapped_keys(self, seq: Sequence) -> list:
+        """Prefix-cache keys of a swapped-out sequence's slots (None for a slot whose block is not full)."""
+        full = min(seq.num_swapped_tokens // self.kv.block_size, len(seq.block_keys))
+        return [seq.block_keys[i] if i < full else None for i in range(len(seq.swap_slots))]
 
     def _start(self, seq: Sequence, out: SchedulerOutput, n: int) -> None:
         """Move an admitted sequence to running and put its first `n` tokens into this step."""
@@ -174,7 +197,7 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         if seq.swap_slots is not None:
-            self.swap.give_back(seq.swap_slots)
+            self.swap.give_back(seq.swap_slots, self._swapped_keys(seq))
             seq.swap_slots, seq.num_swapped_tokens = None, 0
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
