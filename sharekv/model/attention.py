@@ -110,10 +110,8 @@ class PagedAttention:
     def _prefill(self, q, k, v, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
         qlen, ctx = chunk.query_len, chunk.context_len
         if ctx == qlen and self.sliding_window is None:
-            # nothing cached before this chunk: plain causal attention over the fresh k, v (SDPA's fast path)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               is_causal=True, scale=self.scale, enable_gqa=self.group > 1)
-            return o.transpose(0, 1)
+            # nothing cached before this chunk: plain causal attention over the fresh k, v
+            return self._sdpa(q, k, v, is_causal=True)
         if ctx == qlen:
             keys, values = k, v
         else:
@@ -122,11 +120,15 @@ class PagedAttention:
         device = q.device
         query_pos = torch.arange(ctx - qlen, ctx, device=device)[:, None]
         visible = ~self._window_mask(torch.arange(ctx, device=device)[None, :], query_pos)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=visible, scale=self.scale, enable_gqa=self.group > 1,
-        )
-        return o.transpose(0, 1)
+        return self._sdpa(q, keys, values, attn_mask=visible)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask) -> torch.Tensor:
+        """SDPA on [tokens, heads, d] tensors. They go in as a batch of one: given 3-D tensors, torch's CPU
+        dispatch skips its flash kernel for the math path, which is 3x slower and materialises the scores."""
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                           v.transpose(0, 1)[None], scale=self.scale,
+                                           enable_gqa=self.group > 1, **mask)
+        return o[0].transpose(0, 1)
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
         """Each row over its own blocks from its start position; rows of a shared prefix then merge in the
