@@ -122,6 +122,23 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_preemption(ns: argparse.Namespace) -> int:
+    from sharekv.bench.preemption import PreemptionWorkload, run_preemption_bench
+
+    workload = PreemptionWorkload(num_requests=ns.num_requests, prompt_len=ns.prompt_len, output_len=ns.output_len,
+                                  pool_tokens=ns.pool_tokens, seed=ns.workload_seed)
+    result = run_preemption_bench(engine_args_from(ns), workload, [int(n) for n in ns.context_lens.split(",")],
+                                  ns.output, ns.repeats)
+    for run in result["runs"]:
+        print(f"{run['mode']:>32}: {run['wall_seconds']:6.1f} s, {run['preemptions']} preempted "
+              f"({run['swapped_out']} swapped), {run['computed_tokens']} tokens computed, "
+              f"greedy match {run['greedy_match']}")
+    for row in result["per_request"]:
+        print(f"{row['context_tokens']:>6} tokens: swap out+in {row['swap_ms']:8.2f} ms, recompute "
+              f"{row['recompute_ms']:8.2f} ms ({row['recompute_over_swap']:.0f}x)")
+    return 0
+
+
 def _engine_flags(ns: argparse.Namespace) -> list[str]:
     """The engine flags given on this command line, to pass on to a `sharekv serve` subprocess."""
     flags = []
@@ -151,7 +168,8 @@ def _cmd_bench_serve(ns: argparse.Namespace) -> int:
                           seed=ns.workload_seed)
     run_serve_bench(_engine_flags(ns), ns.schedules.split(","), [float(r) for r in ns.request_rates.split(",")],
                     spec, ns.output, ns.slo_ttft, ns.slo_tpot, url=ns.url, api_key=ns.api_key,
-                    burstgpt=ns.burstgpt, time_scale=ns.time_scale)
+                    burstgpt=ns.burstgpt, time_scale=ns.time_scale, engine_args=engine_args_from(ns),
+                    overhead_requests=ns.overhead_requests)
     return 0
 
 
@@ -212,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--output", default="results/attention.json", help="JSON result file (and a .png plot)")
     at.set_defaults(func=_cmd_bench_attention)
 
+    pre = bench.add_parser("preemption", help="cost of a preempted request: swap to host RAM vs recompute")
+    pre.add_argument("--num-requests", type=int, default=24)
+    pre.add_argument("--prompt-len", type=int, default=256)
+    pre.add_argument("--output-len", type=int, default=256)
+    pre.add_argument("--pool-tokens", type=int, default=4096, help="the small KV pool that forces preemption")
+    pre.add_argument("--context-lens", default="128,512,1024,2000", help="lengths for the per-request costs")
+    pre.add_argument("--repeats", type=int, default=5)
+    pre.add_argument("--workload-seed", type=int, default=0)
+    pre.add_argument("--output", default="results/preemption.json", help="JSON result file (and a .png plot)")
+    add_engine_args(pre)
+    pre.set_defaults(func=_cmd_bench_preemption)
+
     sv = bench.add_parser("serve", help="replay an arrival trace against a live server: latency, goodput, fairness")
     sv.add_argument("--url", default=None, help="target this running server instead of starting one per schedule")
     sv.add_argument("--api-key", default=None, help="bearer key for --url")
@@ -229,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workload-seed", type=int, default=0)
     sv.add_argument("--burstgpt", default=None, help="replay this BurstGPT-layout CSV instead (its own arrivals)")
     sv.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT speed-up factor")
-    sv.add_argument("--slo-ttft", type=float, default=1.0, help="goodput SLO on time to first token (s)")
+    sv.add_argument("--overhead-requests", type=int, default=64, help="also send this many requests at once and "
+                    "compare the server's time per token with LLM.generate on the same requests (0: skip)")
+    sv.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on time to first token (s)")
     sv.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on time per output token (s)")
     sv.add_argument("--output", default="results/serve.json", help="JSON result file (and a .png plot)")
     add_engine_args(sv)

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import uvicorn
 
+from sharekv.bench.serve import free_port
 from sharekv.config import EngineArgs, ServerArgs
 from sharekv.engine import LLMEngine
 from sharekv.serve.app import build_app
 
 ENGINE = dict(kv_cache_memory="64MiB", max_num_batched_tokens=256)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -43,7 +43,8 @@ class PrefixBatchWorkload:
                                      self.output_len, vocab, self.seed, system_len=self.system_len + self.fewshot_len)
 
 
-def _run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
+def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
+    """Greedy `LLM.generate` of the requests (ignore_eos) with these engine arguments; figures and tokens."""
     llm = LLM(**dataclasses.asdict(args))
     engine = llm.engine
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
@@ -65,11 +66,18 @@ def _run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
         "computed_tokens": stats.computed_tokens,
         "peak_kv_blocks": stats.peak_blocks_used,
         "preemptions": engine.scheduler.num_preemptions,
+        "swapped_out": engine.scheduler.num_swapped_out,
+        "swap_seconds": engine.runner.swap_seconds,
         "token_ids": [o.outputs[0].token_ids for o in outs],
     }
     del llm, engine
     gc.collect()
     return result
+
+
+def kv_memory_for_tokens(config: ModelConfig, args: EngineArgs, tokens: int) -> str:
+    """The `kv_cache_memory` value of a pool holding `tokens` tokens of this model."""
+    return str(tokens * kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]) // args.block_size)
 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],
@@ -79,13 +87,12 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
     requests = workload.requests(config.vocab_size)
     forest = PrefixForest([r.prompt_token_ids for r in requests])
     grouping = group_prompts(forest, min_prefix_len=args.block_size)
-    per_token = kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]) // args.block_size
     runs = []
     for tokens in pool_tokens:
         for policy in policies:
             run_args = dataclasses.replace(args, model=model_dir, schedule=policy,
-                                           kv_cache_memory=str(tokens * per_token))
-            run = _run_policy(run_args, requests)
+                                           kv_cache_memory=kv_memory_for_tokens(config, args, tokens))
+            run = run_policy(run_args, requests)
             run["reuse_of_maximum"] = run["reused_prompt_tokens"] / forest.max_reusable_tokens
             runs.append(run)
     if vllm_python:

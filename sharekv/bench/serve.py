@@ -1,6 +1,7 @@
 """`sharekv bench serve`: replay an arrival trace against a live server and report latency, goodput and
 per-user fairness. Starts one `sharekv serve` per schedule on localhost (or targets `--url`), so policies
-are compared side by side on the same requests."""
+are compared side by side on the same requests. With `overhead_requests`, the server's cost per token is
+also set against `LLM.generate` in this process on the same requests, all submitted at once."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.serve_trace import SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
+from sharekv.config import EngineArgs
 
 
 @dataclass
@@ -151,7 +153,7 @@ def summarize(records: list[RequestRecord], duration: float, slo_ttft: float, sl
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -160,7 +162,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -> Iterator[str]:
     """`sharekv serve` in a subprocess on a free localhost port, until the block ends."""
-    port = _free_port()
+    port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "sharekv.cli", "serve", "--port", str(port), *engine_flags],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -190,37 +192,83 @@ def _served_model(url: str, api_key: str | None) -> str:
     return httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
 
 
+def offline_wall(engine_args: EngineArgs, trace: list[TraceRequest]) -> float:
+    """Seconds `LLM.generate` takes for the trace's requests, submitted at once (after a warm-up)."""
+    from sharekv.llm import LLM
+    from sharekv.sampling_params import SamplingParams
+
+    llm = LLM(**dataclasses.asdict(engine_args))
+    greedy = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in trace]
+    llm.generate([list(range(16, 80))], SamplingParams(max_tokens=4), use_tqdm=False)
+    start = time.perf_counter()
+    llm.generate([r.prompt for r in trace], greedy, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def _served_wall(base: str, model: str, api_key: str | None, trace: list[TraceRequest]) -> tuple[float, int]:
+    """Seconds the live server takes for the trace's requests, all sent at once and streamed; output tokens."""
+    records, served = asyncio.run(replay(base, model, trace, api_key, progress=False))
+    failed = [r for r in records if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests of the overhead run failed, e.g. {failed[0].error}")
+    return served, sum(r.output_tokens for r in records)
+
+
+def _replay_rates(base: str, model: str, api_key: str | None, label: str, rates: list[float | None],
+                  spec: SyntheticTrace, slo_ttft: float, slo_tpot: float, burstgpt: str | None,
+                  time_scale: float) -> list[dict]:
+    runs = []
+    for k, rate in enumerate(rates):
+        if burstgpt:
+            trace = burstgpt_trace(burstgpt, time_scale, spec.num_requests, seed=spec.seed)
+        else:
+            # a fresh seed per rate: later runs must not hit prompts an earlier run left in the cache
+            trace = synthetic_trace(dataclasses.replace(spec, rate=rate, seed=spec.seed + 1000 * k))
+        records, duration = asyncio.run(replay(base, model, trace, api_key))
+        summary = summarize(records, duration, slo_ttft, slo_tpot)
+        runs.append({"schedule": label, "rate": rate, **summary})
+        print(f"{label:>6} rate {rate}: {summary['completed']}/{summary['requests']} ok, "
+              f"TTFT p50 {summary['ttft_s']['p50']}, goodput {summary['goodput_requests_per_s']:.2f} req/s, "
+              f"user TTFT spread {summary['user_ttft_spread']}", file=sys.stderr)
+    return runs
+
+
 def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[float], spec: SyntheticTrace,
                     out_path: str, slo_ttft: float, slo_tpot: float, url: str | None = None,
-                    api_key: str | None = None, burstgpt: str | None = None, time_scale: float = 1.0) -> dict:
+                    api_key: str | None = None, burstgpt: str | None = None, time_scale: float = 1.0,
+                    engine_args: EngineArgs | None = None, overhead_requests: int = 0) -> dict:
     """For each schedule (one fresh server each, unless `url` is given) and each request rate, replay the
-    trace and summarize. With a BurstGPT file the trace's own arrival times are used (scaled)."""
+    trace and summarize. With a BurstGPT file the trace's own arrival times are used (scaled). With
+    `overhead_requests` and `engine_args` (the flags' values), each local server also gets that many
+    requests at once, and after it stops `LLM.generate` runs the same requests with the same arguments."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    runs = []
-    targets = [None] if url else schedules
-    for schedule in targets:
-        flags = engine_flags + ([] if schedule is None else ["--schedule", schedule])
-        log = os.path.splitext(out_path)[0] + f".{schedule or 'remote'}.server.log"
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        server = contextlib.nullcontext(url) if url else local_server(flags, log)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    # Independent requests (no sessions): LLM.generate cannot wait for one turn before sending the next.
+    burst_spec = dataclasses.replace(spec, num_requests=overhead_requests, session_fraction=0.0, seed=spec.seed + 999)
+    burst = [dataclasses.replace(r, send_at=0.0) for r in synthetic_trace(burst_spec)]
+    measure_overhead = bool(overhead_requests and engine_args is not None and not url)
+    runs, overheads = [], []
+    for schedule in [None] if url else schedules:
+        label = schedule or "remote"
+        log = os.path.splitext(out_path)[0] + f".{label}.server.log"
+        server = contextlib.nullcontext(url) if url else local_server(engine_flags + ["--schedule", schedule], log)
         with server as base:
             model = _served_model(base, api_key)
-            for k, rate in enumerate(rates if not burstgpt else [None]):
-                if burstgpt:
-                    trace = burstgpt_trace(burstgpt, time_scale, spec.num_requests, seed=spec.seed)
-                else:
-                    # a fresh seed per rate: later runs must not hit prompts an earlier run left in the cache
-                    trace = synthetic_trace(dataclasses.replace(spec, rate=rate, seed=spec.seed + 1000 * k))
-                records, duration = asyncio.run(replay(base, model, trace, api_key))
-                summary = summarize(records, duration, slo_ttft, slo_tpot)
-                runs.append({"schedule": schedule or "remote", "rate": rate, **summary})
-                print(f"{schedule or 'remote':>6} rate {rate}: {summary['completed']}/{summary['requests']} ok, "
-                      f"TTFT p50 {summary['ttft_s']['p50']}, goodput {summary['goodput_requests_per_s']:.2f} req/s, "
-                      f"user TTFT spread {summary['user_ttft_spread']}", file=sys.stderr)
+            runs += _replay_rates(base, model, api_key, label, [None] if burstgpt else rates, spec, slo_ttft,
+                                  slo_tpot, burstgpt, time_scale)
+            if measure_overhead:
+                served, tokens = _served_wall(base, model, api_key, burst)
+        if measure_overhead:
+            offline = offline_wall(dataclasses.replace(engine_args, schedule=schedule), burst)
+            overheads.append({"schedule": label, "requests": len(burst), "output_tokens": tokens,
+                              "server_wall_s": served, "offline_wall_s": offline,
+                              "server_overhead": served / offline - 1.0})
+            print(f"{label:>6} overhead: server {served:.1f} s, LLM.generate {offline:.1f} s for {tokens} tokens: "
+                  f"{100 * (served / offline - 1.0):+.1f}% per token", file=sys.stderr)
     result = {"benchmark": "serve", "trace": "burstgpt" if burstgpt else "synthetic",
               "workload": dataclasses.asdict(spec) | ({"burstgpt": burstgpt, "time_scale": time_scale}
                                                       if burstgpt else {}),
-              "engine_flags": engine_flags, "runs": runs}
+              "engine_flags": engine_flags, "runs": runs, "overhead": overheads}
     return write_result(result, out_path, plot_serve)
 
 
@@ -242,6 +290,9 @@ def plot_serve(result: dict, png_path: str) -> None:
             axes[1][0].plot([r["rate"] for r in mine], [r["goodput_requests_per_s"] for r in mine], "o-",
                             label=schedule)
     slo = runs[0]["slo"] if runs else {}
+    for i, row in enumerate(result.get("overhead", [])):
+        axes[1][0].text(0.02, 0.95 - 0.07 * i, f"{row['schedule']}: server {100 * row['server_overhead']:+.1f}% "
+                        "time per token vs LLM.generate", transform=axes[1][0].transAxes, fontsize=8, va="top")
     axes[1][0].set(title=f"goodput (TTFT <= {slo.get('ttft_s')} s, TPOT <= {slo.get('tpot_s')} s)",
                    xlabel="offered request rate (req/s)", ylabel="requests/s within SLO")
     last_rate = max((r["rate"] or 0 for r in runs), default=0)

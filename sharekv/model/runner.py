@@ -92,10 +92,14 @@ class ModelRunner:
         self.swap_cache = torch.empty(c.num_layers, 2, num_swap_slots, block_size, c.num_kv_heads, c.head_dim,
                                       dtype=model.dtype, device="cpu", pin_memory=self.device.type == "cuda")
         self.forward_seconds = 0.0
+        self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
 
     def copy_swapped_blocks(self, step: SchedulerOutput) -> None:
         """Do the step's block copies: out to host first (those blocks may be reused in this very step),
         then back in. All blocks in one direction move in one gathered copy, not block by block."""
+        if not (step.swap_out or step.swap_in):
+            return
+        t0 = time.perf_counter()
         if step.swap_out:
             blocks, slots = zip(*step.swap_out, strict=True)
             src = torch.tensor(blocks, device=self.device)
@@ -104,6 +108,7 @@ class ModelRunner:
             slots, blocks = zip(*step.swap_in, strict=True)
             data = self.swap_cache[:, :, list(slots)].to(self.device, non_blocking=True)
             self.kv_cache.index_copy_(2, torch.tensor(blocks, device=self.device), data)
+        self.swap_seconds += time.perf_counter() - t0
 
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Run the step. Returns logits for the sequences whose new tokens reach their end (they sample
