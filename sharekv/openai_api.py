@@ -44,6 +44,7 @@ class ParsedRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     user: str | None = None
     priority: int = 0  # vLLM's extension: lower runs earlier
+    return_token_ids: bool = False  # vLLM's extension: choices carry token ids (prompt and generated)
 
 
 # body field -> (SamplingParams field, accepted types)
@@ -177,7 +178,8 @@ def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: 
     options = _optional(body, "stream_options", (dict,), {})
     return ParsedRequest(endpoint, prompts, params, model, stream=_optional(body, "stream", (bool,), False),
                          include_usage=bool(options.get("include_usage")),
-                         user=_optional(body, "user", (str,), None), priority=_optional(body, "priority", (int,), 0))
+                         user=_optional(body, "user", (str,), None), priority=_optional(body, "priority", (int,), 0),
+                         return_token_ids=_optional(body, "return_token_ids", (bool,), False))
 
 
 class RequestChecker(Protocol):
@@ -258,6 +260,8 @@ def response_body(parsed: ParsedRequest, outputs: list[RequestOutput], model: st
             else:
                 choices.append({"index": index, "text": c.text, "logprobs": _completion_logprobs(c),
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+            if parsed.return_token_ids:
+                choices[-1] |= {"prompt_token_ids": out.prompt_token_ids, "token_ids": c.token_ids}
     rid, obj = request_id or new_request_id(parsed.endpoint), _kind(parsed.endpoint)[1]
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
             "usage": usage(outputs)}
@@ -317,7 +321,8 @@ class StreamFormatter:
                                                                                    len(c.text) - self.holdback)
             text = c.text[sent_chars:end]
             new_tokens = len(c.token_ids) - sent_tokens
-            if not text and not finished and not (c.logprobs is not None and new_tokens):
+            if not text and not finished and not (new_tokens and (c.logprobs is not None
+                                                                   or self.parsed.return_token_ids)):
                 continue
             self._sent[index] = (end, len(c.token_ids))
             logprobs = None if c.logprobs is None else c.logprobs[sent_tokens:len(c.token_ids)]
@@ -331,6 +336,10 @@ class StreamFormatter:
                 choice["logprobs"] = _completion_logprobs(part)
             choice["finish_reason"] = c.finish_reason
             choice["stop_reason"] = c.stop_reason
+            if self.parsed.return_token_ids:
+                if not sent_tokens:  # the prompt's ids once, with the choice's first chunk
+                    choice["prompt_token_ids"] = out.prompt_token_ids
+                choice["token_ids"] = part.token_ids
             if finished:
                 self._done.add(index)
             result.append(self._chunk([choice]))

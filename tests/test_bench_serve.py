@@ -64,6 +64,8 @@ def test_replay_against_live_server(tmp_path):
     result = summarize(records, duration, slo_ttft=30.0, slo_tpot=5.0)
     assert result["completed"] == 24 and result["failed"] == 0
     assert [r.output_tokens for r in records] == [r.max_tokens for r in trace]  # ignore_eos: exact lengths
+    assert [len(r.token_times) for r in records] == [r.max_tokens for r in trace]  # each token's arrival
+    assert result["itl_s"]["p50"] is not None
     assert result["cached_prompt_tokens"] > 0  # later session turns reuse earlier ones
     assert result["goodput_fraction"] == 1.0
     assert set(result["per_user"]) == {r.user for r in trace}

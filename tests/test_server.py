@@ -74,6 +74,24 @@ def test_completion_greedy_equals_llm_generate(client, offline):
     assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
 
 
+def test_return_token_ids(server, offline):
+    """vLLM's `return_token_ids`: choices carry token ids, and a stream sends every step's tokens even
+    when they decode to no text yet (a model without a tokenizer streams nothing else)."""
+    prompt = list(range(40, 72))
+    expected = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0].token_ids
+    body = {"model": "sharekv-demo-v1", "prompt": prompt, "max_tokens": 9, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    choice = httpx.post(server[0] + "/v1/completions", json=body, timeout=30).json()["choices"][0]
+    assert choice["token_ids"] == expected and choice["prompt_token_ids"] == prompt
+    with httpx.stream("POST", server[0] + "/v1/completions", json=body | {"stream": True}, timeout=30) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [c["choices"][0] for c in chunks]
+    assert [t for c in streamed for t in c["token_ids"]] == expected
+    assert all(len(c["token_ids"]) == 1 for c in streamed)  # one chunk per engine step
+    assert streamed[0]["prompt_token_ids"] == prompt and "prompt_token_ids" not in streamed[1]
+
+
 def test_chat_streaming_and_not(client, offline):
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": DOC + "Where?"}]
     expected = offline.chat(messages, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),

@@ -33,7 +33,7 @@ class RequestRecord:
     prompt_tokens: int
     status: int = 0
     sent: float = 0.0
-    token_times: list[float] = field(default_factory=list)  # arrival time of each streamed chunk with text
+    token_times: list[float] = field(default_factory=list)  # arrival time of each streamed token
     output_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
@@ -53,7 +53,8 @@ class RequestRecord:
 async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest, rec: RequestRecord,
                 headers: dict) -> None:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "user": req.user}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "user": req.user,
+            "return_token_ids": True}  # a chunk per step even where the text is empty (no tokenizer)
     rec.sent = time.perf_counter()
     try:
         async with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as response:
@@ -65,8 +66,8 @@ async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if chunk.get("choices"):
-                    rec.token_times.append(time.perf_counter())
+                for choice in chunk.get("choices", []):
+                    rec.token_times += [time.perf_counter()] * len(choice.get("token_ids", ()))
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
                     rec.cached_tokens = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]

@@ -103,7 +103,7 @@ class ModelRunner:
         if step.swap_out:
             blocks, slots = zip(*step.swap_out, strict=True)
             src = torch.tensor(blocks, device=self.device)
-            self.swap_cache[:, :, list(slots)] = self.kv_cache.index_select(2, src).to("cpu")
+            self.swap_cache.index_copy_(2, torch.tensor(slots), self.kv_cache.index_select(2, src).to("cpu"))
         if step.swap_in:
             slots, blocks = zip(*step.swap_in, strict=True)
             data = self.swap_cache[:, :, list(slots)].to(self.device, non_blocking=True)

@@ -28,6 +28,7 @@ _SAMPLING = {
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "user": {"type": "string"},
     "priority": {"type": "integer"},
+    "return_token_ids": {"type": "boolean"},
 }
 
 COMPLETION_REQUEST = {
