@@ -244,10 +244,12 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
     requests at once, and after it stops `LLM.generate` runs the same requests with the same arguments."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    # Independent requests (no sessions): LLM.generate cannot wait for one turn before sending the next.
-    burst_spec = dataclasses.replace(spec, num_requests=overhead_requests, session_fraction=0.0, seed=spec.seed + 999)
-    burst = [dataclasses.replace(r, send_at=0.0) for r in synthetic_trace(burst_spec)]
     measure_overhead = bool(overhead_requests and engine_args is not None and not url)
+    if measure_overhead:
+        # Independent requests (no sessions): LLM.generate cannot wait for one turn before sending the next.
+        burst_spec = dataclasses.replace(spec, num_requests=overhead_requests, session_fraction=0.0,
+                                         seed=spec.seed + 999)
+        burst = [dataclasses.replace(r, send_at=0.0) for r in synthetic_trace(burst_spec)]
     runs, overheads = [], []
     for schedule in [None] if url else schedules:
         label = schedule or "remote"

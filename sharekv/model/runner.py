@@ -106,7 +106,7 @@ class ModelRunner:
             self.swap_cache.index_copy_(2, torch.tensor(slots), self.kv_cache.index_select(2, src).to("cpu"))
         if step.swap_in:
             slots, blocks = zip(*step.swap_in, strict=True)
-            data = self.swap_cache[:, :, list(slots)].to(self.device, non_blocking=True)
+            data = self.swap_cache.index_select(2, torch.tensor(slots)).to(self.device, non_blocking=True)
             self.kv_cache.index_copy_(2, torch.tensor(blocks, device=self.device), data)
         self.swap_seconds += time.perf_counter() - t0
 
