@@ -103,7 +103,7 @@ def _cmd_bench_attention(ns: argparse.Namespace) -> int:
     result = run_attention_bench([int(g) for g in ns.group_sizes.split(",")], ns.prefix_len, ns.suffix_len,
                                  ns.output, ns.repeats)
     for row in result["results"]:
-        print(f"group {row['group_size']:>3}: " + " | ".join(
+        print(f"{row['phase']:>7} group {row['group_size']:>3}: " + " | ".join(
             f"{b}: per request {row[f'{b}_per_request_ms']:7.2f} ms, shared {row[f'{b}_prefix_shared_ms']:7.2f} ms "
             f"({row[f'{b}_speedup']:.2f}x)" for b in result["backends"]))
     return 0
@@ -222,11 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(pb)
     pb.set_defaults(func=_cmd_bench_prefix_batch)
 
-    at = bench.add_parser("attention", help="decode attention vs group size: per-request vs prefix-shared")
-    at.add_argument("--group-sizes", default="1,2,4,8,16,32,64")
-    at.add_argument("--prefix-len", type=int, default=1000)
-    at.add_argument("--suffix-len", type=int, default=32)
-    at.add_argument("--repeats", type=int, default=20)
+    at = bench.add_parser("attention", help="attention vs group size, in decode and suffix prefill: "
+                                            "per-request vs prefix-shared")
+    at.add_argument("--group-sizes", default="1,2,4,8,16,32,64", help="members sharing the prefix")
+    at.add_argument("--prefix-len", type=int, default=1000, help="shared prefix tokens (whole blocks are shared)")
+    at.add_argument("--suffix-len", type=int, default=32, help="each member's private tokens (prefilled in the "
+                                                               "prefill phase; cached before the decode token)")
+    at.add_argument("--repeats", type=int, default=20, help="timed calls per path (median reported)")
     at.add_argument("--output", default="results/attention.json", help="JSON result file (and a .png plot)")
     at.set_defaults(func=_cmd_bench_attention)
 

@@ -53,9 +53,9 @@ class EngineArgs:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
     schedule: str = field(default="fcfs", metadata={"help": "scheduling policy: fcfs | global | fair"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
-    prefix_shared_attention: bool | None = field(
-        default=None, metadata={"help": "decode rows sharing prefix blocks read the prefix KV once per step "
-                                        "(default: where it is faster, i.e. not with the native CPU kernel)"})
+    prefix_shared_attention: bool = field(
+        default=True, metadata={"help": "tokens of sequences sharing cached prefix blocks read the prefix KV "
+                                        "once per step, together"})
     swap_space: str = field(default="1GiB", metadata={"help": "host RAM for the KV of preempted requests, "
                                                                 "copied back on resume (0 = always recompute)"})
     native_kernels: bool = field(default=True, metadata={"help": "compiled decode attention, oneDNN-packed linears"})

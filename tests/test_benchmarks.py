@@ -54,3 +54,17 @@ def test_bench_serve_with_overhead(tmp_path):
     (overhead,) = result["overhead"]
     assert overhead["requests"] == 4 and overhead["output_tokens"] >= 4 * 2
     assert overhead["server_wall_s"] > 0 and overhead["offline_wall_s"] > 0
+
+
+def test_bench_attention(tmp_path):
+    """Both phases and both paths are timed (the bench checks each shared result against per-request)."""
+    out = tmp_path / "attention.json"
+    assert main(["bench", "attention", "--group-sizes", "1,4", "--prefix-len", "64", "--suffix-len", "8",
+                 "--repeats", "2", "--output", str(out)]) == 0
+    result = _result(out)
+    assert [(r["phase"], r["group_size"]) for r in result["results"]] == [
+        ("decode", 1), ("decode", 4), ("prefill", 1), ("prefill", 4)]
+    assert [r["query_tokens"] for r in result["results"]] == [1, 4, 8, 32]
+    for row in result["results"]:
+        for backend in result["backends"]:
+            assert row[f"{backend}_per_request_ms"] > 0 and row[f"{backend}_prefix_shared_ms"] > 0

@@ -1,4 +1,5 @@
-"""Prefix-shared decode attention equals the per-request path; the runner finds shared block prefixes."""
+"""Prefix-shared attention (decode and suffix prefill) equals the per-request path; the runner finds shared
+block prefixes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from sharekv import LLM, SamplingParams
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.native import cpu_kernels
-from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes
+from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes, step_metadata
 from tests.conftest import assert_engine_clean
 
 
@@ -31,7 +32,7 @@ def test_shared_block_prefixes(prefixes, extra):
     for r, t in enumerate(tables):
         padded[r, :len(t)] = t
     lens = np.asarray(lens)
-    groups = shared_block_prefixes(padded, lens, bs)
+    groups = shared_block_prefixes(padded, (lens - 1) // bs)
     seen = set()
     for rows, n in groups:
         assert len(rows) >= 2 and n >= 1
@@ -71,9 +72,11 @@ def _random_case(members, prefix_len, suffix_max, heads=8, kv_heads=2, dim=64, b
 def _metadata(padded, lens, bs, shared: bool) -> AttentionMetadata:
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode_tokens=len(lens),
                              decode_block_tables=padded, decode_context_lens=lens)
-    groups = shared_block_prefixes(padded.numpy(), lens.numpy(), bs)
+    groups = shared_block_prefixes(padded.numpy(), (lens.numpy() - 1) // bs)
     if shared and groups:
-        meta.shared_prefixes, meta.decode_starts = pack_shared_prefixes(groups, padded.numpy(), bs)
+        rows = [np.array([i]) for i in range(len(lens))]
+        meta.shared_prefixes, starts = pack_shared_prefixes(groups, padded.numpy(), rows, bs)
+        meta.decode_starts = torch.from_numpy(starts)
     return meta
 
 
@@ -85,10 +88,56 @@ def test_shared_equals_unshared(native, members, prefix_len):
     attn.native = cpu_kernels() if native else None
     if native:
         assert attn.native is not None, "the native kernel must build on the CI machine"
-    plain = attn._decode(q, k, v, _metadata(padded, lens, 16, shared=False), 16)
+    plain = attn.attend(q, None, None, k, v, _metadata(padded, lens, 16, shared=False))
     meta = _metadata(padded, lens, 16, shared=True)
     assert meta.shared_prefixes is not None and meta.shared_prefixes.prefix_lens.tolist() == [prefix_len]
-    shared = attn._decode(q, k, v, meta, 16)
+    shared = attn.attend(q, None, None, k, v, meta)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+def _mixed_step(seed: int, kv_heads: int, dim: int, bs: int = 16):
+    """One step over a random cache: two groups behind 3- and 1-block shared prefixes, and sequences that
+    share nothing. Each runs a decode or a prefill chunk, after 0-40 cached tokens of its own."""
+    rng = np.random.default_rng(seed)
+    rows, next_block = [], 0
+    for prefix_blocks in (3, 1, 0):
+        shared = list(range(next_block, next_block + prefix_blocks))
+        next_block += prefix_blocks
+        for _ in range(rng.integers(2, 6)):
+            start = prefix_blocks * bs + int(rng.integers(0, 41))
+            n = 1 if rng.random() < 0.4 else int(rng.integers(2, 70))
+            own = -(-(start + n) // bs) - prefix_blocks
+            rows.append((shared + list(range(next_block, next_block + own)), start, n))
+            next_block += own
+    rows.sort(key=lambda r: r[2] != 1)  # decodes first, as the scheduler orders them
+    tables, starts, counts = (list(x) for x in zip(*rows, strict=True))
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(next_block, bs, kv_heads, dim, generator=g)
+    v_cache = torch.randn(next_block, bs, kv_heads, dim, generator=g)
+    # the step's fresh keys and values are those the cache holds at its tokens' slots
+    slots = torch.tensor([t[p // bs] * bs + p % bs for t, s, n in rows for p in range(s, s + n)])
+    k = k_cache.view(-1, kv_heads, dim)[slots]
+    v = v_cache.view(-1, kv_heads, dim)[slots]
+    return tables, starts, counts, k_cache, v_cache, k, v
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_prefill_and_decode_equal_unshared(native, seed):
+    """Decode rows and suffix-prefill chunks of a group read the prefix together; same result to 1e-5."""
+    heads, bs = 8, 16
+    kv_heads, dim = [(2, 64), (4, 32), (1, 128), (8, 48)][seed % 4]  # GQA, MHA, MQA; register-tile tails
+    tables, starts, counts, k_cache, v_cache, k, v = _mixed_step(seed, kv_heads, dim, bs)
+    q = torch.randn(sum(counts), heads, dim, generator=torch.Generator().manual_seed(100 + seed))
+    attn = PagedAttention(heads, kv_heads, dim, None)
+    attn.native = cpu_kernels() if native else None
+    plain_meta = step_metadata(tables, starts, counts, bs, share_prefixes=False)
+    meta = step_metadata(tables, starts, counts, bs, share_prefixes=True)
+    assert meta.shared_prefixes is not None
+    assert sorted(meta.shared_prefixes.prefix_lens.tolist()) == [bs, 3 * bs]
+    assert any(c.own_start for c in meta.prefills)  # some prefill chunks do read a shared prefix
+    plain = attn.attend(q, k, v, k_cache, v_cache, plain_meta)
+    shared = attn.attend(q, k, v, k_cache, v_cache, meta)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
 
 

@@ -4,6 +4,11 @@ The cache of one layer is a pair of tensors shaped [num_blocks, block_size, kv_h
 owns a list of block ids (its block table). Keys and values are read where they lie, a tile of blocks at a
 time; the temporary copy is bounded by the tile, never a whole batch's KV, and tiles are merged with the
 log-sum-exp rule so the result equals softmax over the full context.
+
+Sequences of the step that start with the same cached blocks (a prefix group) split their attention in
+two: each token attends to its own part (the keys after the shared prefix), and all the group's tokens,
+decode and prefill alike, are stacked to attend to the shared prefix together, which is read once. The
+two parts are merged by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -25,16 +30,29 @@ class PrefillChunk:
     query_len: int
     context_len: int  # tokens in the cache after this step, including the new ones
     block_ids: torch.Tensor  # blocks covering context_len tokens
+    own_start: int = 0  # where its own keys start: the end of its group's shared prefix (0 if in no group)
+
+
+@dataclass
+class GroupPrefills:
+    """The prefill chunks of prefix-group members, padded to one batch: each attends causally to its own
+    keys only, [own_start, context_len); the prefix part is computed with the group. Built once a step."""
+
+    token_index: torch.Tensor  # [chunks, most tokens]: positions among the step's tokens; padding repeats
+    valid: torch.Tensor  # [chunks, most tokens]: False on padding
+    block_ids: torch.Tensor  # [chunks, most own blocks]: blocks from own_start on, padded with block 0
+    visible: torch.Tensor  # [chunks, most tokens, most keys]: causal, and False past the context
+    key_valid: torch.Tensor  # [chunks, most keys]: False for slots past the context (never written)
 
 
 @dataclass
 class SharedPrefixes:
-    """Groups of decode rows whose sequences share their first blocks; each group's prefix KV is read once.
+    """Groups of the step's tokens whose sequences share their first blocks; each group's prefix is read once.
 
     Padded to one batch so every group is attended in the same few tensor ops.
     """
 
-    rows: torch.Tensor  # [groups, most members]: positions among the step's decode tokens, -1 = padding
+    rows: torch.Tensor  # [groups, most tokens]: positions among the step's tokens, first, -1 = padding
     prefix_lens: torch.Tensor  # [groups]: tokens in the shared blocks
     block_ids: torch.Tensor  # [groups, most prefix blocks], padded with block 0
 
@@ -53,6 +71,7 @@ class AttentionMetadata:
     decode_starts: torch.Tensor | None = None  # first position each decode row reads from its own blocks
     shared_prefixes: SharedPrefixes | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    group_prefills: GroupPrefills | None = None  # chunks with own_start > 0 run here, batched
 
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
@@ -75,6 +94,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return torch.matmul(probs.to(v.dtype), v), lse
 
 
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [b, h, n, d] against k, v: [b, h, m, d] (finite: zero junk slots first); visible: bool, broadcast to
+    [b, h, n, m]. Returns (o, lse). On the CPU this is torch's flash kernel, which returns the log-sum-exp
+    as well; elsewhere the scores are materialised."""
+    if q.device.type == "cpu":
+        bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)[:2]
+        return o, lse
+    return attention_with_lse(q, k, v, ~visible, scale)
+
+
 class PagedAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
         self.num_heads = num_heads
@@ -88,17 +119,34 @@ class PagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Writes k, v to the cache, returns [tokens, heads*d]."""
-        block_size = k_cache.shape[1]
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
-        out = torch.empty_like(q)
+        return self.attend(q, k, v, k_cache, v_cache, meta).view(q.shape[0], -1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The step's attention over a cache that already holds its keys and values: [tokens, heads, d].
+        k, v (the step's fresh keys and values) are read only by prefill chunks with nothing cached."""
+        block_size = k_cache.shape[1]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        shared = meta.shared_prefixes
+        # log-sum-exp of each token's own part, for the merge with its group's prefix
+        lse = None if shared is None else torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         nd = meta.num_decode_tokens
         if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
+            o, lse_d = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
+            out[:nd] = o
+            if lse is not None:
+                lse[:nd] = lse_d
         for chunk in meta.prefills:
-            s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
-        return out.view(q.shape[0], -1)
+            if not chunk.own_start:
+                s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+                out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
+        if meta.group_prefills is not None:
+            self._group_prefills(q, k_cache, v_cache, meta.group_prefills, out, lse)
+        if shared is not None:
+            self._merge_shared_prefixes(q, k_cache, v_cache, shared, out, lse)
+        return out
 
     def _window_mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """True where a key is hidden from a query: in the future, or outside the sliding window."""
@@ -130,32 +178,56 @@ class PagedAttention:
                                            enable_gqa=self.group > 1, **mask)
         return o[0].transpose(0, 1)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, block_size: int) -> torch.Tensor:
-        """Each row over its own blocks from its start position; rows of a shared prefix then merge in the
-        prefix part, computed once per group."""
+    def _group_prefills(self, q, k_cache, v_cache, chunks: GroupPrefills, out: torch.Tensor, lse: torch.Tensor
+                        ) -> None:
+        """Group members' prefill chunks over their own keys, all in one attention call; writes out and lse.
+        Only their own blocks are gathered, never the shared prefix."""
+        c, t = chunks.token_index.shape
+        kvh, g, d = self.num_kv_heads, self.group, self.head_dim
+        n = chunks.block_ids.shape[1] * k_cache.shape[1]
+        junk = ~chunks.key_valid[:, None, :, None]  # never-written slots may hold NaN: zero our copy
+        keys = k_cache[chunks.block_ids].view(c, n, kvh, d).transpose(1, 2).masked_fill(junk, 0.0)
+        values = v_cache[chunks.block_ids].view(c, n, kvh, d).transpose(1, 2).masked_fill(junk, 0.0)
+        # GQA: a KV head's query heads go one after another along the query axis
+        qs = q[chunks.token_index].view(c, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(c, kvh, g * t, d)
+        visible = chunks.visible[:, None, None].expand(c, 1, g, t, n).reshape(c, 1, g * t, n)
+        o, lse_c = attention_lse(qs, keys, values, visible, self.scale)
+        o = o.view(c, kvh, g, t, d).permute(0, 3, 1, 2, 4).reshape(c, t, self.num_heads, d)
+        lse_c = lse_c.view(c, kvh, g, t).permute(0, 3, 1, 2).reshape(c, t, self.num_heads)
+        rows = chunks.token_index[chunks.valid]
+        out[rows] = o[chunks.valid].to(out.dtype)
+        lse[rows] = lse_c[chunks.valid].float()
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, block_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row over its own blocks, from its start position (after its group's prefix). Returns o, lse."""
         starts = meta.decode_starts
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
         if self.native is not None:
-            o, lse = self.native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                                        meta.decode_context_lens, starts, self.scale,
-                                                        self.sliding_window or 0)
-        else:
-            o, lse = self._decode_tiles(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                                        starts, block_size)
-        shared = meta.shared_prefixes
-        if shared is not None:
-            o_p, lse_p = self.shared_prefix_attention(q, k_cache, v_cache, shared)
-            member = shared.rows >= 0
-            rows = shared.rows[member]
-            merged, _ = merge_attention(o_p[member], lse_p[member], o[rows].float(), lse[rows])
-            o[rows] = merged.to(o.dtype)
-        return o
+            return self.native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                      meta.decode_context_lens, starts, self.scale,
+                                                      self.sliding_window or 0)
+        return self._decode_tiles(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, starts,
+                                  block_size)
+
+    def _merge_shared_prefixes(self, q, k_cache, v_cache, shared: SharedPrefixes, out: torch.Tensor,
+                               lse: torch.Tensor) -> None:
+        """Merge each group's attention over its shared prefix into its tokens' own attention, in place."""
+        if self.native is not None:
+            self.native.prefix_attention_merge_(q, k_cache, v_cache, shared.rows, shared.prefix_lens,
+                                                shared.block_ids, out, lse, self.scale)
+            return
+        o_p, lse_p = self.shared_prefix_attention(q, k_cache, v_cache, shared)
+        member = shared.rows >= 0
+        rows = shared.rows[member]
+        merged, lse[rows] = merge_attention(o_p[member], lse_p[member], out[rows].float(), lse[rows])
+        out[rows] = merged.to(out.dtype)
 
     def shared_prefix_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 shared: SharedPrefixes) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of each group's members over the group's prefix. The members' queries are stacked per
-        KV head, so each prefix is read once, in one matrix product, instead of once per member.
+        """Attention of each group's tokens over the group's prefix (the portable path). The tokens' queries
+        are stacked per KV head, so each prefix is read once, in one matrix product, instead of once per token.
         Returns o [groups, members, heads, d] and lse [groups, members, heads] (padding rows are junk)."""
         groups, members = shared.rows.shape
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
@@ -164,10 +236,11 @@ class PagedAttention:
         n = shared.block_ids.shape[1] * k_cache.shape[1]
         keys = k_cache[shared.block_ids].view(groups, n, kvh, d).transpose(1, 2)
         values = v_cache[shared.block_ids].view(groups, n, kvh, d).transpose(1, 2)
-        hidden = torch.arange(n, device=q.device)[None, :] >= shared.prefix_lens[:, None]
-        mask = hidden[:, None, None, :]
-        values = values.masked_fill(mask.transpose(-1, -2), 0.0)  # padding blocks may hold anything
-        o, lse = attention_with_lse(stacked, keys, values, mask, self.scale)
+        visible = (torch.arange(n, device=q.device)[None, :] < shared.prefix_lens[:, None])[:, None, None, :]
+        junk = ~visible.transpose(-1, -2)  # padding blocks may hold anything, even NaN
+        keys = keys.masked_fill(junk, 0.0)
+        values = values.masked_fill(junk, 0.0)
+        o, lse = attention_lse(stacked, keys, values, visible, self.scale)
         o = o.view(groups, kvh, members, g, d).permute(0, 2, 1, 3, 4).reshape(groups, members, self.num_heads, d)
         lse = lse.view(groups, kvh, members, g).permute(0, 2, 1, 3).reshape(groups, members, self.num_heads)
         return o.float(), lse

@@ -17,6 +17,8 @@ from sharekv.config import default_cache_dir
 
 logger = logging.getLogger("sharekv")
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention.cpp")
+# fast math, but keep infinities: a row with nothing to attend to has a log-sum-exp of -inf
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -36,13 +38,14 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         with open(_SOURCE, "rb") as f:
-            name = "sharekv_cpu_" + hashlib.sha1(f.read()).hexdigest()[:12]  # a changed source builds anew
+            # a changed source or flag set builds anew
+            name = "sharekv_cpu_" + hashlib.sha1(f.read() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
         build_dir = os.path.join(default_cache_dir(), "torch_extensions", name)
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(build_dir, name + ".so")):
             logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
         return load(name=name, sources=[_SOURCE], build_directory=build_dir,
-                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"])
+                    extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, unsupported platform: fall back, but say so
         logger.warning("native CPU kernels unavailable (%s); using the slower torch attention path", e)
         return None

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixes
+from sharekv.model.attention import AttentionMetadata, GroupPrefills, PrefillChunk, SharedPrefixes
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.scheduler import SchedulerOutput
@@ -20,16 +20,16 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
 
 
-def shared_block_prefixes(tables: np.ndarray, context_lens: np.ndarray, block_size: int
-                          ) -> list[tuple[np.ndarray, int]]:
+def shared_block_prefixes(tables: np.ndarray, usable: np.ndarray) -> list[tuple[np.ndarray, int]]:
     """Groups of rows (two or more) whose block tables start with the same blocks, each row in the group
-    of its deepest such prefix. Only blocks before each row's newest token count: that block is being
-    written and is never shared."""
-    usable = (context_lens - 1) // block_size
+    of its deepest such prefix. Row r may share only its first usable[r] blocks: those cached before this
+    step (a block this step writes into is never shared)."""
     groups: list[tuple[np.ndarray, int]] = []
-    stack = [(np.arange(len(tables)), 0)]
+    stack = [(np.flatnonzero(usable > 0), 0)]
     while stack:
         rows, depth = stack.pop()
+        if len(rows) < 2:
+            continue
         cap = int(usable[rows].min())
         sub = tables[rows]
         while depth < cap and (sub[:, depth] == sub[0, depth]).all():
@@ -54,31 +54,88 @@ def shared_block_prefixes(tables: np.ndarray, context_lens: np.ndarray, block_si
     return groups
 
 
-def pack_shared_prefixes(groups: list[tuple[np.ndarray, int]], tables: np.ndarray, block_size: int,
-                         device: torch.device | str = "cpu") -> tuple[SharedPrefixes, torch.Tensor]:
-    """Pad the groups into one batch, and give each decode row the position its own attention starts at."""
-    members = max(len(rows) for rows, _ in groups)
-    width = max(n for _, n in groups)
-    rows = np.full((len(groups), members), -1, dtype=np.int64)
-    block_ids = np.zeros((len(groups), width), dtype=np.int64)
+def pack_shared_prefixes(groups: list[tuple[np.ndarray, int]], tables: np.ndarray, token_rows: list[np.ndarray],
+                         block_size: int, device: torch.device | str = "cpu") -> tuple[SharedPrefixes, np.ndarray]:
+    """Pad the groups into one batch: each group's tokens (token_rows[r]: row r's positions among the step's
+    tokens) and prefix blocks. Also returns the position where each row's own attention starts."""
+    tokens = [np.concatenate([token_rows[r] for r in rows]) for rows, _ in groups]
+    rows = np.full((len(groups), max(map(len, tokens))), -1, dtype=np.int64)
+    block_ids = np.zeros((len(groups), max(n for _, n in groups)), dtype=np.int64)
     starts = np.zeros(len(tables), dtype=np.int64)
-    for i, (r, n) in enumerate(groups):
-        rows[i, :len(r)] = r
-        block_ids[i, :n] = tables[r[0], :n]
-        starts[r] = n * block_size
+    for i, ((members, n), t) in enumerate(zip(groups, tokens, strict=True)):
+        rows[i, :len(t)] = t
+        block_ids[i, :n] = tables[members[0], :n]
+        starts[members] = n * block_size
     lens = np.array([n * block_size for _, n in groups], dtype=np.int64)
     shared = SharedPrefixes(*(torch.from_numpy(a).to(device) for a in (rows, lens, block_ids)))
-    return shared, torch.from_numpy(starts).to(device)
+    return shared, starts
+
+
+def padded_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one array, short ones padded with block 0."""
+    padded = np.zeros((len(tables), max(map(len, tables))), dtype=np.int64)
+    for row, t in enumerate(tables):
+        padded[row, :len(t)] = t
+    return padded
+
+
+def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
+                  share_prefixes: bool, device: torch.device | str = "cpu") -> AttentionMetadata:
+    """What each token of a step attends to: sequence i (block table tables[i]) runs counts[i] tokens from
+    position starts[i]. Sequences of one token (decodes) come first. With share_prefixes, sequences that
+    start with the same cached blocks form groups whose tokens read that prefix together."""
+    nd = sum(1 for n in counts if n == 1)
+    offsets = np.cumsum([0, *counts])
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device), num_decode_tokens=nd)
+    if nd:
+        meta.decode_block_tables = torch.from_numpy(padded_tables(tables[:nd])).to(device)
+        meta.decode_context_lens = torch.tensor([s + 1 for s in starts[:nd]], device=device)
+    for i in range(nd, len(counts)):
+        end = starts[i] + counts[i]
+        ids = torch.as_tensor(tables[i][:-(-end // block_size)], device=device)
+        meta.prefills.append(PrefillChunk(int(offsets[i]), counts[i], end, ids))
+    usable = np.asarray(starts) // block_size
+    if not share_prefixes or np.count_nonzero(usable) < 2:
+        return meta
+    padded = padded_tables(tables)
+    groups = shared_block_prefixes(padded, usable)
+    if groups:
+        token_rows = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(counts))]
+        meta.shared_prefixes, own_starts = pack_shared_prefixes(groups, padded, token_rows, block_size, device)
+        meta.decode_starts = torch.from_numpy(own_starts[:nd]).to(device)
+        for chunk, start in zip(meta.prefills, own_starts[nd:], strict=True):
+            chunk.own_start = int(start)
+        members = [(chunk, tables[nd + i]) for i, chunk in enumerate(meta.prefills) if chunk.own_start]
+        if members:
+            meta.group_prefills = group_prefills(members, block_size, device)
+    return meta
+
+
+def group_prefills(chunks: list[tuple[PrefillChunk, list[int]]], block_size: int, device: torch.device | str
+                   ) -> GroupPrefills:
+    """Batch the prefill chunks of group members (each with its block table) for attention to their own keys."""
+    most_tokens = max(c.query_len for c, _ in chunks)
+    first = [c.own_start // block_size for c, _ in chunks]
+    own_blocks = [-(-c.context_len // block_size) - f for (c, _), f in zip(chunks, first, strict=True)]
+    block_ids = np.zeros((len(chunks), max(own_blocks)), dtype=np.int64)
+    for i, ((_, table), f, n) in enumerate(zip(chunks, first, own_blocks, strict=True)):
+        block_ids[i, :n] = table[f:f + n]
+    t = np.arange(most_tokens)
+    valid = np.stack([t < c.query_len for c, _ in chunks])
+    t_real = np.where(valid, t, 0)  # a padding row repeats the chunk's first token
+    token_index = np.stack([c.query_start for c, _ in chunks])[:, None] + t_real
+    query_pos = np.stack([c.context_len - c.query_len for c, _ in chunks])[:, None] + t_real
+    key_pos = np.stack([c.own_start for c, _ in chunks])[:, None] + np.arange(block_ids.shape[1] * block_size)
+    visible = key_pos[:, None, :] <= query_pos[:, :, None]
+    key_valid = key_pos < np.stack([c.context_len for c, _ in chunks])[:, None]
+    arrays = (token_index, valid, block_ids, visible, key_valid)
+    return GroupPrefills(*(torch.from_numpy(a).to(device) for a in arrays))
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool | None = None,
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool = True,
                  num_swap_slots: int = 0) -> None:
         c = model.config
-        if share_prefixes is None:
-            # The native CPU kernel rereads a shared prefix from cache faster than the stacked path computes
-            # it once (see `sharekv bench attention`); the gathering torch path gains many times over.
-            share_prefixes = model.attention.native is None
         # Sliding-window attention does not see a whole prefix, so it never shares one.
         self.share_prefixes = share_prefixes and c.sliding_window is None
         self.model = model
@@ -117,9 +174,6 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
         logit_rows: list[int] = []
         sampled: list[int] = []
         offset = 0
@@ -127,35 +181,15 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids.extend(seq.token_ids[start:end])
             pos = np.arange(start, end)
-            table = np.asarray(seq.block_table)
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1:
-                decode_tables.append(seq.block_table)
-                decode_lens.append(end)
-            else:
-                nblocks = -(-end // bs)
-                prefills.append(PrefillChunk(offset, n, end, torch.as_tensor(table[:nblocks], device=self.device)))
+            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
             offset += n
             if end == seq.num_tokens:
                 logit_rows.append(offset - 1)
                 sampled.append(i)
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(self.device),
-            num_decode_tokens=len(decode_lens),
-            prefills=prefills,
-        )
-        if decode_lens:
-            width = max(len(t) for t in decode_tables)
-            padded = np.zeros((len(decode_tables), width), dtype=np.int64)
-            for row, t in enumerate(decode_tables):
-                padded[row, :len(t)] = t
-            meta.decode_block_tables = torch.from_numpy(padded).to(self.device)
-            meta.decode_context_lens = torch.tensor(decode_lens, device=self.device)
-            if self.share_prefixes and len(decode_lens) > 1:
-                groups = shared_block_prefixes(padded, np.asarray(decode_lens), bs)
-                if groups:
-                    meta.shared_prefixes, meta.decode_starts = pack_shared_prefixes(groups, padded, bs, self.device)
+        meta = step_metadata([seq.block_table for seq in step.seqs], [seq.num_computed_tokens for seq in step.seqs],
+                             step.num_new_tokens, bs, self.share_prefixes, self.device)
+        meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
