@@ -97,7 +97,8 @@ def test_shared_equals_unshared(native, members, prefix_len):
 
 def _mixed_step(seed: int, kv_heads: int, dim: int, bs: int = 16):
     """One step over a random cache: two groups behind 3- and 1-block shared prefixes, and sequences that
-    share nothing. Each runs a decode or a prefill chunk, after 0-40 cached tokens of its own."""
+    share nothing. Each runs a decode or a prefill chunk, after 0-40 cached tokens of its own; and one long
+    chunk behind the 3-block prefix."""
     rng = np.random.default_rng(seed)
     rows, next_block = [], 0
     for prefix_blocks in (3, 1, 0):
@@ -109,6 +110,10 @@ def _mixed_step(seed: int, kv_heads: int, dim: int, bs: int = 16):
             own = -(-(start + n) // bs) - prefix_blocks
             rows.append((shared + list(range(next_block, next_block + own)), start, n))
             next_block += own
+    # a long chunk behind the 3-block prefix: it runs as a chunk of its own, not in the group
+    own = -(-(3 * bs + 5 + 200) // bs) - 3
+    rows.append(([0, 1, 2] + list(range(next_block, next_block + own)), 3 * bs + 5, 200))
+    next_block += own
     rows.sort(key=lambda r: r[2] != 1)  # decodes first, as the scheduler orders them
     tables, starts, counts = (list(x) for x in zip(*rows, strict=True))
     g = torch.Generator().manual_seed(seed)
@@ -135,7 +140,11 @@ def test_shared_prefill_and_decode_equal_unshared(native, seed):
     meta = step_metadata(tables, starts, counts, bs, share_prefixes=True)
     assert meta.shared_prefixes is not None
     assert sorted(meta.shared_prefixes.prefix_lens.tolist()) == [bs, 3 * bs]
-    assert any(c.own_start for c in meta.prefills)  # some prefill chunks do read a shared prefix
+    nd = plain_meta.num_decode_tokens
+    grouped = set(meta.shared_prefixes.rows[meta.shared_prefixes.rows >= 0].tolist())
+    assert any(t >= nd for t in grouped)  # prefill tokens read a shared prefix too
+    long_chunk = next(c for c in meta.prefills if c.query_len == 200)  # too long to join a group
+    assert not grouped & set(range(long_chunk.query_start, long_chunk.query_start + 200))
     plain = attn.attend(q, k, v, k_cache, v_cache, plain_meta)
     shared = attn.attend(q, k, v, k_cache, v_cache, meta)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)

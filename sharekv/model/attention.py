@@ -30,19 +30,6 @@ class PrefillChunk:
     query_len: int
     context_len: int  # tokens in the cache after this step, including the new ones
     block_ids: torch.Tensor  # blocks covering context_len tokens
-    own_start: int = 0  # where its own keys start: the end of its group's shared prefix (0 if in no group)
-
-
-@dataclass
-class GroupPrefills:
-    """The prefill chunks of prefix-group members, padded to one batch: each attends causally to its own
-    keys only, [own_start, context_len); the prefix part is computed with the group. Built once a step."""
-
-    token_index: torch.Tensor  # [chunks, most tokens]: positions among the step's tokens; padding repeats
-    valid: torch.Tensor  # [chunks, most tokens]: False on padding
-    block_ids: torch.Tensor  # [chunks, most own blocks]: blocks from own_start on, padded with block 0
-    visible: torch.Tensor  # [chunks, most tokens, most keys]: causal, and False past the context
-    key_valid: torch.Tensor  # [chunks, most keys]: False for slots past the context (never written)
 
 
 @dataclass
@@ -62,16 +49,18 @@ class AttentionMetadata:
     """Where this step's tokens go in the cache and what each one attends to.
 
     The first `num_decode_tokens` tokens are single-token decodes, one sequence each; prefill chunks follow.
+    Decodes run as rows of the paged per-row kernel, and so do the tokens of prefill chunks that belong to
+    a prefix group (then `decode_rows` lists every row's token); other chunks are in `prefills`.
     """
 
     slot_mapping: torch.Tensor
     num_decode_tokens: int
-    decode_block_tables: torch.Tensor | None = None
-    decode_context_lens: torch.Tensor | None = None
-    decode_starts: torch.Tensor | None = None  # first position each decode row reads from its own blocks
+    decode_block_tables: torch.Tensor | None = None  # per row: its sequence's blocks
+    decode_context_lens: torch.Tensor | None = None  # per row: its position + 1
+    decode_starts: torch.Tensor | None = None  # per row: first position it reads (after its group's prefix)
+    decode_rows: torch.Tensor | None = None  # per row: its position among the step's tokens, if not simply i
     shared_prefixes: SharedPrefixes | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
-    group_prefills: GroupPrefills | None = None  # chunks with own_start > 0 run here, batched
 
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
@@ -132,18 +121,17 @@ class PagedAttention:
         shared = meta.shared_prefixes
         # log-sum-exp of each token's own part, for the merge with its group's prefix
         lse = None if shared is None else torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        nd = meta.num_decode_tokens
-        if nd:
-            o, lse_d = self._decode(q[:nd], k_cache, v_cache, meta, block_size)
-            out[:nd] = o
+        if meta.decode_block_tables is not None:
+            rows = meta.decode_rows
+            if rows is None:  # just the decodes, which come first
+                rows = slice(0, meta.num_decode_tokens)
+            o, lse_rows = self._decode(q[rows], k_cache, v_cache, meta, block_size)
+            out[rows] = o
             if lse is not None:
-                lse[:nd] = lse_d
+                lse[rows] = lse_rows
         for chunk in meta.prefills:
-            if not chunk.own_start:
-                s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-                out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
-        if meta.group_prefills is not None:
-            self._group_prefills(q, k_cache, v_cache, meta.group_prefills, out, lse)
+            s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
         if shared is not None:
             self._merge_shared_prefixes(q, k_cache, v_cache, shared, out, lse)
         return out
@@ -178,29 +166,10 @@ class PagedAttention:
                                            enable_gqa=self.group > 1, **mask)
         return o[0].transpose(0, 1)
 
-    def _group_prefills(self, q, k_cache, v_cache, chunks: GroupPrefills, out: torch.Tensor, lse: torch.Tensor
-                        ) -> None:
-        """Group members' prefill chunks over their own keys, all in one attention call; writes out and lse.
-        Only their own blocks are gathered, never the shared prefix."""
-        c, t = chunks.token_index.shape
-        kvh, g, d = self.num_kv_heads, self.group, self.head_dim
-        n = chunks.block_ids.shape[1] * k_cache.shape[1]
-        junk = ~chunks.key_valid[:, None, :, None]  # never-written slots may hold NaN: zero our copy
-        keys = k_cache[chunks.block_ids].view(c, n, kvh, d).transpose(1, 2).masked_fill(junk, 0.0)
-        values = v_cache[chunks.block_ids].view(c, n, kvh, d).transpose(1, 2).masked_fill(junk, 0.0)
-        # GQA: a KV head's query heads go one after another along the query axis
-        qs = q[chunks.token_index].view(c, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(c, kvh, g * t, d)
-        visible = chunks.visible[:, None, None].expand(c, 1, g, t, n).reshape(c, 1, g * t, n)
-        o, lse_c = attention_lse(qs, keys, values, visible, self.scale)
-        o = o.view(c, kvh, g, t, d).permute(0, 3, 1, 2, 4).reshape(c, t, self.num_heads, d)
-        lse_c = lse_c.view(c, kvh, g, t).permute(0, 3, 1, 2).reshape(c, t, self.num_heads)
-        rows = chunks.token_index[chunks.valid]
-        out[rows] = o[chunks.valid].to(out.dtype)
-        lse[rows] = lse_c[chunks.valid].float()
-
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, block_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row over its own blocks, from its start position (after its group's prefix). Returns o, lse."""
+        """Each row (one query token) over its own blocks up to its position, from its start position (after
+        its group's prefix). Returns o, lse."""
         starts = meta.decode_starts
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)

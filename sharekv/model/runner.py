@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from sharekv.model.attention import AttentionMetadata, GroupPrefills, PrefillChunk, SharedPrefixes
+from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixes
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.scheduler import SchedulerOutput
@@ -79,57 +79,52 @@ def padded_tables(tables: list[list[int]]) -> np.ndarray:
     return padded
 
 
+# Prefill chunks longer than this do not join prefix groups: such a chunk is already a matrix product over
+# its prefix (each key read once per this many queries), and it would make the rows' own part costly.
+SHARED_CHUNK_MAX_TOKENS = 128
+
+
 def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
-                  share_prefixes: bool, device: torch.device | str = "cpu") -> AttentionMetadata:
+                  share_prefixes: bool, device: torch.device | str = "cpu",
+                  max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS) -> AttentionMetadata:
     """What each token of a step attends to: sequence i (block table tables[i]) runs counts[i] tokens from
-    position starts[i]. Sequences of one token (decodes) come first. With share_prefixes, sequences that
-    start with the same cached blocks form groups whose tokens read that prefix together."""
+    position starts[i]. Sequences of one token (decodes) come first.
+
+    With share_prefixes, sequences that start with the same cached blocks form groups whose tokens read that
+    prefix together; prefill chunks join them up to max_shared_chunk tokens. Each token's own part (its keys
+    after the prefix) runs in the paged per-row kernel, decode tokens and group members' prefill tokens
+    alike; other prefill chunks run as chunks."""
     nd = sum(1 for n in counts if n == 1)
     offsets = np.cumsum([0, *counts])
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device), num_decode_tokens=nd)
-    if nd:
-        meta.decode_block_tables = torch.from_numpy(padded_tables(tables[:nd])).to(device)
-        meta.decode_context_lens = torch.tensor([s + 1 for s in starts[:nd]], device=device)
+    own_starts = np.zeros(len(counts), dtype=np.int64)
+    in_group = np.zeros(len(counts), dtype=bool)
+    usable = np.asarray(starts) // block_size * (np.asarray(counts) <= max_shared_chunk)
+    if share_prefixes and np.count_nonzero(usable) >= 2:
+        padded = padded_tables(tables)
+        groups = shared_block_prefixes(padded, usable)
+        if groups:
+            token_rows = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(counts))]
+            meta.shared_prefixes, own_starts = pack_shared_prefixes(groups, padded, token_rows, block_size, device)
+            in_group[np.concatenate([members for members, _ in groups])] = True
+    # rows of the paged kernel: every decode, then every token of a group member's prefill chunk
+    row_seqs = [i for i in range(len(counts)) if i < nd or in_group[i]]
+    if row_seqs:
+        reps = [counts[i] for i in row_seqs]
+        meta.decode_block_tables = torch.from_numpy(np.repeat(padded_tables([tables[i] for i in row_seqs]), reps,
+                                                              axis=0)).to(device)
+        positions = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in row_seqs])
+        meta.decode_context_lens = torch.from_numpy(positions + 1).to(device)
+        meta.decode_starts = torch.from_numpy(np.repeat(own_starts[row_seqs], reps)).to(device)
+        if len(positions) > nd:
+            meta.decode_rows = torch.from_numpy(np.concatenate([offsets[i] + np.arange(counts[i])
+                                                                for i in row_seqs])).to(device)
     for i in range(nd, len(counts)):
-        end = starts[i] + counts[i]
-        ids = torch.as_tensor(tables[i][:-(-end // block_size)], device=device)
-        meta.prefills.append(PrefillChunk(int(offsets[i]), counts[i], end, ids))
-    usable = np.asarray(starts) // block_size
-    if not share_prefixes or np.count_nonzero(usable) < 2:
-        return meta
-    padded = padded_tables(tables)
-    groups = shared_block_prefixes(padded, usable)
-    if groups:
-        token_rows = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(counts))]
-        meta.shared_prefixes, own_starts = pack_shared_prefixes(groups, padded, token_rows, block_size, device)
-        meta.decode_starts = torch.from_numpy(own_starts[:nd]).to(device)
-        for chunk, start in zip(meta.prefills, own_starts[nd:], strict=True):
-            chunk.own_start = int(start)
-        members = [(chunk, tables[nd + i]) for i, chunk in enumerate(meta.prefills) if chunk.own_start]
-        if members:
-            meta.group_prefills = group_prefills(members, block_size, device)
+        if not in_group[i]:
+            end = starts[i] + counts[i]
+            ids = torch.as_tensor(tables[i][:-(-end // block_size)], device=device)
+            meta.prefills.append(PrefillChunk(int(offsets[i]), counts[i], end, ids))
     return meta
-
-
-def group_prefills(chunks: list[tuple[PrefillChunk, list[int]]], block_size: int, device: torch.device | str
-                   ) -> GroupPrefills:
-    """Batch the prefill chunks of group members (each with its block table) for attention to their own keys."""
-    most_tokens = max(c.query_len for c, _ in chunks)
-    first = [c.own_start // block_size for c, _ in chunks]
-    own_blocks = [-(-c.context_len // block_size) - f for (c, _), f in zip(chunks, first, strict=True)]
-    block_ids = np.zeros((len(chunks), max(own_blocks)), dtype=np.int64)
-    for i, ((_, table), f, n) in enumerate(zip(chunks, first, own_blocks, strict=True)):
-        block_ids[i, :n] = table[f:f + n]
-    t = np.arange(most_tokens)
-    valid = np.stack([t < c.query_len for c, _ in chunks])
-    t_real = np.where(valid, t, 0)  # a padding row repeats the chunk's first token
-    token_index = np.stack([c.query_start for c, _ in chunks])[:, None] + t_real
-    query_pos = np.stack([c.context_len - c.query_len for c, _ in chunks])[:, None] + t_real
-    key_pos = np.stack([c.own_start for c, _ in chunks])[:, None] + np.arange(block_ids.shape[1] * block_size)
-    visible = key_pos[:, None, :] <= query_pos[:, :, None]
-    key_valid = key_pos < np.stack([c.context_len for c, _ in chunks])[:, None]
-    arrays = (token_index, valid, block_ids, visible, key_valid)
-    return GroupPrefills(*(torch.from_numpy(a).to(device) for a in arrays))
 
 
 class ModelRunner:
@@ -138,6 +133,9 @@ class ModelRunner:
         c = model.config
         # Sliding-window attention does not see a whole prefix, so it never shares one.
         self.share_prefixes = share_prefixes and c.sliding_window is None
+        # The portable per-row path gathers each row's blocks: there a chunk's own part is better off as one
+        # chunk, so only decodes share. The native per-row kernel reads in place, so prefill chunks join too.
+        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if model.attention.native is not None else 1
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -188,7 +186,7 @@ class ModelRunner:
                 logit_rows.append(offset - 1)
                 sampled.append(i)
         meta = step_metadata([seq.block_table for seq in step.seqs], [seq.num_computed_tokens for seq in step.seqs],
-                             step.num_new_tokens, bs, self.share_prefixes, self.device)
+                             step.num_new_tokens, bs, self.share_prefixes, self.device, self.max_shared_chunk)
         meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)

@@ -160,12 +160,12 @@ constexpr float MASKED = -1e30f;               // score of a padding key: exp() 
 
 // Output tile: ROW_TILE rows x DV vectors of dims [dc, dc + DV * W), accumulated over the span's keys.
 template <int DV>
-static inline void pv_block(const float* s, const float* v, int64_t dim, int64_t dc, int64_t span, float* o) {
+static inline void pv_block(const float* s, const float* const* v, int64_t dim, int64_t dc, int64_t span, float* o) {
   vfw acc[ROW_TILE][DV] = {};
   for (int64_t j = 0; j < span; ++j) {
     vfw vv[DV];
 #pragma GCC unroll 4
-    for (int c = 0; c < DV; ++c) vv[c] = loadw(v + j * dim + dc + c * W);
+    for (int c = 0; c < DV; ++c) vv[c] = loadw(v[j] + dc + c * W);
 #pragma GCC unroll 6
     for (int i = 0; i < ROW_TILE; ++i) {
       const float p = s[i * SPAN_KEYS + j];
@@ -178,9 +178,9 @@ static inline void pv_block(const float* s, const float* v, int64_t dim, int64_t
 }
 
 // A tile of ROW_TILE query rows over one span of keys. q: [ROW_TILE][dim] scaled queries; kt: [dim][span_pad]
-// keys transposed; v: [span_pad][dim] values. Writes o [ROW_TILE][dim] = sum_j exp(s_j - m) v_j, the row
+// keys transposed; v: span_pad pointers to value rows. Writes o [ROW_TILE][dim] = sum_j exp(s_j - m) v_j, the row
 // maximum m and l = sum_j exp(s_j - m), to be merged with other spans.
-static void span_tile(const float* q, const float* kt, const float* v, int64_t dim, int64_t span, int64_t span_pad,
+static void span_tile(const float* q, const float* kt, const float* const* v, int64_t dim, int64_t span, int64_t span_pad,
                       float* o, float* m, float* l) {
   alignas(64) float s[ROW_TILE * SPAN_KEYS];
   for (int64_t j0 = 0; j0 < span_pad; j0 += KEY_TILE) {
@@ -248,25 +248,27 @@ static void prefix_attention_impl(const T* q, const T* k_cache, const T* v_cache
   }
   std::vector<float> qp(q_total, 0.f), part(part_total), mbuf(stat_total), lbuf(stat_total);
   // Stack each group's queries per kv head: row r = member token r / group, query head h * group + r % group.
-  at::parallel_for(0, groups * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const GroupPlan& p = plan[task / kv_heads];
-      const int64_t h = task % kv_heads;
+  for (int64_t g = 0; g < groups; ++g) {
+    const GroupPlan& p = plan[g];
+    for (int64_t h = 0; h < kv_heads; ++h) {
       float* dst = qp.data() + p.q_off + h * p.rows_pad * D;
       for (int64_t r = 0; r < p.rows; ++r) {
-        const T* src = q + (rows[(task / kv_heads) * max_members + r / group] * heads + h * group + r % group) * D;
+        const T* src = q + (rows[g * max_members + r / group] * heads + h * group + r % group) * D;
         for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<float>(src[d]) * scale;
       }
     }
-  });
-  // Tasks: (group, kv head, key span). Each packs its span of keys (transposed) and values once, for all rows.
+  }
+  // Tasks: (group, kv head, key span). Each transposes its span of keys once, for all rows; values are read
+  // where they lie (converted to float first when the cache holds another type).
   std::vector<std::array<int64_t, 3>> tasks;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t h = 0; h < kv_heads; ++h)
-      for (int64_t sp = 0; sp < plan[g].spans; ++sp)
-        tasks.push_back({g, h, sp});
+      for (int64_t sp = 0; sp < plan[g].spans; ++sp) tasks.push_back({g, h, sp});
+  const std::vector<float> zeros(D, 0.f);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * SPAN_KEYS), vs(SPAN_KEYS * D);
+    std::vector<float> kt(D * SPAN_KEYS), vs(std::is_same_v<T, float> ? 0 : SPAN_KEYS * D);
+    std::vector<const T*> krow(SPAN_KEYS);
+    std::vector<const float*> vrow(SPAN_KEYS);
     for (int64_t t = begin; t < end; ++t) {
       const auto [g, h, sp] = tasks[t];
       const GroupPlan& p = plan[g];
@@ -274,21 +276,29 @@ static void prefix_attention_impl(const T* q, const T* k_cache, const T* v_cache
       const int64_t span_pad = (span + KEY_TILE - 1) / KEY_TILE * KEY_TILE;
       const int64_t* table = block_ids + g * table_width;
       for (int64_t j = 0; j < span_pad; ++j) {
-        if (j < span) {
-          const int64_t pos = k0 + j, slot = (table[pos / block_size] * block_size + pos % block_size) * row + h * D;
-          for (int64_t d = 0; d < D; ++d) {
-            kt[d * span_pad + j] = static_cast<float>(k_cache[slot + d]);
-            vs[j * D + d] = static_cast<float>(v_cache[slot + d]);
-          }
-        } else {
-          for (int64_t d = 0; d < D; ++d) kt[d * span_pad + j] = vs[j * D + d] = 0.f;
+        if (j >= span) {
+          krow[j] = nullptr;
+          vrow[j] = zeros.data();
+          continue;
         }
+        const int64_t pos = k0 + j, slot = (table[pos / block_size] * block_size + pos % block_size) * row + h * D;
+        krow[j] = k_cache + slot;
+        if constexpr (std::is_same_v<T, float>) {
+          vrow[j] = v_cache + slot;
+        } else {
+          for (int64_t d = 0; d < D; ++d) vs[j * D + d] = static_cast<float>(v_cache[slot + d]);
+          vrow[j] = vs.data() + j * D;
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {  // rows of kt are contiguous writes
+        float* dst = kt.data() + d * span_pad;
+        for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) : 0.f;
       }
       const float* qh = qp.data() + p.q_off + h * p.rows_pad * D;
       const int64_t slice = (h * p.spans + sp) * p.rows_pad;
       for (int64_t r = 0; r < p.rows_pad; r += ROW_TILE)
-        span_tile(qh + r * D, kt.data(), vs.data(), D, span, span_pad, part.data() + p.part_off + (slice + r) * D,
-                          mbuf.data() + p.stat_off + slice + r, lbuf.data() + p.stat_off + slice + r);
+        span_tile(qh + r * D, kt.data(), vrow.data(), D, span, span_pad, part.data() + p.part_off + (slice + r) * D,
+                  mbuf.data() + p.stat_off + slice + r, lbuf.data() + p.stat_off + slice + r);
     }
   });
   // Combine the spans, then merge with the row's own attention already in out/lse.
