@@ -39,7 +39,7 @@ class SharedPrefixes:
     Padded to one batch so every group is attended in the same few tensor ops.
     """
 
-    rows: torch.Tensor  # [groups, most tokens]: positions among the step's tokens, first, -1 = padding
+    rows: torch.Tensor  # [groups, most tokens]: positions among the step's tokens; padding (-1) at the end
     prefix_lens: torch.Tensor  # [groups]: tokens in the shared blocks
     block_ids: torch.Tensor  # [groups, most prefix blocks], padded with block 0
 
