@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A request's seed seeds a torch generator, which takes 64 bits (vLLM checks the same range).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class InvalidParameter(ValueError):
     """A request setting out of range; `param` names it (OpenAI's error field of the same name)."""
@@ -57,6 +60,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             "seed must fit in a signed 64-bit integer"),
         ]
         for param, ok, message in checks:
             if not ok:

@@ -108,6 +108,7 @@ def test_metrics_and_cached_tokens(demo):
 @pytest.mark.parametrize("kwargs,param", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(n=0), "n"),
     (dict(max_tokens=0), "max_tokens"), (dict(logprobs=50), "logprobs"), (dict(min_p=2.0), "min_p"),
+    (dict(seed=2**64), "seed"), (dict(seed=-(2**63) - 1), "seed"),
 ])
 def test_invalid_sampling_values_name_the_parameter(kwargs, param):
     with pytest.raises(InvalidParameter) as err:

@@ -6,6 +6,8 @@ every violation an OpenAI-shaped 400 naming the parameter.
 
 from __future__ import annotations
 
+from sharekv.sampling_params import SEED_MAX, SEED_MIN
+
 _STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}]}
 _TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 
@@ -20,7 +22,7 @@ _SAMPLING = {
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
     "n": {"type": "integer", "minimum": 1},
-    "seed": {"type": "integer"},
+    "seed": {"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX},
     "stop": _STOP,
     "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
     "ignore_eos": {"type": "boolean"},
