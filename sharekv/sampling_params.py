@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 # A request's seed seeds a torch generator, which takes 64 bits (vLLM checks the same range).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+TOP_K_ALL = 2**31 - 1
 
 
 class InvalidParameter(ValueError):
@@ -40,8 +41,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
+        if self.top_k == -1 or self.top_k > TOP_K_ALL:
+            self.top_k = 0  # a k past any vocabulary keeps every token, as disabled does
         self.validate()
 
     @property

@@ -105,6 +105,10 @@ def test_metrics_and_cached_tokens(demo):
     assert m.time_in_queue >= 0 and m.ttft >= m.time_in_queue and m.e2e_latency >= m.ttft
 
 
+def test_top_k_past_any_vocabulary_is_disabled():
+    assert SamplingParams(top_k=10**30).top_k == 0 == SamplingParams(top_k=-1).top_k
+
+
 @pytest.mark.parametrize("kwargs,param", [
     (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(n=0), "n"),
     (dict(max_tokens=0), "max_tokens"), (dict(logprobs=50), "logprobs"), (dict(min_p=2.0), "min_p"),
