@@ -12,10 +12,10 @@ import dataclasses
 import gc
 import os
 import platform
-import time
 
 import torch
 
+from sharekv.bench.greedy_run import greedy_generate
 from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
@@ -24,7 +24,6 @@ from sharekv.kv.prefix_forest import PrefixForest, group_prompts
 from sharekv.llm import LLM
 from sharekv.model.config import ModelConfig
 from sharekv.model.runner import DTYPES, kv_bytes_per_block
-from sharekv.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
@@ -47,28 +46,19 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
     """Greedy `LLM.generate` of the requests (ignore_eos) with these engine arguments; figures and tokens."""
     llm = LLM(**dataclasses.asdict(args))
     engine = llm.engine
-    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
-    start = time.perf_counter()
-    outs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
-    wall = time.perf_counter() - start
-    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests])
     stats = engine.stats
     result = {
         "schedule": args.schedule,
         "kv_pool_tokens": engine.num_kv_tokens,
-        "wall_seconds": wall,
-        "requests_per_second": len(requests) / wall,
-        "tokens_per_second": (prompt_tokens + output_tokens) / wall,
-        "prompt_tokens": prompt_tokens,
+        **run.figures(),
         "prompt_tokens_computed": stats.prompt_tokens_computed,
-        "reused_prompt_tokens": prompt_tokens - stats.prompt_tokens_computed,
+        "reused_prompt_tokens": run.prompt_tokens - stats.prompt_tokens_computed,
         "computed_tokens": stats.computed_tokens,
         "peak_kv_blocks": stats.peak_blocks_used,
         "preemptions": engine.scheduler.num_preemptions,
         "swapped_out": engine.scheduler.num_swapped_out,
         "swap_seconds": engine.runner.swap_seconds,
-        "token_ids": [o.outputs[0].token_ids for o in outs],
     }
     del llm, engine
     gc.collect()

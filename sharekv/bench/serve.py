@@ -195,15 +195,12 @@ def _served_model(url: str, api_key: str | None) -> str:
 
 def offline_wall(engine_args: EngineArgs, trace: list[TraceRequest]) -> float:
     """Seconds `LLM.generate` takes for the trace's requests, submitted at once (after a warm-up)."""
+    from sharekv.bench.greedy_run import greedy_generate
     from sharekv.llm import LLM
-    from sharekv.sampling_params import SamplingParams
 
     llm = LLM(**dataclasses.asdict(engine_args))
-    greedy = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in trace]
-    llm.generate([list(range(16, 80))], SamplingParams(max_tokens=4), use_tqdm=False)
-    start = time.perf_counter()
-    llm.generate([r.prompt for r in trace], greedy, use_tqdm=False)
-    return time.perf_counter() - start
+    greedy_generate(llm, [list(range(16, 80))], [4], use_tqdm=False)
+    return greedy_generate(llm, [r.prompt for r in trace], [r.max_tokens for r in trace], use_tqdm=False).wall_seconds
 
 
 def _served_wall(base: str, model: str, api_key: str | None, trace: list[TraceRequest]) -> tuple[float, int]:

@@ -16,40 +16,28 @@ import time
 
 import torch
 
+from sharekv.bench.greedy_run import greedy_generate
 from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
 from sharekv.llm import LLM
-from sharekv.sampling_params import SamplingParams
 
 
 def _run_engine(llm: LLM, requests: list[BenchRequest]) -> dict:
     engine = llm.engine
-    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
     step0, fwd0 = engine.stats.step_seconds, engine.runner.forward_seconds
     hit0, query0 = engine.kv.num_hit_tokens, engine.kv.num_queried_tokens
     steps0, computed0 = engine.stats.steps, engine.stats.computed_tokens
-    start = time.perf_counter()
-    outputs = llm.generate([r.prompt_token_ids for r in requests], params, use_tqdm=True)
-    wall = time.perf_counter() - start
+    run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests])
     step_s = engine.stats.step_seconds - step0
     fwd_s = engine.runner.forward_seconds - fwd0
-    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
-    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     queried = engine.kv.num_queried_tokens - query0
     return {
-        "requests": len(requests),
-        "wall_seconds": wall,
-        "requests_per_second": len(requests) / wall,
-        "input_tokens_per_second": prompt_tokens / wall,
-        "output_tokens_per_second": output_tokens / wall,
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
+        **run.figures(),
         "computed_tokens": engine.stats.computed_tokens - computed0,
         "prefix_cache_hit_rate": (engine.kv.num_hit_tokens - hit0) / queried if queried else 0.0,
         "steps": engine.stats.steps - steps0,
         "outside_forward_share": 1.0 - fwd_s / step_s if step_s else 0.0,
-        "token_ids": [o.outputs[0].token_ids for o in outputs],
     }
 
 
