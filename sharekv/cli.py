@@ -183,6 +183,13 @@ def _cmd_make_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(ns: argparse.Namespace) -> int:
+    from sharekv.model.convert import convert_gguf
+
+    print(convert_gguf(ns.gguf_file, ns.out_dir, ns.dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharekv", description="LLM inference for batches that share prefixes")
     parser.add_argument("--log-level", default="INFO")
@@ -274,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--preset", choices=["demo", "llama-110m"], default="llama-110m")
     mk.add_argument("--seed", type=int, default=0)
     mk.set_defaults(func=_cmd_make_model)
+
+    cv = sub.add_parser("convert", help="write a GGUF model as a Hugging Face directory (config, safetensors, "
+                                        "tokenizer, chat template)")
+    cv.add_argument("gguf_file")
+    cv.add_argument("out_dir")
+    cv.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (tensors are dequantized)")
+    cv.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 
 import torch
 from safetensors.torch import save_file
 
 from sharekv.config import default_cache_dir
+from sharekv.model.loader import atomic_directory
 
 DEMO_NAME = "sharekv-demo-v1"
 DEMO_CONFIG = {
@@ -83,11 +83,7 @@ def random_llama_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
 
 def write_random_llama(out_dir: str, config: dict, seed: int = 0, with_tokenizer: bool = False) -> str:
     """Write a random-weight Llama checkpoint in Hugging Face layout (atomically: a whole dir or nothing)."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-model-")
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out_dir) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(random_llama_weights(config, seed), os.path.join(tmp, "model.safetensors"),
@@ -98,12 +94,6 @@ def write_random_llama(out_dir: str, config: dict, seed: int = 0, with_tokenizer
                 shutil.copyfileobj(src, dst)
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
                 json.dump(TOKENIZER_CONFIG, f, indent=2)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -113,11 +103,6 @@ def ensure_demo_model(cache_dir: str | None = None) -> str:
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         write_random_llama(path, DEMO_CONFIG, seed=0, with_tokenizer=True)
     return path
-
-
-def resolve_model_dir(model: str | None) -> str:
-    """The model directory to load: the given one, or the demo model when none is given."""
-    return ensure_demo_model() if model is None else model
 
 
 def train_demo_tokenizer(out_path: str, vocab_size: int = DEMO_CONFIG["vocab_size"]) -> None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from sharekv.config import EngineArgs, parse_bytes
-from sharekv.demo import DEMO_NAME, resolve_model_dir
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
-from sharekv.model.config import ModelConfig, ModelLoadError
+from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.llama import LlamaModel
 from sharekv.model.runner import DTYPES, ModelRunner, kv_bytes_per_block
 from sharekv.model.sampler import Sampler
@@ -22,7 +19,7 @@ from sharekv.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOu
 from sharekv.sampling_params import InvalidParameter, SamplingParams
 from sharekv.sched import make_scheduler
 from sharekv.sequence import Sequence
-from sharekv.tokenizer import IncrementalDetokenizer, Tokenizer
+from sharekv.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("sharekv")
 
@@ -54,28 +51,18 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
 
-def _read_generation_eos(model_dir: str) -> list[int]:
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        eos = json.load(f).get("eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        model_dir = resolve_model_dir(args.model)
-        if not os.path.isdir(model_dir):
-            raise ModelLoadError(f"model directory {model_dir!r} does not exist")
-        self.model_dir = model_dir
-        self.model_name = DEMO_NAME if args.model is None else os.path.basename(os.path.normpath(model_dir))
-        self.model_config = config = ModelConfig.from_dir(model_dir)
-        self.tokenizer = Tokenizer.maybe_load(model_dir)
+        t0 = time.perf_counter()
+        self.checkpoint = checkpoint = Checkpoint.open(args.model)
+        self.model_dir = checkpoint.path
+        self.model_name = checkpoint.name
+        self.model_config = config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
         dtype = DTYPES[args.dtype]
         device = torch.device(args.device)
         per_block = kv_bytes_per_block(config, args.block_size, dtype)
@@ -85,7 +72,8 @@ class LLMEngine:
         self.num_blocks = num_blocks
         # A request may never need more KV than the whole pool, so the pool caps the context length.
         self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
-        model = LlamaModel.from_dir(model_dir, config, self.max_model_len, dtype, device, args.native_kernels)
+        model = LlamaModel.from_checkpoint(checkpoint, self.max_model_len, dtype, device, args.native_kernels)
+        self.load_seconds = time.perf_counter() - t0
         num_swap_slots = parse_bytes(args.swap_space) // per_block
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -93,16 +81,13 @@ class LLMEngine:
                                         max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                         swap=SwapSpace(num_swap_slots))
         self.sampler = Sampler(device, args.seed)
-        eos = set(config.eos_token_ids) | set(_read_generation_eos(model_dir))
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = eos
+        self.eos_token_ids = checkpoint.eos_token_ids
         self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
         self._next_seq_id = 0
-        logger.info("KV pool: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d",
-                    num_blocks, args.block_size, num_blocks * args.block_size, num_blocks * per_block / 2**20,
-                    self.max_model_len)
+        logger.info("%s loaded in %.1f s; KV pool: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d",
+                    checkpoint.name, self.load_seconds, num_blocks, args.block_size, num_blocks * args.block_size,
+                    num_blocks * per_block / 2**20, self.max_model_len)
 
     @property
     def num_kv_tokens(self) -> int:

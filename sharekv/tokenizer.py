@@ -22,31 +22,34 @@ class ChatTemplateError(ValueError):
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str) -> None:
-        self.backend = HFTokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-        config_path = os.path.join(model_dir, "tokenizer_config.json")
-        config = {}
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
+    """A `tokenizers` backend with the settings of its tokenizer_config.json (special tokens, chat template)."""
+
+    def __init__(self, backend: HFTokenizer, config: dict) -> None:
+        self.backend = backend
+        self.config = config
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = config.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"),
                                       self.chat_template[0]["template"])
-        template_file = os.path.join(model_dir, "chat_template.jinja")
-        if self.chat_template is None and os.path.isfile(template_file):
-            with open(template_file) as f:
-                self.chat_template = f.read()
         self._compiled = None
 
     @classmethod
-    def maybe_load(cls, model_dir: str) -> Tokenizer | None:
+    def from_dir(cls, model_dir: str) -> Tokenizer | None:
         """The directory's tokenizer, or None if it ships none (the model is then driven by token ids)."""
         if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
             return None
-        return cls(model_dir)
+        config = {}
+        config_path = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        template_file = os.path.join(model_dir, "chat_template.jinja")
+        if config.get("chat_template") is None and os.path.isfile(template_file):
+            with open(template_file) as f:
+                config["chat_template"] = f.read()
+        return cls(HFTokenizer.from_file(os.path.join(model_dir, "tokenizer.json")), config)
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +69,7 @@ class Tokenizer:
                             chat_template: str | None = None, **extra) -> str:
         template = chat_template or self.chat_template
         if template is None:
-            raise ChatTemplateError("this model's tokenizer_config.json has no chat_template; "
+            raise ChatTemplateError("this model has no chat template; "
                                     "use the completions form with a plain prompt")
         if chat_template is None:
             if self._compiled is None:

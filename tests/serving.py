@@ -13,8 +13,9 @@ from sharekv.bench.serve import free_port
 from sharekv.config import EngineArgs, ServerArgs
 from sharekv.engine import LLMEngine
 from sharekv.serve.app import build_app
+from tests.conftest import DEMO_MODEL
 
-ENGINE = dict(kv_cache_memory="64MiB", max_num_batched_tokens=256)
+ENGINE = dict(model=DEMO_MODEL, kv_cache_memory="64MiB", max_num_batched_tokens=256)
 
 
 @contextlib.contextmanager

@@ -9,9 +9,10 @@ import pytest
 from sharekv import LLM, SamplingParams
 from sharekv.batch import run_batch
 from sharekv.cli import main
+from tests.conftest import DEMO_MODEL
 
 # A small step budget admits the prompts over several steps, so later ones hit blocks earlier ones filled.
-ENGINE_FLAGS = ["--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "64", "--no-progress"]
+ENGINE_FLAGS = ["--model", DEMO_MODEL, "--kv-cache-memory", "64MiB", "--max-num-batched-tokens", "64", "--no-progress"]
 
 
 def _line(custom_id, url, body):
@@ -77,7 +78,7 @@ def test_batch_matches_offline_api(batch_file, tmp_path):
     main(["batch", "-i", str(batch_file), "-o", str(out), *ENGINE_FLAGS])
     c1 = next(r for r in _records(out) if r["custom_id"] == "c1" and r["response"]["status_code"] == 200)
     doc = "The river rises in the hills and flows east to the sea, past three towns. "
-    llm = LLM(kv_cache_memory="64MiB")
+    llm = LLM(DEMO_MODEL, kv_cache_memory="64MiB")
     expected = llm.generate([doc + "Q: where?"], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                             use_tqdm=False)[0]
     assert c1["response"]["body"]["choices"][0]["text"] == expected.outputs[0].text
@@ -85,7 +86,7 @@ def test_batch_matches_offline_api(batch_file, tmp_path):
 
 def test_batch_resumes_after_interruption(batch_file, tmp_path):
     out = tmp_path / "out.jsonl"
-    llm = LLM(kv_cache_memory="64MiB", max_num_batched_tokens=256)
+    llm = LLM(DEMO_MODEL, kv_cache_memory="64MiB", max_num_batched_tokens=256)
     engine = llm.engine
     real_step = engine.step
     state = {"finished_before": False}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from sharekv.cli import main
+from tests.conftest import DEMO_MODEL
 
 
 def _result(path) -> dict:
@@ -47,7 +48,7 @@ def test_bench_serve_with_overhead(tmp_path):
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--schedules", "fair", "--request-rates", "50", "--num-requests", "6",
                  "--overhead-requests", "4", "--prompt-len", "8,32", "--output-len", "2,8",
-                 "--kv-cache-memory", "64MiB", "--output", str(out)]) == 0
+                 "--model", DEMO_MODEL, "--kv-cache-memory", "64MiB", "--output", str(out)]) == 0
     result = _result(out)
     (run,) = result["runs"]
     assert run["schedule"] == "fair" and run["completed"] == 6

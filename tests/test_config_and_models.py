@@ -14,7 +14,7 @@ from sharekv.config import parse_bytes
 from sharekv.demo import ensure_demo_model
 from sharekv.model.config import ModelConfig, ModelLoadError
 from sharekv.tokenizer import Tokenizer
-from tests.conftest import build_llama
+from tests.conftest import DEMO_MODEL, build_llama
 
 
 def test_parse_bytes():
@@ -40,7 +40,7 @@ def test_every_engine_argument_is_a_flag():
 
 def test_unknown_schedule_and_bad_args():
     with pytest.raises(ValueError, match="unknown schedule"):
-        LLM(schedule="nope", kv_cache_memory="8MiB")
+        LLM(DEMO_MODEL, schedule="nope", kv_cache_memory="8MiB")
     with pytest.raises(ValueError, match="power of two"):
         LLM(block_size=12)
     with pytest.raises(TypeError, match="unknown engine arguments"):
@@ -79,14 +79,14 @@ def test_sharded_checkpoint_and_bfloat16(tmp_path):
 def test_demo_model_and_tokenizer(tmp_path):
     path = ensure_demo_model(str(tmp_path))
     assert ensure_demo_model(str(tmp_path)) == path  # built once
-    tok = Tokenizer(path)
+    tok = Tokenizer.from_dir(path)
     ids = tok.encode("def main():\n    return 0")
     assert ids[0] == 0 and tok.decode(ids) == "def main():\n    return 0"
     shutil.rmtree(path)
 
 
 def test_chat_applies_the_template():
-    llm = LLM(kv_cache_memory="32MiB")
+    llm = LLM(DEMO_MODEL, kv_cache_memory="32MiB")
     tok = llm.get_tokenizer()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     text = tok.apply_chat_template(messages)

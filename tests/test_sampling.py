@@ -8,12 +8,12 @@ import torch
 from sharekv import LLM, SamplingParams
 from sharekv.model.sampler import _truncate
 from sharekv.sampling_params import InvalidParameter
-from tests.conftest import assert_engine_clean, mixed_prompts
+from tests.conftest import DEMO_MODEL, assert_engine_clean, mixed_prompts
 
 
 @pytest.fixture(scope="module")
 def demo():
-    return LLM(kv_cache_memory="64MiB", max_num_batched_tokens=256)
+    return LLM(DEMO_MODEL, kv_cache_memory="64MiB", max_num_batched_tokens=256)
 
 
 def test_seed_gives_same_tokens_whatever_the_batch(demo):

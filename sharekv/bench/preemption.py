@@ -23,10 +23,9 @@ from sharekv.bench.prefix_batch import kv_memory_for_tokens, run_policy
 from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.workloads import BenchRequest
 from sharekv.config import EngineArgs
-from sharekv.demo import resolve_model_dir
 from sharekv.kv.manager import cdiv
 from sharekv.llm import LLM
-from sharekv.model.config import ModelConfig
+from sharekv.model.checkpoint import Checkpoint
 from sharekv.sampling_params import SamplingParams
 from sharekv.sched.scheduler import SchedulerOutput
 
@@ -47,7 +46,7 @@ class PreemptionWorkload:
 
 def per_request_costs(args: EngineArgs, context_lens: list[int], repeats: int) -> list[dict]:
     """Median seconds to swap one sequence of each length out and back in, and to recompute it."""
-    memory = kv_memory_for_tokens(ModelConfig.from_dir(args.model), args, 2 * max(context_lens))
+    memory = kv_memory_for_tokens(Checkpoint.open(args.model).config, args, 2 * max(context_lens))
     llm = LLM(**dataclasses.asdict(dataclasses.replace(args, kv_cache_memory=memory, swap_space=memory)))
     runner, bs = llm.engine.runner, args.block_size
     vocab = llm.engine.model_config.vocab_size
@@ -74,9 +73,9 @@ def per_request_costs(args: EngineArgs, context_lens: list[int], repeats: int) -
 
 def run_preemption_bench(args: EngineArgs, workload: PreemptionWorkload, context_lens: list[int], out_path: str,
                          repeats: int = 5) -> dict:
-    model_dir = resolve_model_dir(args.model)
+    checkpoint = Checkpoint.open(args.model)
+    model_dir, config = checkpoint.path, checkpoint.config
     args = dataclasses.replace(args, model=model_dir, schedule="fcfs")
-    config = ModelConfig.from_dir(model_dir)
     requests = workload.requests(config.vocab_size)
     small = kv_memory_for_tokens(config, args, workload.pool_tokens)
     everything = kv_memory_for_tokens(config, args, 2 * workload.num_requests * (workload.prompt_len

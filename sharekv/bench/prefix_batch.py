@@ -19,9 +19,9 @@ from sharekv.bench.greedy_run import greedy_generate
 from sharekv.bench.report import pyplot, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
-from sharekv.demo import resolve_model_dir
 from sharekv.kv.prefix_forest import PrefixForest, group_prompts
 from sharekv.llm import LLM
+from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig
 from sharekv.model.runner import DTYPES, kv_bytes_per_block
 
@@ -72,8 +72,8 @@ def kv_memory_for_tokens(config: ModelConfig, args: EngineArgs, tokens: int) -> 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],
                            policies: list[str], out_path: str, vllm_python: str | None = None) -> dict:
-    model_dir = resolve_model_dir(args.model)
-    config = ModelConfig.from_dir(model_dir)
+    checkpoint = Checkpoint.open(args.model)
+    model_dir, config = checkpoint.path, checkpoint.config
     requests = workload.requests(config.vocab_size)
     forest = PrefixForest([r.prompt_token_ids for r in requests])
     grouping = group_prompts(forest, min_prefix_len=args.block_size)

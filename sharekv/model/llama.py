@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from sharekv.model.attention import AttentionMetadata, PagedAttention
+from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig, ModelLoadError
 from sharekv.model.linear import Linear
-from sharekv.model.loader import iter_tensors
 from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
 
@@ -80,10 +80,10 @@ class LlamaModel:
             self.attention.native = cpu_kernels()
 
     @classmethod
-    def from_dir(cls, model_dir: str, config: ModelConfig, max_positions: int, dtype: torch.dtype,
-                 device: torch.device, native_kernels: bool = True) -> LlamaModel:
-        weights = {name: t for name, t in iter_tensors(model_dir) if "rotary_emb" not in name}
-        return cls(config, weights, max_positions, dtype, device, native_kernels)
+    def from_checkpoint(cls, checkpoint: Checkpoint, max_positions: int, dtype: torch.dtype,
+                        device: torch.device, native_kernels: bool = True) -> LlamaModel:
+        weights = {name: t for name, t in checkpoint.tensors(dtype) if "rotary_emb" not in name}
+        return cls(checkpoint.config, weights, max_positions, dtype, device, native_kernels)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,

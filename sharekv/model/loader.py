@@ -1,10 +1,13 @@
-"""Read Hugging Face safetensors checkpoints (single file or sharded with an index)."""
+"""Hugging Face safetensors checkpoints: read them (single file or sharded with an index), write a directory."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
@@ -35,3 +38,21 @@ def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, f.get_tensor(name)
+
+
+@contextmanager
+def atomic_directory(out_dir: str) -> Iterator[str]:
+    """A temporary directory beside `out_dir` that replaces it when the block ends without error, so a
+    reader sees the whole model directory or none (never a half-written one)."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-model-")
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
