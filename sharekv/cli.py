@@ -183,6 +183,24 @@ def _cmd_make_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_quality(ns: argparse.Namespace) -> int:
+    from sharekv.bench.quality import run_quality_bench
+
+    texts = None
+    if ns.text:
+        texts = []
+        for path in ns.text:
+            with open(path) as f:
+                texts.append(f.read())
+    result = run_quality_bench(engine_args_from(ns), ns.output, texts, ns.max_new_tokens)
+    fid, greedy = result["fidelity_vs_transformers"], result["greedy_vs_transformers"]
+    print(f"perplexity sharekv {fid['candidate_perplexity']:.4f} vs transformers {fid['reference_perplexity']:.4f} "
+          f"(relative delta {fid['perplexity_relative_delta']:.1e}); top-1 agreement {fid['top1_agreement']:.4f}, "
+          f"mean KL {fid['mean_kl']:.1e}, max |delta logprob| {fid['max_abs_logprob_delta']:.1e}; greedy "
+          f"continuations identical {greedy['identical']}/{greedy['total']}")
+    return 0
+
+
 def _cmd_convert(ns: argparse.Namespace) -> int:
     from sharekv.model.convert import convert_gguf
 
@@ -275,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--output", default="results/serve.json", help="JSON result file (and a .png plot)")
     add_engine_args(sv)
     sv.set_defaults(func=_cmd_bench_serve)
+
+    qu = bench.add_parser("quality", help="perplexity and greedy agreement against transformers on the same "
+                                          "weights (needs transformers; gguf and accelerate for a GGUF model)")
+    qu.add_argument("--text", action="append", help="held text file (repeatable; default: the bundled texts)")
+    qu.add_argument("--max-new-tokens", type=int, default=48, help="greedy continuation length")
+    qu.add_argument("--output", default="results/quality.json", help="JSON result file (and a .png plot)")
+    add_engine_args(qu, kv_cache_memory="1GiB")
+    qu.set_defaults(func=_cmd_bench_quality)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

@@ -111,7 +111,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False, arrival_time: float | None = None,
-                    user: str | None = None, priority: int = 0) -> None:
+                    user: str | None = None, priority: int = 0, keep_prompt_distributions: bool = False) -> None:
+        """Queue a request. `keep_prompt_distributions` keeps the log-softmax row of every prompt position
+        (`RequestOutput.prompt_distributions`), computed in full as `prompt_logprobs` is."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
@@ -126,6 +128,9 @@ class LLMEngine:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
             if params.logprobs is not None:
                 seq.logprobs = []
+            if index == 0 and (params.prompt_logprobs is not None or keep_prompt_distributions):
+                seq.prompt_logprobs = []
+                seq.prompt_distributions = [] if keep_prompt_distributions else None
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             seqs.append(seq)
@@ -158,7 +163,10 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
-        logits, sampled = self.runner.execute(step)
+        logits, sampled, prompt_spans = self.runner.execute(step)
+        if prompt_spans:
+            self._record_prompt_logprobs(step.seqs, logits[len(sampled):], prompt_spans)
+            logits = logits[:len(sampled)]
         prompt_computed = 0
         for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
             prompt_computed += max(0, min(seq.num_computed_tokens + n, seq.prompt_len) - seq.num_computed_tokens)
@@ -222,6 +230,33 @@ class LLMEngine:
                     or seq.num_tokens >= self.max_model_len):
                 seq.finish_reason = "length"
 
+    def _record_prompt_logprobs(self, seqs: list[Sequence], logits: torch.Tensor,
+                                spans: list[tuple[int, int, int]]) -> None:
+        """vLLM's prompt_logprobs: per prompt token after the first, its log-probability and rank given the
+        tokens before it, and the top-k alternatives."""
+        rows = logits.log_softmax(dim=-1)
+        at = 0
+        for i, first, count in spans:
+            seq = seqs[i]
+            block = rows[at:at + count]
+            at += count
+            targets = torch.tensor(seq.token_ids[first + 1:first + 1 + count], device=block.device)
+            chosen = block.gather(1, targets[:, None]).squeeze(1)
+            ranks = ((block > chosen[:, None]).sum(dim=-1) + 1).tolist()
+            k = seq.params.prompt_logprobs or 0
+            top_lp, top_ids = block.topk(k, dim=-1) if k else (block[:, :0], block[:, :0].long())
+            for token, lp, rank, alt_ids, alt_lps in zip(targets.tolist(), chosen.tolist(), ranks, top_ids.tolist(),
+                                                         top_lp.tolist(), strict=True):
+                alternatives = enumerate(zip(alt_ids, alt_lps, strict=True), start=1)
+                entry = {tid: Logprob(alp, r) for r, (tid, alp) in alternatives}
+                entry.setdefault(token, Logprob(lp, rank))
+                if self.tokenizer is not None:
+                    for tid, logprob in entry.items():
+                        logprob.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+                seq.prompt_logprobs.append(entry)
+            if seq.prompt_distributions is not None:
+                seq.prompt_distributions.append(block)
+
     @staticmethod
     def _check_stop_strings(seq: Sequence, delta_len: int) -> None:
         text = seq.output_text
@@ -253,6 +288,10 @@ class LLMEngine:
             num_cached_tokens=cached,
             num_preemptions=sum(s.num_preemptions for s in state.seqs),
         )
+        prompt_logprobs = None if first.prompt_logprobs is None else [None, *first.prompt_logprobs]
+        distributions = first.prompt_distributions
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids, outputs=completions,
-                             finished=state.finished or state.aborted, metrics=metrics, num_cached_tokens=cached)
+                             finished=state.finished or state.aborted, metrics=metrics, num_cached_tokens=cached,
+                             prompt_logprobs=prompt_logprobs,
+                             prompt_distributions=torch.cat(distributions) if distributions else None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Logprob:
@@ -57,3 +59,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # vLLM's prompt_logprobs: None for the first prompt token, then per token its log-probability given the
+    # tokens before it (with rank) and the top-k alternatives
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # [prompt tokens - 1, vocab] log-softmax rows, when the engine was asked to keep them
+    prompt_distributions: torch.Tensor | None = None

@@ -34,6 +34,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k alternatives per generated token (the sampled one is always given)
+    # top-k alternatives at each prompt position (the prompt's own token always given); the prompt is then
+    # computed in full, not read from the prefix cache, as in vLLM
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "prompt_logprobs must be in [0, 20]"),
             ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              "seed must fit in a signed 64-bit integer"),
         ]

@@ -41,6 +41,10 @@ class Sequence:
     generator: torch.Generator | None = None
     output_text: str = ""
     logprobs: list[dict[int, float]] | None = None
+    # Log-probabilities of prompt tokens 1.., kept for the request's first continuation when asked
+    # (`prompt_logprobs`); `prompt_distributions` keeps whole rows (the quality harness reads them).
+    prompt_logprobs: list[dict] | None = None
+    prompt_distributions: list[torch.Tensor] | None = None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -64,6 +68,10 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        return self.prompt_logprobs is not None
 
     @property
     def is_finished(self) -> bool:

@@ -91,3 +91,31 @@ def test_stories260k_trained_weights():
         assert out.outputs[0].text == hf_tok.decode(prompt_ids + ids, skip_special_tokens=True)[len(prompt_text):]
     assert outs[2].outputs[0].text.startswith(", there was a little girl named Lily")
     assert_engine_clean(llm.engine)
+
+
+def test_prompt_logprobs_match_transformers():
+    """vLLM's prompt_logprobs over chunked prefill, also for a prompt whose blocks are in the prefix cache
+    (it is computed again, not read), against transformers' log-softmax at every prompt position."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(STORIES_DIR, dtype=torch.float32).eval()
+    llm = LLM(STORIES_DIR, block_size=4, kv_cache_memory="8MiB", max_num_batched_tokens=12)
+    prompt = "Once upon a time there was a big dog. The dog liked to run in the park with his ball."
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    assert first.prompt_logprobs is None
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for pos in range(1, len(ids)):
+        entry, row = out.prompt_logprobs[pos], ref[pos - 1]
+        assert abs(entry[ids[pos]].logprob - row[ids[pos]].item()) < 1e-4
+        assert entry[ids[pos]].rank == int((row > row[ids[pos]]).sum()) + 1
+        top = row.topk(3).indices.tolist()
+        assert [t for t, lp in entry.items() if lp.rank is not None and lp.rank <= 3][:3] == top
+    assert out.num_cached_tokens == 0  # computed again although the first request cached its blocks
+    again = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0
+    assert_engine_clean(llm.engine)

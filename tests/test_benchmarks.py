@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from sharekv.cli import main
-from tests.conftest import DEMO_MODEL
+from tests.conftest import DEMO_MODEL, STORIES_DIR
 
 
 def _result(path) -> dict:
@@ -69,3 +69,18 @@ def test_bench_attention(tmp_path):
     for row in result["results"]:
         for backend in result["backends"]:
             assert row[f"{backend}_per_request_ms"] > 0 and row[f"{backend}_prefix_shared_ms"] > 0
+
+
+def test_bench_quality(tmp_path):
+    """The trained stories260K model: perplexity and greedy continuations equal transformers'."""
+    out = tmp_path / "quality.json"
+    assert main(["bench", "quality", "--model", STORIES_DIR, "--max-new-tokens", "12", "--kv-cache-memory", "16MiB",
+                 "--max-num-batched-tokens", "64", "--output", str(out)]) == 0
+    result = _result(out)
+    fidelity = result["fidelity_vs_transformers"]
+    assert fidelity["positions"] == sum(t["tokens"] - 1 for t in result["texts"]) > 400
+    assert fidelity["perplexity_relative_delta"] < 1e-4 and fidelity["top1_agreement"] == 1.0
+    assert fidelity["max_abs_logprob_delta"] < 1e-4 and abs(fidelity["mean_kl"]) < 1e-6
+    story, article = result["texts"]  # a model trained on children's stories predicts a story far better
+    assert 2 < story["perplexity_sharekv"] < 10 and article["perplexity_sharekv"] > 2 * story["perplexity_sharekv"]
+    assert result["greedy_vs_transformers"]["identical"] == result["greedy_vs_transformers"]["total"] == 2

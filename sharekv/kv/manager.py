@@ -28,7 +28,7 @@ class KVCacheManager:
     def find_cached_prefix(self, seq: Sequence) -> list:
         """Cached blocks holding a prefix of the sequence's tokens. At least one token is left to compute,
         so the step that admits the sequence produces its next-token logits."""
-        if not self.enable_prefix_caching or seq.num_computed_tokens:
+        if not self.enable_prefix_caching or seq.num_computed_tokens or seq.wants_prompt_logits:
             return []
         self._update_keys(seq)
         usable = (seq.num_tokens - 1) // self.block_size

@@ -165,15 +165,19 @@ class ModelRunner:
             self.kv_cache.index_copy_(2, torch.tensor(blocks, device=self.device), data)
         self.swap_seconds += time.perf_counter() - t0
 
-    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]:
         """Run the step. Returns logits for the sequences whose new tokens reach their end (they sample
-        a token), and those sequences' positions in `step.seqs`."""
+        a token), and those sequences' positions in `step.seqs`; then, for sequences that want their
+        prompt's log-probabilities, logits of the prompt positions computed here that they lack yet, as
+        spans (index in `step.seqs`, first position, rows) after the sampling rows."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         logit_rows: list[int] = []
         sampled: list[int] = []
+        prompt_rows: list[np.ndarray] = []
+        prompt_spans: list[tuple[int, int, int]] = []
         offset = 0
         for i, (seq, n) in enumerate(zip(step.seqs, step.num_new_tokens, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -181,6 +185,12 @@ class ModelRunner:
             pos = np.arange(start, end)
             positions.append(pos)
             slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
+            if seq.wants_prompt_logits:
+                # position p predicts prompt token p + 1; a recomputed position was collected already
+                first, last = max(start, len(seq.prompt_logprobs)), min(end, seq.prompt_len - 1)
+                if last > first:
+                    prompt_rows.append(np.arange(offset + first - start, offset + last - start))
+                    prompt_spans.append((i, first, last - first))
             offset += n
             if end == seq.num_tokens:
                 logit_rows.append(offset - 1)
@@ -192,6 +202,8 @@ class ModelRunner:
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
         hidden = self.model.forward(ids, pos, self.kv_cache, meta)
+        if prompt_rows:
+            logit_rows = logit_rows + np.concatenate(prompt_rows).tolist()
         logits = self.model.logits(hidden[logit_rows]) if logit_rows else hidden.new_empty((0, 0))
         self.forward_seconds += time.perf_counter() - t0
-        return logits, sampled
+        return logits, sampled, prompt_spans
