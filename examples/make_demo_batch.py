@@ -1,75 +1,114 @@
-"""Write examples/demo_batch.jsonl: 8 documents x 6 questions, shuffled, in the OpenAI Batch API format.
-
-Every prompt is a shared system prompt + one document + one question, so prompts share long prefixes.
-Run: python examples/make_demo_batch.py
+"""Write examples/demo_batch.jsonl: 8 short documents x 6 questions about each, shuffled, as OpenAI Batch API
+chat requests. The documents were written for this demo; SmolLM2-135M-Instruct can answer the questions
+from them. Every prompt is a shared system prompt + one document + one question, so prompts share long
+prefixes. Run: python examples/make_demo_batch.py
 """
 
 import json
 import os
 import random
 
-SYSTEM = ("You are a careful reading assistant. Answer the question using only the document. "
-          "If the document does not say, answer 'not stated'. Keep answers to one sentence.")
+SYSTEM = "You are a helpful assistant. Answer the question about the document in one short sentence."
 
 DOCUMENTS = {
-    "lighthouse": "The lighthouse at Grey Point was built in 1871 from granite quarried on the island itself. "
-    "Its lamp was first fuelled by whale oil, then by kerosene, and was electrified in 1934. Three keepers "
-    "lived there in rotation until 1989, when the light was automated. The tower is 31 metres tall and its "
-    "beam can be seen 22 nautical miles out to sea. Today the keepers' cottage is a small museum that opens "
-    "from May to September.",
-    "sourdough": "A sourdough starter is a mixture of flour and water colonised by wild yeast and lactic acid "
-    "bacteria. It is fed daily with equal weights of flour and water. A healthy starter doubles in size four "
-    "to eight hours after feeding and smells pleasantly sour. Bakers usually mix the dough when the starter "
-    "is at its peak, let it ferment in bulk for four to six hours, shape it, and proof it overnight in the "
-    "refrigerator before baking at a high temperature in a covered pot.",
-    "comet": "Comet Lerato was discovered in March 2019 by an amateur astronomer in Botswana using a 20 cm "
-    "telescope. It follows an elliptical orbit with a period of about 74 years and comes closest to the Sun "
-    "inside the orbit of Venus. Its nucleus is estimated to be 4 kilometres wide. During its last approach "
-    "the comet developed two tails, one of dust and one of ionised gas, which pointed in slightly different "
-    "directions.",
-    "railway": "The narrow-gauge railway between Alder and Wick opened in 1902 to carry slate from the "
-    "quarries to the harbour. The line is 19 kilometres long, climbs 240 metres, and crosses the river on a "
-    "stone viaduct of eleven arches. Passenger services began in 1905 and ended in 1951. Volunteers reopened "
-    "the first six kilometres in 1978, and steam trains now run on weekends from Easter to October.",
-    "bees": "Honey bee colonies have a single queen, several thousand female workers, and in summer a few "
-    "hundred male drones. Workers change jobs as they age: young bees clean cells and feed larvae, middle-aged "
-    "bees build comb and guard the entrance, and the oldest bees forage for nectar and pollen. A forager "
-    "tells her sisters where flowers are with a waggle dance whose angle shows direction and whose length "
-    "shows distance.",
-    "library": "The city library moved into the old grain exchange in 2011 after a four-year renovation. The "
-    "building keeps its cast-iron roof and glass skylights. It holds about 410,000 books, a local history "
-    "archive of maps and photographs, and a workshop with 3D printers that members can book for two hours "
-    "a week. It is open every day except public holidays, and membership is free for residents.",
-    "volcano": "Mount Serac is a stratovolcano 2,950 metres high. Its last major eruption, in 1783, sent ash "
-    "as far as the coast and buried two villages on its eastern slope. Since then it has produced only small "
-    "steam explosions. Scientists monitor it with seismometers, GPS stations and gas sensors, and the summit "
-    "crater is closed to hikers when sulfur dioxide levels rise above the safety limit.",
-    "chess": "The chess club meets on Tuesday and Thursday evenings in the back room of the community hall. "
-    "It was founded in 1967 by two schoolteachers and has about sixty members, from age eight to ninety. "
-    "Beginners get a free lesson on their first visit. The club runs a rapid tournament every month and a "
-    "long-play championship each winter, and its first team plays in the regional league.",
+    "lighthouse": (
+        "The lighthouse at Grey Point was built in 1871 from granite cut on the island itself. It is 31 metres "
+        "tall, and its white light can be seen 22 nautical miles out to sea.\n\n"
+        "At first the lamp burned whale oil. Later it burned kerosene, and in 1934 it was changed to electric "
+        "light. Three keepers took turns living in the lighthouse until 1989, when the light was automated.\n\n"
+        "Today the old keepers' cottage is a small museum. It is open from May to September."
+    ),
+    "bread": (
+        "Maria runs a small bakery on Harbour Street. She opens the shop at six o'clock every morning, and she "
+        "bakes about two hundred loaves each day.\n\n"
+        "Her most popular bread is a sourdough made with rye flour. She keeps the starter in a blue jar and "
+        "feeds it with flour and water every evening. The dough rises slowly overnight in the refrigerator.\n\n"
+        "On Saturdays Maria also makes cinnamon buns, and they are usually sold out by ten o'clock."
+    ),
+    "comet": (
+        "Comet Lerato was discovered in March 2019 by an amateur astronomer in Botswana. She found it with a "
+        "small telescope in her garden.\n\n"
+        "The comet travels around the Sun once every 74 years. Its icy nucleus is about 4 kilometres wide. When "
+        "it came close to the Sun, it grew two tails: one made of dust and one made of gas.\n\n"
+        "The comet will return to the inner solar system in the year 2093."
+    ),
+    "railway": (
+        "The little railway between Alder and Wick opened in 1902. It was built to carry slate from the quarries "
+        "down to the harbour.\n\n"
+        "The line is 19 kilometres long. It crosses the river on a stone bridge with eleven arches. Passenger "
+        "trains ran from 1905 until 1951, when the line closed.\n\n"
+        "In 1978 a group of volunteers reopened part of the line. Now steam trains run on weekends from Easter "
+        "to October, and the trip takes forty minutes."
+    ),
+    "bees": (
+        "A honey bee colony has one queen, thousands of female worker bees, and in summer a few hundred male "
+        "bees called drones. The queen lays all the eggs.\n\n"
+        "Worker bees change jobs as they get older. Young bees clean the cells and feed the larvae. Older bees "
+        "build wax comb and guard the entrance. The oldest bees fly out to collect nectar and pollen.\n\n"
+        "A bee that finds flowers does a waggle dance to show the other bees where the flowers are."
+    ),
+    "library": (
+        "The city library moved into the old grain market building in 2011. The building still has its iron "
+        "roof and large glass windows.\n\n"
+        "The library has about 410,000 books. It also has a room of old maps and photographs of the town, and a "
+        "workshop with 3D printers.\n\n"
+        "The library is open every day except public holidays. Membership is free for people who live in the "
+        "city, and members can borrow up to twelve books at a time."
+    ),
+    "volcano": (
+        "Mount Serac is a volcano 2,950 metres high. Its last big eruption was in 1783. Ash from that eruption "
+        "reached the coast and buried two villages.\n\n"
+        "Since then the volcano has been mostly quiet. Scientists watch it with seismometers and gas sensors.\n\n"
+        "Hikers can climb to the crater in summer, but the path is closed when the sensors find too much "
+        "sulfur gas. The climb takes about five hours."
+    ),
+    "chess": (
+        "The town chess club meets on Tuesday and Thursday evenings in the community hall. It was started in "
+        "1967 by two teachers.\n\n"
+        "The club has about sixty members. The youngest member is eight years old and the oldest is ninety. "
+        "New players get a free lesson on their first visit.\n\n"
+        "Every month the club holds a fast tournament, and every winter it holds a championship. The winner "
+        "gets a silver cup."
+    ),
 }
 
-QUESTIONS = [
-    "When did it begin or when was it founded?",
-    "Give one number the document mentions and what it measures.",
-    "Who or what does the work described in the document?",
-    "What changed over time, according to the document?",
-    "What is the single most important fact here?",
-    "Summarise the document in five words.",
-]
+QUESTIONS = {
+    "lighthouse": ["When was the lighthouse built?", "How tall is the lighthouse?",
+                   "What did the lamp burn at first?", "When was the light automated?",
+                   "What is the keepers' cottage today?", "When is the museum open?"],
+    "bread": ["Where is Maria's bakery?", "What time does the shop open?", "How many loaves does Maria bake each day?",
+              "What is her most popular bread?", "Where does she keep the starter?",
+              "What does Maria make on Saturdays?"],
+    "comet": ["When was Comet Lerato discovered?", "Who discovered the comet?",
+              "How often does the comet travel around the Sun?", "How wide is the nucleus?",
+              "How many tails did the comet grow?", "When will the comet return?"],
+    "railway": ["When did the railway open?", "What was the railway built to carry?", "How long is the line?",
+                "How many arches does the bridge have?", "Who reopened the line in 1978?",
+                "How long does the trip take?"],
+    "bees": ["How many queens does a colony have?", "What are male bees called?", "Who lays all the eggs?",
+             "What do young worker bees do?", "What do the oldest bees collect?",
+             "How does a bee show where the flowers are?"],
+    "library": ["When did the library move?", "How many books does the library have?",
+                "What is in the workshop?", "When is the library closed?", "How much does membership cost?",
+                "How many books can members borrow at a time?"],
+    "volcano": ["How high is Mount Serac?", "When was the last big eruption?", "What did the ash bury?",
+                "How do scientists watch the volcano?", "When is the path closed?", "How long does the climb take?"],
+    "chess": ["When does the chess club meet?", "Who started the club?", "How many members does the club have?",
+              "How old is the youngest member?", "What do new players get?",
+              "What does the championship winner get?"],
+}
 
 
 def main() -> None:
     rng = random.Random(0)
     lines = []
     for name, doc in DOCUMENTS.items():
-        for q, question in enumerate(QUESTIONS):
+        for q, question in enumerate(QUESTIONS[name]):
             body = {
-                "model": "sharekv-demo-v1",
+                "model": "SmolLM2-135M-Instruct",
                 "messages": [{"role": "system", "content": SYSTEM},
-                             {"role": "user", "content": f"Document:\n{doc}\n\nQuestion: {question}"}],
-                "max_tokens": 32,
+                             {"role": "user", "content": f"{doc}\n\nQuestion: {question}"}],
+                "max_tokens": 48,
                 "temperature": 0,
             }
             lines.append({"custom_id": f"{name}-q{q}", "method": "POST", "url": "/v1/chat/completions",

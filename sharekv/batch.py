@@ -7,6 +7,7 @@ loses nothing it finished; rerunning with the same output file skips the custom_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,8 +16,13 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from sharekv.config import EngineArgs
 from sharekv.engine import LLMEngine
-from sharekv.openai_api import APIError, ParsedRequest, parse_and_check, response_body, usage
+from sharekv.kv.manager import cdiv
+from sharekv.kv.prefix_forest import PrefixForest
+from sharekv.model.checkpoint import Checkpoint
+from sharekv.model.runner import DTYPES, kv_bytes_per_block
+from sharekv.openai_api import APIError, ParsedRequest, parse_and_check, parse_request, response_body, usage
 from sharekv.outputs import RequestOutput
 
 
@@ -42,6 +48,39 @@ class _Line:
     parsed: ParsedRequest
     request_ids: list[str]
     outputs: dict[str, RequestOutput]
+
+
+def job_kv_tokens(input_path: str, checkpoint: Checkpoint, context_len: int, block_size: int) -> int:
+    """KV tokens that hold a whole batch file at once when shared prefixes are stored once: the distinct
+    prompt tokens (a prefix tree over every prompt) plus each continuation's longest output and a partial
+    block. Lines that do not parse count nothing (they never run)."""
+    prompts, outputs = [], 0
+    with open(input_path) as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+                parsed = parse_request(record.get("body"), record.get("url"), checkpoint.tokenizer)
+            except (ValueError, AttributeError, APIError):
+                continue
+            for _, ids in parsed.prompts:
+                prompts.append(ids)
+                longest = max(0, context_len - len(ids))
+                outputs += parsed.params.n * (min(parsed.params.max_tokens or longest, longest) + block_size)
+    return PrefixForest(prompts).distinct_tokens + outputs
+
+
+def engine_for_job(args: EngineArgs, input_path: str) -> LLMEngine:
+    """The engine for a batch file. Without `kv_cache_memory` the pool is sized to the job (at most the
+    default, which follows free memory and the cgroup limit), not to the machine."""
+    checkpoint = Checkpoint.open(args.model)
+    if args.kv_cache_memory is None:
+        context = min(args.max_model_len or checkpoint.config.max_position_embeddings,
+                      checkpoint.config.max_position_embeddings)
+        tokens = job_kv_tokens(input_path, checkpoint, context, args.block_size)
+        per_block = kv_bytes_per_block(checkpoint.config, args.block_size, DTYPES[args.dtype])
+        job_bytes = max(1, cdiv(tokens, args.block_size)) * per_block
+        args = dataclasses.replace(args, kv_cache_memory=str(min(args.kv_cache_bytes(), job_bytes)))
+    return LLMEngine(args, checkpoint)
 
 
 def _done_keys(output_path: str) -> set[str]:

@@ -45,10 +45,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 
 def _cmd_batch(ns: argparse.Namespace) -> int:
-    from sharekv.batch import run_batch
-    from sharekv.engine import LLMEngine
+    from sharekv.batch import engine_for_job, run_batch
 
-    engine = LLMEngine(engine_args_from(ns))
+    engine = engine_for_job(engine_args_from(ns), ns.input)
     print(f"model {engine.model_name}: KV pool holds {engine.num_kv_tokens} tokens "
           f"({engine.num_blocks} blocks of {ns.block_size})", file=sys.stderr)
     summary = run_batch(engine, ns.input, ns.output, use_tqdm=not ns.no_progress)

@@ -24,16 +24,40 @@ def parse_bytes(value: int | float | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    return int(value) if value.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def cgroup_memory_headroom() -> int | None:
+    """What the process's memory cgroup (v2, else v1) still allows, or None without a limit."""
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_path), _read_int(usage_path)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes a huge number for no limit
+            return max(0, limit - usage)
+    return None
+
+
 def available_memory_bytes() -> int:
-    """Memory the OS reports as available (Linux), or a conservative 4 GiB elsewhere."""
+    """Memory the OS reports as available (Linux), lowered to the cgroup's headroom when a limit is set;
+    a conservative 4 GiB where neither can be read."""
+    available = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 4 * 2**30
+    headroom = cgroup_memory_headroom()
+    known = [v for v in (available, headroom) if v is not None]
+    return min(known) if known else 4 * 2**30
 
 
 @dataclass
@@ -44,7 +68,8 @@ class EngineArgs:
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     kv_cache_memory: str | None = field(
-        default=None, metadata={"help": "KV pool size, e.g. 512MiB (default: 40%% of free RAM, at most 8GiB)"}
+        default=None, metadata={"help": "KV pool size, e.g. 512MiB (default: 40%% of free RAM, at most 8GiB, "
+                                        "within the memory cgroup's limit; a batch job sizes it to the job)"}
     )
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one step"})

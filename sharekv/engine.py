@@ -52,13 +52,13 @@ class RequestState:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, checkpoint: Checkpoint | None = None) -> None:
         args.validate()
         self.args = args
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         t0 = time.perf_counter()
-        self.checkpoint = checkpoint = Checkpoint.open(args.model)
+        self.checkpoint = checkpoint = checkpoint or Checkpoint.open(args.model)
         self.model_dir = checkpoint.path
         self.model_name = checkpoint.name
         self.model_config = config = checkpoint.config
