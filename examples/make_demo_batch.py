@@ -105,7 +105,7 @@ def main() -> None:
     for name, doc in DOCUMENTS.items():
         for q, question in enumerate(QUESTIONS[name]):
             body = {
-                "model": "SmolLM2-135M-Instruct",
+                "model": "SmolLM2-135M-Instruct.Q4_1",
                 "messages": [{"role": "system", "content": SYSTEM},
                              {"role": "user", "content": f"{doc}\n\nQuestion: {question}"}],
                 "max_tokens": 48,
