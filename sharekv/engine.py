@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -76,7 +77,9 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         num_swap_slots = parse_bytes(args.swap_space) // per_block
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots)
-        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
+        namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.block_size}"
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                         swap=SwapSpace(num_swap_slots))
@@ -159,6 +162,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         step = self.scheduler.schedule()
         self.runner.copy_swapped_blocks(step)
+        self.scheduler.swap_copies_done()
         if step.is_empty:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")

@@ -27,6 +27,7 @@ class KVManagerMachine(RuleBasedStateMachine):
         self.kv = KVCacheManager(num_blocks=12, block_size=BLOCK)
         self.live: list[Sequence] = []
         self.next_id = 0
+        self.key_prefix: dict[bytes, tuple[int, ...]] = {}  # the tokens up to each indexed block's end
 
     @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=20), chunk=st.integers(1, 12))
     def admit(self, tokens, chunk):
@@ -34,8 +35,8 @@ class KVManagerMachine(RuleBasedStateMachine):
         self.next_id += 1
         cached = self.kv.find_cached_prefix(seq)
         assert len(cached) * BLOCK < len(tokens)  # at least one token is always left to compute
-        for i, block in enumerate(cached):  # a hit holds exactly the tokens asked for
-            assert block.key[1] == tuple(tokens[i * BLOCK:(i + 1) * BLOCK])
+        for i, block in enumerate(cached):  # a hit holds exactly the prefix asked for, up to its end
+            assert self.key_prefix[block.key] == tuple(tokens[:(i + 1) * BLOCK])
         n = min(len(tokens) - len(cached) * BLOCK, chunk)
         before = self.kv.pool.num_free_blocks
         if self.kv.allocate(seq, n, cached):
@@ -47,6 +48,11 @@ class KVManagerMachine(RuleBasedStateMachine):
     def _compute(self, seq: Sequence, n: int) -> None:
         seq.num_computed_tokens += n
         self.kv.cache_full_blocks(seq)
+        for i, block_id in enumerate(seq.block_table[:seq.num_computed_tokens // BLOCK]):
+            key = self.kv.pool.blocks[block_id].key
+            if key is not None:  # the whole prefix a key was first indexed for never changes
+                prefix = tuple(seq.token_ids[:(i + 1) * BLOCK])
+                assert self.key_prefix.setdefault(key, prefix) == prefix
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), chunk=st.integers(1, 8), token=st.integers(0, 2))

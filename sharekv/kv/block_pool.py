@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-# A full block's identity: the hash of the chain of blocks before it and its own token ids. Keying the
-# index by the whole tuple means a lookup compares the tokens, so a hash collision can never return
-# another prompt's KV.
-BlockKey = tuple[int, tuple[int, ...]]
+# A full block's identity: SHA-256 over the previous block's key and its own token ids, the chain rooted
+# in what the KV depends on (model, dtype, block size). Collision resistant, and the same in every process,
+# so another process or a disk tier can read them (Python's hash() was neither; cf. vLLM GHSA-rm76-4mrf-v9r8).
+BlockKey = bytes
 
 
 @dataclass(eq=False)

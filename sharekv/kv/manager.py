@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from sharekv.kv.block_pool import BlockPool
+import hashlib
+from array import array
+
+from sharekv.kv.block_pool import BlockKey, BlockPool
 from sharekv.sequence import Sequence
 
 
@@ -11,10 +14,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 key_namespace: str = "") -> None:
+        """`key_namespace` names what the KV depends on (model, dtype, block size): it roots every key."""
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.root_key: BlockKey = hashlib.sha256(f"sharekv-kv-v1|{key_namespace}".encode()).digest()
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0
 
@@ -22,8 +28,9 @@ class KVCacheManager:
         bs = self.block_size
         keys = seq.block_keys
         for i in range(len(keys), seq.num_tokens // bs):
-            parent = hash(keys[i - 1]) if i else 0
-            keys.append((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            parent = keys[i - 1] if i else self.root_key
+            tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()  # 8 bytes a token, fixed width
+            keys.append(hashlib.sha256(parent + tokens).digest())
 
     def find_cached_prefix(self, seq: Sequence) -> list:
         """Cached blocks holding a prefix of the sequence's tokens. At least one token is left to compute,

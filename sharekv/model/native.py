@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import threading
 from types import ModuleType
 
@@ -31,6 +32,24 @@ def cpu_kernels() -> ModuleType | None:
         return _state["module"]
 
 
+def cpu_signature() -> str:
+    """What `-march=native` compiles for: the machine and its CPU's instruction-set flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return platform.machine() + " " + " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
+def module_name(source: bytes, cpu: str) -> str:
+    """The build's name: a changed source, flag set or CPU builds anew, so a cache directory shared by two
+    machines never loads an AVX-512 build on an AVX2 CPU."""
+    return "sharekv_cpu_" + hashlib.sha256(source + " ".join(_CFLAGS).encode() + cpu.encode()).hexdigest()[:16]
+
+
 def _build() -> ModuleType | None:
     if os.environ.get("SHAREKV_NATIVE", "1") == "0":
         return None
@@ -38,8 +57,7 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         with open(_SOURCE, "rb") as f:
-            # a changed source or flag set builds anew
-            name = "sharekv_cpu_" + hashlib.sha1(f.read() + " ".join(_CFLAGS).encode()).hexdigest()[:12]
+            name = module_name(f.read(), cpu_signature())
         build_dir = os.path.join(default_cache_dir(), "torch_extensions", name)
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(build_dir, name + ".so")):

@@ -34,9 +34,9 @@ class FairScheduler(Scheduler):
     def add(self, seq: Sequence) -> None:
         user = seq.user
         if not self.in_flight[user]:
-            active = [self.served[u] for u, n in self.in_flight.items() if n and u != user]
-            floor = min(active, default=self.served.get(user, 0.0))
-            self.served[user] = max(self.served.get(user, 0.0), floor)
+            # A user with nothing in flight was forgotten (see finish): it starts level with the least-served
+            # active user, so idle time is never banked, and the tables hold only active users.
+            self.served[user] = min((self.served[u] for u in self.in_flight if u != user), default=0.0)
         self.in_flight[user] += 1
         super().add(seq)
 
@@ -97,7 +97,10 @@ class FairScheduler(Scheduler):
         super()._preempt(seq, out)
 
     def finish(self, seq: Sequence) -> None:
+        user = seq.user
         if seq.status is SequenceStatus.RUNNING:
-            self.running_per_user[seq.user] -= 1
-        self.in_flight[seq.user] -= 1
+            self.running_per_user[user] -= 1
+        self.in_flight[user] -= 1
         super().finish(seq)
+        if not self.in_flight[user]:
+            del self.in_flight[user], self.served[user], self.running_per_user[user]

@@ -97,7 +97,12 @@ class GlobalScheduler(Scheduler):
             leader = unit.leader
             if unit.prefix_ready or leader is None or leader.num_computed_tokens < unit.pin_blocks * bs:
                 continue
-            unit.pinned = [blocks[b] for b in leader.block_table[:unit.pin_blocks]]
+            # Pin the copy of each block the prefix index holds: when two leaders computed the same prefix
+            # in one step, only the first copy is indexed, and members look the prefix up by its keys.
+            unit.pinned = []
+            for i, block_id in enumerate(leader.block_table[:unit.pin_blocks]):
+                indexed = self.kv.pool.lookup(leader.block_keys[i]) if i < len(leader.block_keys) else None
+                unit.pinned.append(indexed or blocks[block_id])
             for block in unit.pinned:
                 self.kv.pool.share(block)
 
@@ -148,6 +153,10 @@ class GlobalScheduler(Scheduler):
                 self.units.remove(unit)
 
     def finish(self, seq: Sequence) -> None:
+        if seq in self._unplanned:  # aborted before any step planned it
+            self._unplanned.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            return
         unit = self.group_of.pop(seq.seq_id, None)
         if unit is not None and seq in unit.waiting:
             unit.waiting.remove(seq)  # aborted before it started

@@ -53,7 +53,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_swapped_out = 0
         self.num_host_hit_tokens = 0  # prompt tokens whose KV came back from the swap space's index
-        # Slots read by this step's copies are free again from the next step (with their cache keys).
+        # Slots read by this step's copies, free again (with their cache keys) once the copies ran.
         self._slots_read_this_step: list[tuple[int, object]] = []
 
     def add(self, seq: Sequence) -> None:
@@ -71,12 +71,15 @@ class Scheduler:
         self._fill(out)
         return out
 
-    def _fill(self, out: SchedulerOutput) -> None:
-        """Running sequences, then (unless this step had to preempt) waiting ones, decodes first."""
+    def swap_copies_done(self) -> None:
+        """The step's block copies have run: host slots read back are free again (keeping their keys)."""
         if self._slots_read_this_step:
             slots, keys = zip(*self._slots_read_this_step, strict=True)
             self.swap.give_back(list(slots), list(keys))
             self._slots_read_this_step = []
+
+    def _fill(self, out: SchedulerOutput) -> None:
+        """Running sequences, then (unless this step had to preempt) waiting ones, decodes first."""
         preempted = len(out.preempted)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if len(out.preempted) == preempted:
