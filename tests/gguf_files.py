@@ -26,6 +26,23 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def llama3_rope_factors(config: dict) -> np.ndarray | None:
+    """The `rope_freqs` tensor llama.cpp's converter writes for Llama 3.1 RoPE scaling: per frequency, 1 for
+    short wavelengths, `factor` for long ones, and the smooth blend's divisor between."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, blended)).astype(np.float32)
+
+
 def random_k_quant(rows: int, cols: int, qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
@@ -95,7 +112,8 @@ def write_gguf(path: str, config: dict, weights: dict[str, torch.Tensor], qtypes
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_rope_dimension_count(config["hidden_size"] // heads)
     writer.add_vocab_size(config["vocab_size"])
     if tokenizer is not None:
@@ -124,6 +142,9 @@ def write_gguf(path: str, config: dict, weights: dict[str, torch.Tensor], qtypes
         if values.shape[-1] % block:  # llama.cpp falls back the same way for rows that are not whole blocks
             qtype = Q.F16
         writer.add_tensor(name, encode_tensor(values, qtype, rng), raw_dtype=qtype)
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        writer.add_tensor("rope_freqs.weight", factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -272,3 +272,30 @@ def test_bad_files_are_clear_errors(gguf_files, tmp_path, capsys):
         assert main(["batch", "--model", str(tmp_path / name), "-i", str(jobs), "-o", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert message.split("'")[0] in err and "Traceback" not in err
+
+
+def test_llama3_rope_factors_from_gguf(tiny_models, tmp_path):
+    """A Llama 3.1-scaled model (the tiny llama: factor 8 over 64 original positions) as llama.cpp stores
+    it, rope_freqs and all: greedy tokens and log-probabilities equal transformers on the HF original,
+    including positions far past the original context."""
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_from_hf_dir(tiny_models["llama"], str(tmp_path / "llama3.gguf"), with_tokenizer=False)
+    assert GGUFCheckpoint.open(path).config["rope_scaling"]["rope_type"] == "factors"
+    prompts = mixed_prompts(6, 256, seed=5)
+    prompts[0] = prompts[0] + list(range(3, 200))  # well past 64 positions
+    llm = LLM(path, kv_cache_memory="8MiB", block_size=8)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2),
+                        use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        tokens = out.outputs[0].token_ids
+        with torch.inference_mode():
+            ref = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+        for step, (token, entry) in enumerate(zip(tokens, out.outputs[0].logprobs, strict=True)):
+            row = ref[len(prompt) - 1 + step]
+            assert token == int(row.argmax())
+            assert abs(entry[token].logprob - row[token].item()) < 1e-4
+    with pytest.raises(ModelLoadError, match="per-frequency RoPE factors"):
+        convert_gguf(path, str(tmp_path / "out"))
+    assert_engine_clean(llm.engine)

@@ -65,7 +65,8 @@ class ModelConfig:
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
         rope_theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
+        # "factors" (one divisor per frequency) comes from GGUF files, where llama.cpp stores Llama 3.1 scaling so
+        if rope_type not in ("default", "linear", "llama3", "factors"):
             raise ModelLoadError(f"{origin}: rope type {rope_type!r} is not supported (default, linear, llama3)")
         rope["rope_type"] = rope_type
         sliding = raw.get("sliding_window")

@@ -25,6 +25,9 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     checkpoint = Checkpoint.open(gguf_path)
     if checkpoint.gguf is None:
         raise ModelLoadError(f"{gguf_path}: not a GGUF file (convert reads GGUF, writes a Hugging Face directory)")
+    if checkpoint.config.rope_scaling.get("rope_type") == "factors":
+        raise ModelLoadError(f"{gguf_path}: its per-frequency RoPE factors (rope_freqs) have no config.json form "
+                             "that transformers reads; sharekv runs the file itself")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     with atomic_directory(out_dir) as tmp:

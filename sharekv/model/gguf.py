@@ -23,6 +23,7 @@ from gguf.quants import dequantize
 from sharekv.model.config import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
+ROPE_FACTORS = "rope_freqs.weight"  # per-frequency RoPE divisors (llama.cpp's form of Llama 3.1 scaling)
 DEFAULT_ALIGNMENT = 32
 
 # llama.cpp architecture -> (HF architecture, model_type); both run the Llama-family forward.
@@ -227,6 +228,8 @@ class GGUFCheckpoint:
         arch = self.file.require("general.architecture")
         names = []
         for name in self.file.tensors:
+            if name == ROPE_FACTORS:  # read into the config, not a weight
+                continue
             hf_name = hf_tensor_name(name)
             if hf_name is None:
                 raise GGUFError(f"{self.path}: tensor {name!r} is not one sharekv knows for {arch!r}")
@@ -260,8 +263,6 @@ def hf_config(file: GGUFFile) -> dict:
     hidden = key("embedding_length")
     heads = key("attention.head_count")
     kv_heads = file.field(f"{arch}.attention.head_count_kv", heads)
-    if "rope_freqs.weight" in file.tensors:
-        raise GGUFError(f"{file.path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 scaling) are not supported")
     rope_type = file.field(f"{arch}.rope.scaling.type", "none")
     if rope_type not in ("none", "linear"):
         raise GGUFError(f"{file.path}: RoPE scaling {rope_type!r} is not supported (none, linear)")
@@ -286,6 +287,8 @@ def hf_config(file: GGUFFile) -> dict:
     }
     if rope_type == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if ROPE_FACTORS in file.tensors:  # Llama 3.1-style scaling, stored by llama.cpp as one factor per frequency
+        config["rope_scaling"] = {"rope_type": "factors", "factors": file.dequantized(ROPE_FACTORS).tolist()}
     for name in ("bos", "eos"):
         token_id = file.field(f"tokenizer.ggml.{name}_token_id")
         if token_id is not None:

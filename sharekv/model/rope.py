@@ -12,6 +12,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / scaling["factor"]
+    if kind == "factors":
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{len(factors)} RoPE factors for {len(inv_freq)} frequencies")
+        return inv_freq / factors
     if kind == "llama3":
         # Llama 3.1: long wavelengths are stretched by `factor`, short ones kept, the band between blended.
         factor = scaling["factor"]
