@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.model.attention import PagedAttention
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import SHARED_CHUNK_MAX_TOKENS, step_metadata
@@ -105,6 +105,4 @@ def _plot(result: dict, path: str) -> None:
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

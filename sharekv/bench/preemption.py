@@ -20,7 +20,7 @@ import time
 import torch
 
 from sharekv.bench.prefix_batch import kv_memory_for_tokens, run_policy
-from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.bench.workloads import BenchRequest
 from sharekv.config import EngineArgs
 from sharekv.kv.manager import cdiv
@@ -130,6 +130,4 @@ def _plot(result: dict, path: str) -> None:
     for ax in (ax_cost, ax_wall):
         ax.grid(alpha=0.3)
     ax_cost.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -16,7 +16,7 @@ import platform
 import torch
 
 from sharekv.bench.greedy_run import greedy_generate
-from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
 from sharekv.kv.prefix_forest import PrefixForest, group_prompts
@@ -139,6 +139,4 @@ def _plot(result: dict, path: str) -> None:
     w = result["workload"]
     fig.suptitle(f"{w['num_docs']} documents x {w['questions_per_doc']} questions, "
                  f"{result['forest']['distinct_tokens']} distinct of {result['forest']['prompt_tokens']} prompt tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -18,7 +18,7 @@ from importlib import resources
 
 import torch
 
-from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.config import EngineArgs
 from sharekv.llm import LLM
 from sharekv.sampling_params import SamplingParams
@@ -200,6 +200,4 @@ def _plot(result: dict, path: str) -> None:
     fid = result["fidelity_vs_transformers"]
     fig.suptitle(f"{os.path.basename(result['model'])}: top-1 agreement {fid['top1_agreement']:.4f}, "
                  f"mean KL {fid['mean_kl']:.2e}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

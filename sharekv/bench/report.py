@@ -17,6 +17,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str) -> None:
+    """Lay out, write as PNG and close a benchmark's figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def write_result(result: dict, out_path: str, plot: Callable[[dict, str], None]) -> dict:
     """Write `result` to `out_path` and its plot to the same name with .png."""
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

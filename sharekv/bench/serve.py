@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.bench.serve_trace import SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
 from sharekv.config import EngineArgs
 
@@ -306,6 +306,4 @@ def plot_serve(result: dict, png_path: str) -> None:
     axes[1][1].set_xticklabels(users, rotation=45)
     for ax in axes.flat:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png_path)

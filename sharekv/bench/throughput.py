@@ -19,7 +19,7 @@ import time
 import torch
 
 from sharekv.bench.greedy_run import greedy_generate
-from sharekv.bench.report import pyplot, write_result
+from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.bench.workloads import BenchRequest, documents_x_questions, requests_from_batch_file
 from sharekv.config import EngineArgs, default_cache_dir
 from sharekv.llm import LLM
@@ -182,6 +182,4 @@ def _plot(result: dict, path: str) -> None:
     ax.set_ylabel("output tokens / s")
     source = os.path.basename(result["workload"].get("batch_file") or "documents x questions")
     ax.set_title(f"{os.path.basename(result['model'])}: {result['sharekv']['requests']} requests, {source}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
