@@ -58,6 +58,7 @@ _NUMERIC = {
     "repetition_penalty": ("repetition_penalty", (int, float)),
     "seed": ("seed", (int,)),
     "n": ("n", (int,)),
+    "prompt_logprobs": ("prompt_logprobs", (int,)),  # vLLM's extension
 }
 _FLAGS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
 
@@ -236,6 +237,15 @@ def _chat_logprobs(choice: CompletionOutput) -> dict | None:
     return {"content": content}
 
 
+def _prompt_logprobs(out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's shape: None for the first prompt token, then {token id: {logprob, rank, decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for tid, lp in entry.items()} for entry in out.prompt_logprobs]
+
+
 def usage(outputs: list[RequestOutput]) -> dict:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -262,6 +272,8 @@ def response_body(parsed: ParsedRequest, outputs: list[RequestOutput], model: st
                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             if parsed.return_token_ids:
                 choices[-1] |= {"prompt_token_ids": out.prompt_token_ids, "token_ids": c.token_ids}
+            if parsed.params.prompt_logprobs is not None:
+                choices[-1]["prompt_logprobs"] = _prompt_logprobs(out)
     rid, obj = request_id or new_request_id(parsed.endpoint), _kind(parsed.endpoint)[1]
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
             "usage": usage(outputs)}

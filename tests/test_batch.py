@@ -113,3 +113,27 @@ def test_batch_resumes_after_interruption(batch_file, tmp_path):
     ids = [r["custom_id"] for r in records if r["response"] and r["response"]["status_code"] == 200]
     assert sorted(ids) == ["c1", "c2", "chat1", "chat2"]  # each exactly once
     assert len(records) == 9
+
+
+def test_prompt_logprobs_in_the_response(tmp_path):
+    """vLLM's `prompt_logprobs` extension: per prompt token after the first, its log-probability and rank
+    and the top-k, equal to what `LLM.generate` gives; out of range is a 400 naming it."""
+    batch = tmp_path / "in.jsonl"
+    body = {"prompt": "The river flows east to the sea.", "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2}
+    batch.write_text(_line("p", "/v1/completions", body) + "\n"
+                     + _line("bad", "/v1/completions", body | {"prompt_logprobs": 21}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", "-i", str(batch), "-o", str(out), *ENGINE_FLAGS]) == 0
+    records = {r["custom_id"]: r for r in _records(out)}
+    assert records["bad"]["response"]["status_code"] == 400
+    assert records["bad"]["response"]["body"]["error"]["param"] == "prompt_logprobs"
+    choice = records["p"]["response"]["body"]["choices"][0]
+    expected = LLM(DEMO_MODEL, kv_cache_memory="64MiB").generate(
+        [body["prompt"]], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2), use_tqdm=False)[0]
+    prompt_ids = expected.prompt_token_ids
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == len(prompt_ids)
+    for pos in range(1, len(prompt_ids)):
+        entry, want = choice["prompt_logprobs"][pos], expected.prompt_logprobs[pos]
+        assert str(prompt_ids[pos]) in entry and len(entry) in (2, 3)
+        assert {int(t): e["logprob"] for t, e in entry.items()} == pytest.approx(
+            {t: lp.logprob for t, lp in want.items()}, abs=1e-5)

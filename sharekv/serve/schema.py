@@ -31,6 +31,7 @@ _SAMPLING = {
     "user": {"type": "string"},
     "priority": {"type": "integer"},
     "return_token_ids": {"type": "boolean"},
+    "prompt_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
 }
 
 COMPLETION_REQUEST = {
