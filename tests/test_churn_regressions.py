@@ -7,6 +7,8 @@ import platform
 import subprocess
 import sys
 
+import pytest
+
 from sharekv import EngineArgs, SamplingParams
 from sharekv.engine import LLMEngine
 from sharekv.kv.manager import KVCacheManager
@@ -141,3 +143,21 @@ def test_native_kernel_build_is_keyed_on_the_cpu():
     assert avx2 != module_name(b"source", "x86_64 avx avx2 avx512f avx512bw fma sse4_2")
     assert avx2 == module_name(b"source", "x86_64 avx avx2 fma sse4_2")
     assert avx2 != module_name(b"other source", "x86_64 avx avx2 fma sse4_2")
+
+
+def test_native_build_survives_a_lock_left_by_a_killed_process(tmp_path):
+    """A process killed while torch held its build lock (a plain file) left it behind; the next start must
+    not wait on it forever."""
+    import os
+
+    from sharekv.model import native
+
+    if native.cpu_kernels() is None:  # builds once here if no earlier test did
+        pytest.skip("no compiler here: the torch path runs, nothing is built or locked")
+    with open(native._SOURCE, "rb") as f:
+        name = native.module_name(f.read(), native.cpu_signature())
+    build_dir = os.path.join(native.default_cache_dir(), "torch_extensions", name)
+    open(os.path.join(build_dir, "lock"), "w").close()
+    code = "from sharekv.model import native; assert native._build() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert not os.path.exists(os.path.join(build_dir, "lock"))

@@ -7,11 +7,14 @@ SHAREKV_NATIVE=0), the portable torch path runs instead, with the same results.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
 from types import ModuleType
 
 from sharekv.config import default_cache_dir
@@ -30,6 +33,20 @@ def cpu_kernels() -> ModuleType | None:
         if "module" not in _state:
             _state["module"] = _build()
         return _state["module"]
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str) -> Iterator[None]:
+    """One build at a time, under a lock the OS releases if its holder dies. torch's own lock is a plain
+    file that a process killed mid-build (Ctrl-C at start-up) leaves behind, and every later start would
+    wait on it forever; holding ours, any such file is stale and is removed."""
+    with open(os.path.join(build_dir, "sharekv-build.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing a stale build lock left by an interrupted build: %s", stale)
+            os.remove(stale)
+        yield
 
 
 def cpu_signature() -> str:
@@ -62,8 +79,9 @@ def _build() -> ModuleType | None:
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(build_dir, name + ".so")):
             logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
-        return load(name=name, sources=[_SOURCE], build_directory=build_dir,
-                    extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
+        with _build_lock(build_dir):
+            return load(name=name, sources=[_SOURCE], build_directory=build_dir,
+                        extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no ninja, unsupported platform: fall back, but say so
         logger.warning("native CPU kernels unavailable (%s); using the slower torch attention path", e)
         return None
