@@ -200,6 +200,19 @@ def _cmd_bench_quality(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_soak(ns: argparse.Namespace) -> int:
+    from sharekv.bench.soak import run_soak_bench
+
+    result = run_soak_bench(ns.model, ns.schedules.split(","), ns.num_requests, ns.workload_seed, ns.output,
+                            ns.pool_tokens, ns.swap_tokens)
+    for run in result["runs"]:
+        print(f"{run['schedule']}: {run['requests']} requests ({run['invalid']} invalid), aborted {run['aborted']}, "
+              f"{run['preemptions']} preemptions ({run['swapped_out']} swapped), leaks {run['leaks'] or 'none'}, "
+              f"greedy mismatches {len(run['greedy_mismatches'])} of {run['greedy_checked']}, "
+              f"{run['wall_seconds']:.0f} s, RSS {run['rss_mib_start']:.0f} -> {run['rss_mib_end']:.0f} MiB")
+    return 0 if not any(r["leaks"] or r["greedy_mismatches"] for r in result["runs"]) else 1
+
+
 def _cmd_convert(ns: argparse.Namespace) -> int:
     from sharekv.model.convert import convert_gguf
 
@@ -302,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--output", default="results/quality.json", help="JSON result file (and a .png plot)")
     add_engine_args(qu, kv_cache_memory="1GiB")
     qu.set_defaults(func=_cmd_bench_quality)
+
+    sk = bench.add_parser("soak", help="the engine under churn: aborts anywhere, preemption, invalid requests; "
+                                       "then leaks and greedy outputs against a quiet run")
+    sk.add_argument("--model", default=None, help="model (default: the default model)")
+    sk.add_argument("--schedules", default="fcfs,global,fair")
+    sk.add_argument("--num-requests", type=int, default=10000)
+    sk.add_argument("--workload-seed", type=int, default=0)
+    sk.add_argument("--pool-tokens", type=int, default=160, help="KV pool, small so that requests are preempted")
+    sk.add_argument("--swap-tokens", type=int, default=80, help="swap space, small so that it fills up")
+    sk.add_argument("--output", default="results/soak.json", help="JSON result file (and a .png plot)")
+    sk.set_defaults(func=_cmd_bench_soak)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from sharekv.bench.soak import engine_leaks
 from sharekv.demo import ensure_demo_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -76,12 +77,4 @@ def mixed_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def assert_engine_clean(engine) -> None:
     """After every request has ended: no queued or running sequence, no reference held, every block free
     (possibly still holding cached KV), every swap slot free, and the pool's bookkeeping consistent."""
-    assert not engine.requests
-    assert not engine.scheduler.has_unfinished()
-    pool = engine.kv.pool
-    pool.check_invariants()
-    assert all(b.ref_count == 0 for b in pool.blocks)
-    assert pool.num_free_blocks == pool.num_blocks
-    swap = engine.scheduler.swap
-    swap.check_invariants()
-    assert swap.num_free_slots == swap.num_slots
+    assert engine_leaks(engine) == []

@@ -105,3 +105,12 @@ def test_bench_throughput_on_a_batch_file(tmp_path):
     result = _result(out)
     assert result["workload"]["eos"] == "real" and result["sharekv"]["requests"] == 3
     assert 3 <= result["sharekv"]["output_tokens"] < 3 * 100  # short answers end at EOS, far before 200 tokens
+
+
+def test_bench_soak(tmp_path):
+    out = tmp_path / "soak.json"
+    assert main(["bench", "soak", "--model", STORIES_DIR, "--num-requests", "40", "--schedules", "fcfs,fair",
+                 "--output", str(out)]) == 0
+    result = _result(out)
+    assert [r["schedule"] for r in result["runs"]] == ["fcfs", "fair"]
+    assert all(r["requests"] == 40 and r["leaks"] == [] and r["greedy_mismatches"] == [] for r in result["runs"])
