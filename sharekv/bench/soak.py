@@ -96,7 +96,7 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
     invalid = sent = 0
     rss_start, start = _rss_bytes(), time.perf_counter()
     while sent < num_requests or engine.has_unfinished_requests():
-        for _ in range(rng.randrange(0, 3) if sent < num_requests else 0):
+        for _ in range(min(rng.randrange(0, 3), num_requests - sent)):
             ids, params = _random_request(rng, vocab, engine.tokenizer)
             if rng.random() < 0.05:
                 ids = [vocab + 5] if rng.random() < 0.5 else []  # refused before anything is held
