@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from array import array
 
 from sharekv.kv.block_pool import BlockKey, BlockPool
@@ -29,8 +30,10 @@ class KVCacheManager:
         keys = seq.block_keys
         for i in range(len(keys), seq.num_tokens // bs):
             parent = keys[i - 1] if i else self.root_key
-            tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs]).tobytes()  # 8 bytes a token, fixed width
-            keys.append(hashlib.sha256(parent + tokens).digest())
+            tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs])  # 8 bytes a token, little-endian
+            if sys.byteorder == "big":
+                tokens.byteswap()
+            keys.append(hashlib.sha256(parent + tokens.tobytes()).digest())
 
     def find_cached_prefix(self, seq: Sequence) -> list:
         """Cached blocks holding a prefix of the sequence's tokens. At least one token is left to compute,
