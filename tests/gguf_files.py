@@ -12,7 +12,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from safetensors.torch import load_file
 
-from sharekv.model.gguf import gguf_tensor_name
+from sharekv.model.gguf import GLOBAL_TENSORS, LAYER_TENSORS
 
 Q = GGMLQuantizationType
 # Offsets of the fp16 scale fields in one block of the K-quants (gguf-py has no quantizer for them): the
@@ -24,6 +24,15 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf order of Q/K rows (the inverse of sharekv's unpermute_rows)."""
     head_dim = weight.shape[0] // num_heads
     return weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """The llama.cpp name of a Hugging Face tensor (sharekv's loader maps the other way)."""
+    for gguf_name, name in GLOBAL_TENSORS.items():
+        if name == hf_name:
+            return gguf_name
+    layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+    return f"blk.{layer}." + next(g for g, h in LAYER_TENSORS.items() if h == rest)
 
 
 def llama3_rope_factors(config: dict) -> np.ndarray | None:

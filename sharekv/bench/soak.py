@@ -13,11 +13,12 @@ import time
 
 import torch
 
+from sharekv.bench.prefix_batch import kv_memory_for_tokens
 from sharekv.bench.report import pyplot, save_figure, write_result
+from sharekv.config import EngineArgs
 from sharekv.engine import LLMEngine
 from sharekv.llm import LLM
 from sharekv.model.checkpoint import Checkpoint
-from sharekv.model.runner import kv_bytes_per_block
 from sharekv.sampling_params import InvalidParameter, SamplingParams
 
 STATES = ("before first step", "prefill", "decode", "swapped out")
@@ -84,10 +85,11 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
              swap_tokens: int = 80, block_size: int = 4) -> dict:
     """One churn run; the report counts what was sent, aborted where, preempted, leaked and mismatched."""
     rng = random.Random(seed)
-    config = Checkpoint.open(model).config
-    per_token = kv_bytes_per_block(config, block_size, torch.float32) // block_size
-    llm = LLM(model, schedule=schedule, block_size=block_size, kv_cache_memory=str(pool_tokens * per_token),
-              swap_space=str(swap_tokens * per_token), max_num_batched_tokens=rng.choice([16, 48, 128]))
+    config, args = Checkpoint.open(model).config, EngineArgs(block_size=block_size)
+    llm = LLM(model, schedule=schedule, block_size=block_size,
+              kv_cache_memory=kv_memory_for_tokens(config, args, pool_tokens),
+              swap_space=kv_memory_for_tokens(config, args, swap_tokens),
+              max_num_batched_tokens=rng.choice([16, 48, 128]))
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     requests: dict[str, tuple[list[int], SamplingParams]] = {}
@@ -123,7 +125,7 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
     wall = time.perf_counter() - start
     leaks = engine_leaks(engine)
     greedy = [r for r, (_, p) in requests.items() if p.greedy and r in finished and r not in aborted]
-    quiet = LLM(model, block_size=block_size, kv_cache_memory=str(64 * pool_tokens * per_token))
+    quiet = LLM(model, block_size=block_size, kv_cache_memory=kv_memory_for_tokens(config, args, 64 * pool_tokens))
     expected = quiet.generate([requests[r][0] for r in greedy], [requests[r][1] for r in greedy], use_tqdm=False)
     mismatches = [r for r, want in zip(greedy, expected, strict=True)
                   if (finished[r].outputs[0].token_ids, finished[r].outputs[0].text)

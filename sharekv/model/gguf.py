@@ -33,7 +33,7 @@ GGUF_ARCHITECTURES = {
 }
 
 # llama.cpp tensor names -> Hugging Face names ("{i}" is the layer).
-_LAYER_TENSORS = {
+LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
@@ -47,7 +47,7 @@ _LAYER_TENSORS = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_TENSORS = {
+GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -66,21 +66,12 @@ class GGUFError(ModelLoadError):
 
 def hf_tensor_name(gguf_name: str) -> str | None:
     """The Hugging Face name of a llama.cpp tensor, or None for a name sharekv does not know."""
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
+    if gguf_name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}"
     return None
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """The llama.cpp name of a Hugging Face tensor (the inverse of `hf_tensor_name`)."""
-    for gguf_name, name in _GLOBAL_TENSORS.items():
-        if name == hf_name:
-            return gguf_name
-    layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
-    return f"blk.{layer}." + next(g for g, h in _LAYER_TENSORS.items() if h == rest)
 
 
 def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
