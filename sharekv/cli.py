@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     sk = bench.add_parser("soak", help="the engine under churn: aborts anywhere, preemption, invalid requests; "
                                        "then leaks and greedy outputs against a quiet run")
     sk.add_argument("--model", default=None, help="model (default: the default model)")
-    sk.add_argument("--schedules", default="fcfs,global,fair")
+    sk.add_argument("--schedules", default="fcfs,global,fair,global+fair")
     sk.add_argument("--num-requests", type=int, default=10000)
     sk.add_argument("--workload-seed", type=int, default=0)
     sk.add_argument("--pool-tokens", type=int, default=160, help="KV pool, small so that requests are preempted")

@@ -76,7 +76,8 @@ class EngineArgs:
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences running at once"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: model's)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
-    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy: fcfs | global | fair"})
+    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy: fcfs | global | fair, or "
+                                                                  "policies joined by '+' (global+fair)"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     prefix_shared_attention: bool = field(
         default=True, metadata={"help": "tokens of sequences sharing cached prefix blocks read the prefix KV "
@@ -100,6 +101,9 @@ class EngineArgs:
             raise ValueError("max_num_seqs must be >= 1")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        from sharekv.sched.registry import parse_schedule  # the registry imports the policies
+
+        parse_schedule(self.schedule)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -18,7 +18,7 @@ from sharekv.model.runner import DTYPES, ModelRunner, kv_bytes_per_block
 from sharekv.model.sampler import Sampler
 from sharekv.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sharekv.sampling_params import InvalidParameter, SamplingParams
-from sharekv.sched import make_scheduler
+from sharekv.sched.registry import make_scheduler
 from sharekv.sequence import Sequence
 from sharekv.tokenizer import IncrementalDetokenizer
 
@@ -162,26 +162,24 @@ class LLMEngine:
         t0 = time.perf_counter()
         step = self.scheduler.schedule()
         self.runner.copy_swapped_blocks(step)
-        self.scheduler.swap_copies_done()
         if step.is_empty:
+            self.scheduler.update_from_output(step)
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         logits, sampled, prompt_spans = self.runner.execute(step)
+        seqs = self.scheduler.update_from_output(step)
+        prompt_computed = sum(max(0, min(c.end, seq.prompt_len) - c.start)
+                              for c, seq in zip(step.chunks, seqs, strict=True))
         if prompt_spans:
-            self._record_prompt_logprobs(step.seqs, logits[len(sampled):], prompt_spans)
+            self._record_prompt_logprobs(seqs, logits[len(sampled):], prompt_spans)
             logits = logits[:len(sampled)]
-        prompt_computed = 0
-        for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
-            prompt_computed += max(0, min(seq.num_computed_tokens + n, seq.prompt_len) - seq.num_computed_tokens)
-            seq.num_computed_tokens += n
-            self.kv.cache_full_blocks(seq)
         self.stats.prompt_tokens_computed += prompt_computed
         used = self.kv.pool.num_blocks - self.kv.pool.num_free_blocks
         self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, used)
         touched: dict[str, RequestState] = {}
         if sampled:
-            sampling_seqs = [step.seqs[i] for i in sampled]
+            sampling_seqs = [seqs[i] for i in sampled]
             result = self.sampler(logits, sampling_seqs)
             now = time.monotonic()
             for j, seq in enumerate(sampling_seqs):

@@ -13,8 +13,8 @@ from sharekv import EngineArgs, SamplingParams
 from sharekv.engine import LLMEngine
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
-from sharekv.sched import make_scheduler
-from sharekv.sched.scheduler import SchedulerOutput
+from sharekv.sched.output import SchedulerOutput
+from sharekv.sched.registry import make_scheduler
 from sharekv.sequence import Sequence
 from tests.conftest import DEMO_MODEL, assert_engine_clean
 
@@ -27,12 +27,9 @@ def _seq(seq_id: int, tokens: list[int], user: str | None = None, max_tokens: in
                     params=params, user=user)
 
 
-def _run_step(sched, step) -> None:
-    """What the engine does with a step: the copies, then the computed tokens and the blocks they filled."""
-    sched.swap_copies_done()
-    for seq, n in zip(step.seqs, step.num_new_tokens, strict=True):
-        seq.num_computed_tokens += n
-        sched.kv.cache_full_blocks(seq)
+def _run_step(sched, step) -> list[Sequence]:
+    """What the engine does with a step once its copies and forward ran; returns the step's sequences."""
+    return sched.update_from_output(step)
 
 
 def test_abort_before_the_first_step_under_global():
@@ -56,8 +53,7 @@ def test_swap_slots_return_when_the_last_sequence_finishes_in_its_swap_in_step()
     sched.add(seq)
     _run_step(sched, sched.schedule())
     seq.token_ids.append(7)
-    sched.running.remove(seq)
-    sched._preempt(seq, SchedulerOutput())  # swapped out
+    sched.preempt(seq, SchedulerOutput())  # swapped out
     assert seq.swap_slots is not None and swap.num_free_slots < swap.num_slots
     step = sched.schedule()  # swapped back in
     assert step.swap_in
@@ -97,18 +93,17 @@ def test_fair_forgets_users_with_nothing_in_flight():
     for i in range(300):
         seq = _seq(i, [5 + i % 7] * 6, user=f"user-{i}")
         sched.add(seq)
-        step = sched.schedule()
-        _run_step(sched, step)
-        for s in list(step.seqs):
+        for s in _run_step(sched, sched.schedule()):
             sched.finish(s)
     assert not sched.has_unfinished()
-    assert len(sched.served) == len(sched.in_flight) == len(sched.running_per_user) == 0
+    fair = sched.policy("fair")
+    assert len(fair.served) == len(fair.in_flight) == len(fair.running_per_user) == 0
     # a heavy user that goes idle and returns is lifted to the least-served active user, not below
     heavy, light = _seq(1000, [9] * 40, user="heavy"), _seq(1001, [8] * 6, user="light")
     sched.add(light)
-    sched.served["light"] = 500.0
+    fair.served["light"] = 500.0
     sched.add(heavy)
-    assert sched.served["heavy"] == 500.0
+    assert fair.served["heavy"] == 500.0
 
 
 def test_a_group_pins_the_indexed_copy_of_a_prefix_two_leaders_computed_in_one_step():
@@ -125,14 +120,14 @@ def test_a_group_pins_the_indexed_copy_of_a_prefix_two_leaders_computed_in_one_s
         for q in range(2):
             seqs.append(_seq(len(seqs), system + doc + [400 + 10 * d + q, 401], max_tokens=1))
             sched.add(seqs[-1])
-    step = sched.schedule()
-    leaders = list(step.seqs)
+    leaders = _run_step(sched, sched.schedule())
     assert len(leaders) == 2  # one per document group, in the same step
-    _run_step(sched, step)
-    sched._pin_ready_prefixes()
-    for unit in sched.units:
-        for i, block in enumerate(unit.pinned):
-            assert kv.pool.lookup(unit.leader.block_keys[i]) is block
+    sched.schedule()  # the groups pin their prefixes and start their members
+    groups = {sched.policy("global").group_of[s.seq_id] for s in leaders}
+    for group in groups:
+        assert group.pinned
+        for i, block in enumerate(group.pinned):
+            assert kv.pool.lookup(group.leader.block_keys[i]) is block
 
 
 def test_native_kernel_build_is_keyed_on_the_cpu():

@@ -6,7 +6,7 @@ import pytest
 
 from sharekv import LLM, SamplingParams
 from sharekv.bench.workloads import documents_x_questions
-from sharekv.sched.global_policy import GlobalScheduler
+from sharekv.sched.global_policy import GlobalPolicy
 from tests.conftest import assert_engine_clean
 
 
@@ -28,7 +28,7 @@ def test_global_matches_fcfs(tiny_models, kv):
     _, expected = _run(tiny_models["llama"], "fcfs", requests, kv_cache_memory="4MiB")
     llm, got = _run(tiny_models["llama"], "global", requests, kv_cache_memory=kv, max_num_batched_tokens=48)
     assert got == expected
-    assert isinstance(llm.engine.scheduler, GlobalScheduler)
+    assert isinstance(llm.engine.scheduler.policy("global"), GlobalPolicy)
     assert_engine_clean(llm.engine)
 
 
@@ -37,7 +37,7 @@ def test_global_reuses_more_than_fcfs_with_a_small_pool(tiny_models):
     small = dict(kv_cache_memory="96KiB", max_num_batched_tokens=48)
     fcfs, _ = _run(tiny_models["llama"], "fcfs", requests, **small)
     glob, _ = _run(tiny_models["llama"], "global", requests, **small)
-    grouping = glob.engine.scheduler.last_grouping
+    grouping = glob.engine.scheduler.policy("global").last_grouping
     # one group per document (system + document); the 12-token system prompt, left to the prefix cache,
     # is what grouping alone gives up for three of the four groups
     assert sorted(len(g.members) for g in grouping.groups) == [5, 5, 5, 5]
@@ -51,6 +51,8 @@ def test_global_reuses_more_than_fcfs_with_a_small_pool(tiny_models):
     assert reused(fcfs) < reused(glob)
     assert glob.engine.scheduler.num_preemptions == 0  # admission sized by memory
     assert glob.engine.stats.computed_tokens < fcfs.engine.stats.computed_tokens
+    # members start together over their pinned prefix, so fewer steps, not only fewer tokens
+    assert glob.engine.stats.steps < fcfs.engine.stats.steps
 
 
 def test_pinned_prefixes_released_on_abort(tiny_models):
@@ -64,8 +66,10 @@ def test_pinned_prefixes_released_on_abort(tiny_models):
                                                                       ignore_eos=True))
     engine.step()
     scheduler = engine.scheduler
-    leaders = [u.leader.request_id for u in scheduler.units if u.leader is not None]
-    waiting_member = next(s.request_id for u in scheduler.units for s in u.waiting)
+    policy = scheduler.policy("global")
+    leading = list(policy.leading)
+    leaders = [g.leader.request_id for g in leading]
+    waiting_member = next(s.request_id for g in leading for s in g.held)
     for rid in {*leaders[:2], waiting_member}:
         engine.abort_request(rid)
     for _ in range(3):
@@ -74,7 +78,7 @@ def test_pinned_prefixes_released_on_abort(tiny_models):
     engine.abort_request(running[0])
     while engine.has_unfinished_requests():
         engine.step()
-    assert not scheduler.units and not scheduler.group_of
+    assert not policy.leading and not policy.group_of and not policy._place
     assert_engine_clean(engine)
 
 
@@ -83,7 +87,7 @@ def test_global_preemption_fallback(tiny_models, monkeypatch):
     are preempted and recomputed: same tokens as fcfs, pinned prefixes intact, nothing leaked."""
     requests = _batch()
     _, expected = _run(tiny_models["llama"], "fcfs", requests, kv_cache_memory="4MiB")
-    monkeypatch.setattr(GlobalScheduler, "_blocks_to_finish", lambda self, seq, held: 0)
+    monkeypatch.setattr(GlobalPolicy, "_blocks_to_finish", lambda self, seq, held: 0)
     llm, got = _run(tiny_models["llama"], "global", requests, kv_cache_memory="96KiB", max_num_batched_tokens=48)
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == expected

@@ -27,7 +27,7 @@ from sharekv.kv.manager import cdiv
 from sharekv.llm import LLM
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.sampling_params import SamplingParams
-from sharekv.sched.scheduler import SchedulerOutput
+from sharekv.sched.output import SchedulerOutput
 
 
 @dataclasses.dataclass

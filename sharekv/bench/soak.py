@@ -33,8 +33,11 @@ def engine_leaks(engine: LLMEngine) -> list[str]:
     found = []
     if engine.requests:
         found.append(f"{len(engine.requests)} requests still registered")
-    if engine.scheduler.has_unfinished():
+    scheduler = engine.scheduler
+    if scheduler.has_unfinished() or scheduler.num_waiting or scheduler.num_swapped:
         found.append("the scheduler still holds sequences")
+    if engine.kv.num_pinned_blocks:
+        found.append(f"{engine.kv.num_pinned_blocks} prefix blocks still pinned")
     pool, swap = engine.kv.pool, engine.scheduler.swap
     try:
         pool.check_invariants()

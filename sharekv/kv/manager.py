@@ -6,7 +6,7 @@ import hashlib
 import sys
 from array import array
 
-from sharekv.kv.block_pool import BlockKey, BlockPool
+from sharekv.kv.block_pool import Block, BlockKey, BlockPool
 from sharekv.sequence import Sequence
 
 
@@ -24,6 +24,7 @@ class KVCacheManager:
         self.root_key: BlockKey = hashlib.sha256(f"sharekv-kv-v1|{key_namespace}".encode()).digest()
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0
+        self.num_pinned_blocks = 0  # references taken by pin_prefix and not yet given back
 
     def _update_keys(self, seq: Sequence) -> None:
         bs = self.block_size
@@ -91,6 +92,26 @@ class KVCacheManager:
             if block.key is not None or self.pool.lookup(seq.block_keys[i]) is not None:
                 break  # everything before this block was indexed by an earlier step or request
             self.pool.register(block, seq.block_keys[i])
+
+    def pin_prefix(self, seq: Sequence, num_blocks: int) -> list[Block]:
+        """Take a reference on the first `num_blocks` of a sequence's prefix, so the KV outlives it. The copy
+        the prefix index holds is pinned where there is one: when two sequences computed the same prefix in
+        one step only the first copy is indexed, and later sequences find the prefix by its keys."""
+        self._update_keys(seq)
+        blocks = self.pool.blocks
+        pinned = []
+        for i, block_id in enumerate(seq.block_table[:num_blocks]):
+            indexed = self.pool.lookup(seq.block_keys[i]) if i < len(seq.block_keys) else None
+            pinned.append(indexed or blocks[block_id])
+        for block in pinned:
+            self.pool.share(block)
+        self.num_pinned_blocks += len(pinned)
+        return pinned
+
+    def unpin(self, pinned: list[Block]) -> None:
+        for block in pinned:
+            self.pool.release(block)
+        self.num_pinned_blocks -= len(pinned)
 
     def free(self, seq: Sequence) -> None:
         """Return a sequence's blocks; tail blocks are released first so they are evicted first."""

@@ -10,7 +10,7 @@ import torch
 from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixes
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
-from sharekv.sched.scheduler import SchedulerOutput
+from sharekv.sched.output import SchedulerOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -166,12 +166,11 @@ class ModelRunner:
         self.swap_seconds += time.perf_counter() - t0
 
     def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]:
-        """Run the step. Returns logits for the sequences whose new tokens reach their end (they sample
-        a token), and those sequences' positions in `step.seqs`; then, for sequences that want their
-        prompt's log-probabilities, logits of the prompt positions computed here that they lack yet, as
-        spans (index in `step.seqs`, first position, rows) after the sampling rows."""
+        """Run the step. Returns logits for the chunks that reach their sequence's end (they sample a
+        token), and those chunks' positions in `step.chunks`; then logits of the prompt positions the chunks
+        ask for (`prompt_logits`), as spans (chunk index, first position, rows) after the sampling rows."""
         bs = self.block_size
-        input_ids: list[int] = []
+        chunks = step.chunks
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         logit_rows: list[int] = []
@@ -179,26 +178,24 @@ class ModelRunner:
         prompt_rows: list[np.ndarray] = []
         prompt_spans: list[tuple[int, int, int]] = []
         offset = 0
-        for i, (seq, n) in enumerate(zip(step.seqs, step.num_new_tokens, strict=True)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
-            pos = np.arange(start, end)
+        for i, chunk in enumerate(chunks):
+            n = len(chunk.token_ids)
+            pos = np.arange(chunk.start, chunk.start + n)
             positions.append(pos)
-            slots.append(np.asarray(seq.block_table)[pos // bs] * bs + pos % bs)
-            if seq.wants_prompt_logits:
-                # position p predicts prompt token p + 1; a recomputed position was collected already
-                first, last = max(start, len(seq.prompt_logprobs)), min(end, seq.prompt_len - 1)
-                if last > first:
-                    prompt_rows.append(np.arange(offset + first - start, offset + last - start))
-                    prompt_spans.append((i, first, last - first))
+            slots.append(np.asarray(chunk.block_table)[pos // bs] * bs + pos % bs)
+            if chunk.prompt_logits is not None:
+                first, count = chunk.prompt_logits
+                prompt_rows.append(np.arange(offset + first - chunk.start, offset + first - chunk.start + count))
+                prompt_spans.append((i, first, count))
             offset += n
-            if end == seq.num_tokens:
+            if chunk.samples:
                 logit_rows.append(offset - 1)
                 sampled.append(i)
-        meta = step_metadata([seq.block_table for seq in step.seqs], [seq.num_computed_tokens for seq in step.seqs],
-                             step.num_new_tokens, bs, self.share_prefixes, self.device, self.max_shared_chunk)
+        meta = step_metadata([c.block_table for c in chunks], [c.start for c in chunks],
+                             [len(c.token_ids) for c in chunks], bs, self.share_prefixes, self.device,
+                             self.max_shared_chunk)
         meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
         hidden = self.model.forward(ids, pos, self.kv_cache, meta)

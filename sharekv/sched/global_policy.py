@@ -1,178 +1,172 @@
 """`--schedule global`: whole-batch prefix grouping (BatchLLM-style).
 
-Before running anything, the requests waiting to start are put in a prefix forest and grouped (one shared
-prefix per request). Then:
+Before running anything, the requests added since the last step are put in a prefix forest and grouped
+(one shared prefix per request). Then:
 - groups, and members within a group, start in decode-first order (expected output / prompt tokens,
   highest first), so long decodes overlap the prefill chunks of requests admitted after them;
 - a group's first member (its leader) computes the prefix; once that is in the cache the group pins the
-  prefix blocks, and the other members start on top of them. The pin is released the moment the last
-  member finishes or is aborted: the prefix lives exactly as long as its group, with no LRU luck;
+  prefix blocks, and the other members, held back until then, join the queue and start on top of them.
+  The pin is released the moment the last member finishes or is aborted: the prefix lives exactly as long
+  as its group, with no LRU luck. When nothing can run for lack of memory, pins are given back (members
+  then recompute the prefix or find it cached) rather than the engine stopping;
 - a request is admitted only when the pool can hold everything it may still write (prompt suffix and
   max_tokens), counting what running requests may still write: step size follows KV memory, and
   preemption becomes the exception. A group too large for memory runs in sub-batches over its pinned
   prefix.
+Composed with `fair` (`global+fair`), users take turns by their share and each user's requests start in
+this order, grouped.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sharekv.kv.block_pool import Block
-from sharekv.kv.manager import KVCacheManager, cdiv
+from sharekv.kv.manager import cdiv
 from sharekv.kv.prefix_forest import PrefixForest, group_prompts
-from sharekv.kv.swap import SwapSpace
-from sharekv.sched.scheduler import Scheduler, SchedulerOutput
-from sharekv.sequence import Sequence, SequenceStatus
+from sharekv.sched.policy import Policy
+from sharekv.sched.scheduler import Admission, Scheduler
+from sharekv.sequence import Sequence
 
 
 @dataclass(eq=False)
-class PrefixGroupState:
+class PrefixGroup:
     pin_blocks: int  # full blocks of the shared prefix that the group pins
-    waiting: deque[Sequence]  # members not yet started, in start order
+    held: deque[Sequence]  # members kept out of the queue until the prefix is pinned, in start order
     unfinished: int
     leader: Sequence | None = None
-    pinned: list[Block] = field(default_factory=list)
-
-    @property
-    def prefix_ready(self) -> bool:
-        return self.pin_blocks == 0 or bool(self.pinned)
+    pinned: list[Block] | None = None
 
 
-def _decode_ratio(seq: Sequence, max_model_len: int) -> float:
-    return _max_new_tokens(seq, max_model_len) / seq.prompt_len
-
-
-def _max_new_tokens(seq: Sequence, max_model_len: int) -> int:
+def max_new_tokens(seq: Sequence, max_model_len: int) -> int:
     budget = max_model_len - seq.num_tokens
     return min(seq.params.max_tokens - seq.num_output_tokens, budget) if seq.params.max_tokens else budget
 
 
-class GlobalScheduler(Scheduler):
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, swap: SwapSpace | None = None) -> None:
-        super().__init__(kv, max_num_batched_tokens, max_num_seqs, max_model_len, swap)
-        self._unplanned: list[Sequence] = []
-        self.units: deque[PrefixGroupState] = deque()  # groups (and single requests) not fully started
-        self.group_of: dict[int, PrefixGroupState] = {}  # seq_id -> its group
+class GlobalPolicy(Policy):
+    name = "global"
+
+    def __init__(self, sched: Scheduler) -> None:
+        super().__init__(sched)
+        self._unplanned: dict[int, Sequence] = {}  # added since the last plan, by seq_id
+        self.leading: list[PrefixGroup] = []  # groups whose leader is computing the prefix to pin
+        self.group_of: dict[int, PrefixGroup] = {}  # seq_id -> its group, until it finishes
+        self._place: dict[int, tuple[int, int]] = {}  # seq_id -> (group rank, rank in group)
+        self._ranks = itertools.count()
+        self._headroom: int | None = None
+        self._need = 0
         self.last_grouping = None
 
-    def add(self, seq: Sequence) -> None:
-        self._unplanned.append(seq)
+    def hold(self, seq: Sequence) -> bool:
+        self._unplanned[seq.seq_id] = seq
+        return True
 
-    def has_unfinished(self) -> bool:
-        return bool(self._unplanned or self.units) or super().has_unfinished()
+    def held(self) -> int:
+        return len(self._unplanned) + sum(len(g.held) for g in self.leading)
+
+    def order_key(self, seq: Sequence) -> tuple:
+        return self._place.get(seq.seq_id, ())
+
+    def _decode_ratio(self, seq: Sequence) -> float:
+        return max_new_tokens(seq, self.sched.max_model_len) / seq.prompt_len
 
     def _plan(self) -> None:
-        """Group the requests added since the last step and queue them in decode-first order."""
-        seqs, self._unplanned = self._unplanned, []
-        bs = self.kv.block_size
-        forest = PrefixForest([s.token_ids[:s.prompt_len] for s in seqs])
-        grouping = group_prompts(forest, min_prefix_len=bs)
+        """Group the requests added since the last step and release them in decode-first order."""
+        seqs = list(self._unplanned.values())
+        self._unplanned = {}
+        bs = self.sched.kv.block_size
+        grouping = group_prompts(PrefixForest([s.token_ids[:s.prompt_len] for s in seqs]), min_prefix_len=bs)
         self.last_grouping = grouping
-        units = []
+        groups = []
         for group in grouping.groups:
-            members = sorted((seqs[i] for i in group.members), key=lambda s: -_decode_ratio(s, self.max_model_len))
+            members = sorted((seqs[i] for i in group.members), key=lambda s: -self._decode_ratio(s))
             # the last prompt token is always computed, so a prefix equal to a whole prompt pins one block less
             pin = min(group.prefix_len, min(s.prompt_len for s in members) - 1) // bs
-            units.append(PrefixGroupState(pin, deque(members), len(members)))
-        units += [PrefixGroupState(0, deque([seqs[i]]), 1) for i in grouping.singles]
-        for unit in units:
-            for seq in unit.waiting:
-                self.group_of[seq.seq_id] = unit
-        units.sort(key=lambda u: -sum(_decode_ratio(s, self.max_model_len) for s in u.waiting) / len(u.waiting))
-        self.units.extend(units)
+            groups.append(PrefixGroup(pin, deque(members), len(members)))
+        groups += [PrefixGroup(0, deque([seqs[i]]), 1) for i in grouping.singles]
+        groups.sort(key=lambda g: -sum(self._decode_ratio(s) for s in g.held) / len(g.held))
+        for group in groups:
+            rank = next(self._ranks)
+            for i, seq in enumerate(group.held):
+                self.group_of[seq.seq_id] = group
+                self._place[seq.seq_id] = (rank, i)
+            if group.pin_blocks:
+                self._lead(group, group.held.popleft())
+            else:
+                self._release(group)
 
-    def schedule(self) -> SchedulerOutput:
+    def _lead(self, group: PrefixGroup, leader: Sequence) -> None:
+        group.leader = leader
+        if group not in self.leading:
+            self.leading.append(group)
+        self.sched.enqueue(leader)
+
+    def _release(self, group: PrefixGroup) -> None:
+        while group.held:
+            self.sched.enqueue(group.held.popleft())
+
+    def before_schedule(self, out) -> None:
         if self._unplanned:
             self._plan()
-        self._pin_ready_prefixes()
-        return super().schedule()
-
-    def _pin_ready_prefixes(self) -> None:
-        """A group whose leader has computed the prefix takes its own reference on the prefix blocks."""
-        bs = self.kv.block_size
-        blocks = self.kv.pool.blocks
-        for unit in self.units:
-            leader = unit.leader
-            if unit.prefix_ready or leader is None or leader.num_computed_tokens < unit.pin_blocks * bs:
-                continue
-            # Pin the copy of each block the prefix index holds: when two leaders computed the same prefix
-            # in one step, only the first copy is indexed, and members look the prefix up by its keys.
-            unit.pinned = []
-            for i, block_id in enumerate(leader.block_table[:unit.pin_blocks]):
-                indexed = self.kv.pool.lookup(leader.block_keys[i]) if i < len(leader.block_keys) else None
-                unit.pinned.append(indexed or blocks[block_id])
-            for block in unit.pinned:
-                self.kv.pool.share(block)
+        bs = self.sched.kv.block_size
+        for group in list(self.leading):
+            if group.leader.num_computed_tokens >= group.pin_blocks * bs:
+                group.pinned = self.sched.pin_prefix(group.leader, group.pin_blocks)
+                self.leading.remove(group)
+                self._release(group)
 
     def _blocks_to_finish(self, seq: Sequence, held: int) -> int:
         """New blocks a sequence may still need to finish (prompt and max_tokens), beyond `held` blocks."""
-        total = cdiv(seq.num_tokens + _max_new_tokens(seq, self.max_model_len), self.kv.block_size)
+        total = cdiv(seq.num_tokens + max_new_tokens(seq, self.sched.max_model_len), self.sched.kv.block_size)
         return max(0, total - held)
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        # Preempted sequences (rare here) resume first, as under fcfs.
-        if self.waiting:
-            super()._schedule_waiting(out, budget)
-            budget = self.max_num_batched_tokens - out.num_tokens
-            if self.waiting:
-                return
-        if not self.units or budget <= 0:
-            return  # nothing waits to start: skip the per-running-sequence headroom sum
-        headroom = self.kv.pool.num_free_blocks - sum(self._blocks_to_finish(s, len(s.block_table))
-                                                      for s in self.running)
-        for unit in list(self.units):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
-                return
-            if not unit.prefix_ready and unit.leader is not None:
-                # The leader is still computing the prefix: keep room for the members, who start on top of
-                # it once it is pinned, so later groups cannot stretch this prefix's lifetime.
-                headroom -= sum(self._blocks_to_finish(m, unit.pin_blocks) for m in unit.waiting)
-                continue
-            while unit.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = unit.waiting[0]
-                cached = self.kv.find_cached_prefix(seq)
-                # cached-but-free blocks leave the free list when taken
-                need = self._blocks_to_finish(seq, len(cached)) + sum(1 for b in cached if b.ref_count == 0)
-                if need > headroom and self.running:
-                    return  # memory decides how many run; wait for running requests to finish
-                n = min(seq.num_tokens - len(cached) * self.kv.block_size, budget)
-                if not self.kv.allocate(seq, n, cached):
-                    return
-                headroom -= need
-                self.kv.record_prefix_query(seq, len(cached) * self.kv.block_size)
-                unit.waiting.popleft()
-                self._start(seq, out, n)
-                budget -= n
-                if unit.leader is None:
-                    unit.leader = seq
-                    if not unit.prefix_ready:
-                        break  # members wait for the prefix
-            if not unit.waiting:
-                self.units.remove(unit)
+    def begin_admission(self) -> None:
+        self._headroom = None  # computed when something waits to start
 
-    def finish(self, seq: Sequence) -> None:
-        if seq in self._unplanned:  # aborted before any step planned it
-            self._unplanned.remove(seq)
-            seq.status = SequenceStatus.FINISHED
+    def may_admit(self, seq: Sequence, admission: Admission) -> bool:
+        if seq.num_preemptions:
+            self._need = 0
+            return True  # resuming (rare here): as under fcfs
+        if self._headroom is None:
+            sched = self.sched
+            # Members of a group whose leader is still computing the prefix start on top of it once it is
+            # pinned: their room is kept, so later groups cannot stretch this prefix's lifetime.
+            self._headroom = (sched.num_free_blocks
+                              - sum(self._blocks_to_finish(s, len(s.block_table)) for s in sched.running)
+                              - sum(self._blocks_to_finish(m, g.pin_blocks) for g in self.leading
+                                    if g.leader.first_scheduled_time is not None for m in g.held))
+        self._need = self._blocks_to_finish(seq, admission.cached_blocks) + admission.revived_blocks
+        # memory decides how many run: wait for running requests to finish
+        return self._need <= self._headroom or not self.sched.running
+
+    def on_start(self, seq: Sequence) -> None:
+        if self._headroom is not None:
+            self._headroom -= self._need
+
+    def on_finish(self, seq: Sequence, was_running: bool) -> None:
+        if self._unplanned.pop(seq.seq_id, None) is not None:
+            return  # aborted before any step planned it
+        self._place.pop(seq.seq_id, None)
+        group = self.group_of.pop(seq.seq_id, None)
+        if group is None:
             return
-        unit = self.group_of.pop(seq.seq_id, None)
-        if unit is not None and seq in unit.waiting:
-            unit.waiting.remove(seq)  # aborted before it started
-            seq.status = SequenceStatus.FINISHED
-            if not unit.waiting and unit in self.units and unit.leader is None:
-                self.units.remove(unit)
-        else:
-            super().finish(seq)
-        if unit is None:
-            return
-        if unit.leader is seq and not unit.prefix_ready:
-            unit.leader = None  # ended before the prefix was pinned: the next member computes it
-        unit.unfinished -= 1
-        if unit.unfinished == 0:
-            for block in unit.pinned:
-                self.kv.pool.release(block)
-            unit.pinned = []
-            if unit in self.units:
-                self.units.remove(unit)
+        if seq in group.held:
+            group.held.remove(seq)  # aborted while held back
+        group.unfinished -= 1
+        if group.leader is seq and group in self.leading:
+            # ended before the prefix was pinned: the next member computes it
+            self.leading.remove(group)
+            if group.held:
+                self._lead(group, group.held.popleft())
+        if group.unfinished == 0 and group.pinned is not None:
+            self.sched.unpin(group.pinned)
+            group.pinned = None
+
+    def reclaim(self) -> bool:
+        pinned = [g for g in set(self.group_of.values()) if g.pinned is not None]
+        for group in pinned:
+            self.sched.unpin(group.pinned)
+            group.pinned = None
+        return bool(pinned)

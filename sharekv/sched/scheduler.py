@@ -1,95 +1,178 @@
-"""Iteration-level scheduling with chunked prefill (Sarathi-Serve's stall-free batching).
+"""The one scheduling mechanism under every policy: iteration-level scheduling with chunked prefill
+(Sarathi-Serve's stall-free batching).
 
 Each step has a token budget. Running sequences go first: a decode costs one token, a sequence still in
-prefill takes the next chunk of its prompt. What budget is left admits waiting sequences in order of
-priority, then arrival. When the KV pool runs out, the newest running sequence is preempted: its blocks
-are copied to host RAM (swap) and copied back when it resumes, or, when that saves little or the swap
-space is full, freed and recomputed later, mostly from the prefix cache.
+prefill takes the next chunk of its prompt. What budget is left admits waiting sequences in queue order:
+priority, then sequences resuming after preemption, then the policies' order, then arrival. When the KV
+pool runs out, the newest running sequence is preempted: its blocks are copied to host RAM (swap) and
+copied back when it resumes, or, when that saves little or the swap space is full, freed and recomputed
+later, mostly from the prefix cache.
+
+Policies (`sched/policy.py`) decide through hooks: the order of the waiting queue and its lanes, a gate on
+admission, sequences held back until a plan releases them, preemption for fairness, pins. This class owns
+every state change of a sequence (queued, running, preempted, finished) and every block and swap slot.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
 
+from sharekv.kv.block_pool import Block
 from sharekv.kv.manager import KVCacheManager, cdiv
 from sharekv.kv.swap import SwapSpace
+from sharekv.sched.output import ScheduledChunk, SchedulerOutput
+from sharekv.sched.policy import Policy
 from sharekv.sequence import Sequence, SequenceStatus
 
 
 @dataclass
-class SchedulerOutput:
-    """This step's work: sequences with one new token (decodes) first, then prefill chunks; and the block
-    copies to do before it runs (device blocks -> host slots for preempted sequences, and back)."""
+class Admission:
+    """What starting a waiting sequence takes: blocks shared from the device prefix cache, host slots to
+    copy back into the blocks after those, the tokens of KV it then has, and the tokens it computes now."""
 
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host slot)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device block)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
+    cached: list[Block]
+    host_slots: list[int]
+    restored: int
+    num_tokens: int
 
     @property
-    def is_empty(self) -> bool:
-        return not self.seqs
+    def cached_blocks(self) -> int:
+        return len(self.cached)
+
+    @property
+    def revived_blocks(self) -> int:
+        """Cached blocks nobody references: taking them removes them from the free list."""
+        return sum(1 for b in self.cached if b.ref_count == 0)
 
 
 class Scheduler:
-    """First come, first served: the streaming baseline, with the LRU prefix cache of the KV manager."""
-
-    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int,
-                 max_model_len: int, swap: SwapSpace | None = None) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                 swap: SwapSpace | None = None, policies: Iterable[type[Policy]] = ()) -> None:
         self.kv = kv
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.swap = swap or SwapSpace(0)
-        self.waiting: deque[Sequence] = deque()
+        self.policies = [policy(self) for policy in policies]
+        laned = [p for p in self.policies if type(p).lane is not Policy.lane]
+        if len(laned) > 1:
+            raise ValueError("at most one policy may split the waiting queue into lanes")
+        self._lane_policy = laned[0] if laned else None
         self.running: list[Sequence] = []
+        self._lanes: dict[Hashable, list[Sequence]] = {}  # the waiting queue, each lane in queue order
+        self._queue_keys: dict[int, tuple] = {}  # seq_id -> place in its lane, for queued sequences
+        self._step_seqs: list[Sequence] = []  # the sequences of the last step's chunks, in order
         self.num_preemptions = 0
         self.num_swapped_out = 0
+        self.num_swapped = 0  # sequences whose KV is in swap slots now
         self.num_host_hit_tokens = 0  # prompt tokens whose KV came back from the swap space's index
         # Slots read by this step's copies, free again (with their cache keys) once the copies ran.
         self._slots_read_this_step: list[tuple[int, object]] = []
 
+    def policy(self, name: str) -> Policy | None:
+        """The policy of that name in this schedule, if any."""
+        return next((p for p in self.policies if p.name == name), None)
+
+    # -- the queue -------------------------------------------------------------------------------------
+
     def add(self, seq: Sequence) -> None:
-        """Queue behind everything of equal or higher priority (lower value)."""
-        i = len(self.waiting)
-        while i > 0 and self.waiting[i - 1].priority > seq.priority:
-            i -= 1
-        self.waiting.insert(i, seq)
+        for p in self.policies:
+            p.on_add(seq)
+        if not any(p.hold(seq) for p in self.policies):
+            self.enqueue(seq)
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Put a waiting sequence in its lane, in queue order."""
+        resuming = 0 if seq.num_preemptions else 1
+        key = (seq.priority, resuming, *(k for p in self.policies for k in p.order_key(seq)), seq.seq_id)
+        self._queue_keys[seq.seq_id] = key
+        lane = self._lanes.setdefault(self._lane(seq), [])
+        bisect.insort(lane, seq, key=lambda s: self._queue_keys[s.seq_id])
+
+    def _lane(self, seq: Sequence) -> Hashable:
+        return None if self._lane_policy is None else self._lane_policy.lane(seq)
+
+    def _dequeue(self, seq: Sequence) -> None:
+        lane_id = self._lane(seq)
+        lane = self._lanes[lane_id]
+        lane.remove(seq)
+        if not lane:
+            del self._lanes[lane_id]
+        del self._queue_keys[seq.seq_id]
+
+    def next_waiting(self) -> Sequence | None:
+        """The sequence that starts next if memory allows."""
+        if len(self._lanes) <= 1:
+            return next((lane[0] for lane in self._lanes.values()), None)
+        rank = self._lane_policy.lane_rank
+
+        def order(item: tuple[Hashable, list[Sequence]]) -> tuple:
+            key = self._queue_keys[item[1][0].seq_id]
+            return key[0], *rank(item[0]), *key[1:]
+
+        return min(self._lanes.items(), key=order)[1][0]
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued or held back by a policy."""
+        return len(self._queue_keys) + sum(p.held() for p in self.policies)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running or self._queue_keys) or any(p.held() for p in self.policies)
+
+    # -- a step ----------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._fill(out)
+        for p in self.policies:
+            p.before_schedule(out)
+        scheduled: list[tuple[Sequence, int]] = []
+        self._fill(out, scheduled)
+        if not scheduled and not self.running and self._queue_keys and any([p.reclaim() for p in self.policies]):
+            self._fill(out, scheduled)  # degrade: what the policies gave back lets the queue move again
+        for p in self.policies:
+            p.after_schedule(scheduled)
+        scheduled.sort(key=lambda item: item[1] != 1)  # decodes first; the sort is stable
+        self._step_seqs = [seq for seq, _ in scheduled]
+        out.chunks = [self._chunk(seq, n) for seq, n in scheduled]
         return out
 
-    def swap_copies_done(self) -> None:
-        """The step's block copies have run: host slots read back are free again (keeping their keys)."""
+    def update_from_output(self, out: SchedulerOutput) -> list[Sequence]:
+        """The step ran (its copies and its forward): advance each sequence by its chunk, index the blocks
+        it filled, and free the host slots it read. Returns the sequences of `out.chunks`, in order."""
         if self._slots_read_this_step:
             slots, keys = zip(*self._slots_read_this_step, strict=True)
             self.swap.give_back(list(slots), list(keys))
             self._slots_read_this_step = []
+        seqs, self._step_seqs = self._step_seqs, []
+        for seq, chunk in zip(seqs, out.chunks, strict=True):
+            seq.num_computed_tokens += len(chunk.token_ids)
+            self.kv.cache_full_blocks(seq)
+        return seqs
 
-    def _fill(self, out: SchedulerOutput) -> None:
-        """Running sequences, then (unless this step had to preempt) waiting ones, decodes first."""
+    @staticmethod
+    def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        prompt_logits = None
+        if seq.wants_prompt_logits:
+            # position p predicts prompt token p + 1; a recomputed position was collected already
+            first, last = max(start, len(seq.prompt_logprobs)), min(end, seq.prompt_len - 1)
+            if last > first:
+                prompt_logits = (first, last - first)
+        return ScheduledChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, end == seq.num_tokens,
+                              prompt_logits)
+
+    def _fill(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]]) -> None:
+        """Running sequences, then (unless keeping them running needed a preemption) waiting ones."""
         preempted = len(out.preempted)
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        budget = self._schedule_running(out, scheduled, self.max_num_batched_tokens)
         if len(out.preempted) == preempted:
-            self._schedule_waiting(out, budget)
-        # The runner wants decodes first; sort is stable, so each part keeps its order.
-        order = sorted(range(len(out.seqs)), key=lambda i: out.num_new_tokens[i] != 1)
-        out.seqs = [out.seqs[i] for i in order]
-        out.num_new_tokens = [out.num_new_tokens[i] for i in order]
+            self._schedule_waiting(out, scheduled, budget)
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, scheduled: list, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -99,24 +182,32 @@ class Scheduler:
                 self._preempt(victim, out)
                 if victim is seq:
                     return budget
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            scheduled.append((seq, n))
             budget -= n
             i += 1
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not self._admit(seq, out, budget):
+    def _schedule_waiting(self, out: SchedulerOutput, scheduled: list, budget: int) -> None:
+        for p in self.policies:
+            p.begin_admission()
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.next_waiting()
+            if seq is None:
                 break
-            self.waiting.popleft()
-            budget -= out.num_new_tokens[-1]
+            admission = self._admission(seq, budget)
+            if not all(p.may_admit(seq, admission) for p in self.policies) or not self._admit(seq, admission, out):
+                break
+            self._dequeue(seq)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            scheduled.append((seq, admission.num_tokens))
+            budget -= admission.num_tokens
+            for p in self.policies:
+                p.on_start(seq)
 
-    def _admission(self, seq: Sequence, budget: int) -> tuple[list, list[int], int, int]:
-        """What starting `seq` takes: its blocks in the device prefix cache; the host slots to copy into the
-        blocks after those (its own if it was swapped out, else any the swap space still holds for its
-        prefix); the tokens of KV it then has; and the tokens this step computes."""
+    def _admission(self, seq: Sequence, budget: int) -> Admission:
         bs = self.kv.block_size
         cached = self.kv.find_cached_prefix(seq)
         if seq.swap_slots is not None:
@@ -130,28 +221,34 @@ class Scheduler:
                     break
                 host.append(slot)
             restored = (len(cached) + len(host)) * bs
-        return cached, host, restored, min(seq.num_tokens - restored, budget)
+        return Admission(cached, host, restored, min(seq.num_tokens - restored, budget))
 
-    def _admit(self, seq: Sequence, out: SchedulerOutput, budget: int) -> bool:
-        """Give a waiting sequence its blocks and start it in this step with up to `budget` tokens. Blocks
-        still in the prefix cache are shared, KV in host slots is copied back, the rest is computed.
-        Returns False, changing nothing, if the pool cannot hold them."""
-        cached, host, restored, n = self._admission(seq, budget)
-        hit = len(cached) * self.kv.block_size
-        if not self.kv.allocate(seq, restored - hit + n, cached):
+    def fits(self, seq: Sequence) -> bool:
+        """Whether a waiting sequence could start now with a full step's budget."""
+        if len(self.running) >= self.max_num_seqs:
             return False
-        seq.num_computed_tokens = restored
-        out.swap_in.extend(zip(host, seq.block_table[len(cached):len(cached) + len(host)], strict=True))
+        a = self._admission(seq, self.max_num_batched_tokens)
+        return self.kv.can_allocate(seq, a.restored - len(a.cached) * self.kv.block_size + a.num_tokens, a.cached)
+
+    def _admit(self, seq: Sequence, a: Admission, out: SchedulerOutput) -> bool:
+        """Give a waiting sequence its blocks: blocks still in the prefix cache are shared, KV in host slots
+        is copied back, the rest is computed. Returns False, changing nothing, if the pool cannot hold them."""
+        hit = len(a.cached) * self.kv.block_size
+        if not self.kv.allocate(seq, a.restored - hit + a.num_tokens, a.cached):
+            return False
+        seq.num_computed_tokens = a.restored
+        first = len(a.cached)
+        out.swap_in.extend(zip(a.host_slots, seq.block_table[first:first + len(a.host_slots)], strict=True))
         if seq.swap_slots is not None:
             self._slots_read_this_step += zip(seq.swap_slots, self._swapped_keys(seq), strict=True)
             seq.swap_slots, seq.num_swapped_tokens = None, 0
+            self.num_swapped -= 1
         else:
-            for slot, key in zip(host, seq.block_keys[len(cached):], strict=False):
+            for slot, key in zip(a.host_slots, seq.block_keys[first:], strict=False):
                 self.swap.claim(slot)
                 self._slots_read_this_step.append((slot, key))
-            self.num_host_hit_tokens += len(host) * self.kv.block_size
-        self.kv.record_prefix_query(seq, restored)  # counted at the first admission only
-        self._start(seq, out, n)
+            self.num_host_hit_tokens += len(a.host_slots) * self.kv.block_size
+        self.kv.record_prefix_query(seq, a.restored)  # counted at the first admission only
         return True
 
     def _swapped_keys(self, seq: Sequence) -> list:
@@ -159,14 +256,12 @@ class Scheduler:
         full = min(seq.num_swapped_tokens // self.kv.block_size, len(seq.block_keys))
         return [seq.block_keys[i] if i < full else None for i in range(len(seq.swap_slots))]
 
-    def _start(self, seq: Sequence, out: SchedulerOutput, n: int) -> None:
-        """Move an admitted sequence to running and put its first `n` tokens into this step."""
-        seq.status = SequenceStatus.RUNNING
-        if seq.first_scheduled_time is None:
-            seq.first_scheduled_time = time.monotonic()
-        self.running.append(seq)
-        out.seqs.append(seq)
-        out.num_new_tokens.append(n)
+    # -- preemption, pins, teardown --------------------------------------------------------------------
+
+    def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Preempt a running sequence (a policy's choice, made before the step is filled)."""
+        self.running.remove(seq)
+        self._preempt(seq, out)
 
     def _swap_saves_work(self, seq: Sequence) -> bool:
         """Recompute only when other sequences hold nearly all of this one's blocks (they stay on the
@@ -186,21 +281,40 @@ class Scheduler:
             out.swap_out.extend(zip(seq.block_table, slots, strict=False))
             seq.swap_slots, seq.num_swapped_tokens = slots, seq.num_computed_tokens
             self.num_swapped_out += 1
+            self.num_swapped += 1
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        out.preempted.append(seq)
-        self.waiting.appendleft(seq)
+        out.preempted.append(seq.seq_id)
+        self.enqueue(seq)
+        for p in self.policies:
+            p.on_preempt(seq)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.pool.num_free_blocks
+
+    def pin_prefix(self, seq: Sequence, num_blocks: int) -> list[Block]:
+        """Keep the KV of a sequence's first `num_blocks` blocks until `unpin` (a group's shared prefix)."""
+        return self.kv.pin_prefix(seq, num_blocks)
+
+    def unpin(self, pinned: list[Block]) -> None:
+        self.kv.unpin(pinned)
 
     def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence wherever it is and return its blocks and swap slots."""
-        if seq.status is SequenceStatus.RUNNING:
+        """Remove a finished or aborted sequence wherever it is (running, queued, held by a policy, swapped
+        out) and give back its blocks and swap slots."""
+        was_running = seq.status is SequenceStatus.RUNNING
+        if was_running:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+        elif seq.seq_id in self._queue_keys:
+            self._dequeue(seq)
         if seq.swap_slots is not None:
             self.swap.give_back(seq.swap_slots, self._swapped_keys(seq))
             seq.swap_slots, seq.num_swapped_tokens = None, 0
+            self.num_swapped -= 1
         self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
+        for p in self.policies:
+            p.on_finish(seq, was_running)

@@ -163,7 +163,7 @@ class AsyncEngine:
         m.running.set(running)
         m.waiting.set(waiting)
         scheduler = engine.scheduler
-        m.swapped.set(sum(1 for s in scheduler.waiting if s.swap_slots is not None))
+        m.swapped.set(scheduler.num_swapped)
         pool = engine.kv.pool
         m.kv_usage.set(1.0 - pool.num_free_blocks / pool.num_blocks)
         now = {"prompt": engine.stats.prompt_tokens, "generated": engine.stats.generated_tokens,

@@ -1,0 +1,46 @@
+"""A scheduled step as plain data: what the model runner executes, and all it reads.
+
+Nothing here refers to a sequence object or the scheduler, so a step can cross a process boundary (a
+worker, a remote runner) as it is; the scheduler applies the step's results afterwards
+(`Scheduler.update_from_output`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """The next tokens of one sequence: a decode is a chunk of one token, a prefill chunk has many."""
+
+    seq_id: int
+    token_ids: list[int]  # the tokens to run
+    start: int  # position of token_ids[0]; the KV of every position before it is in the cache
+    block_table: list[int]  # the sequence's blocks, covering start + len(token_ids) tokens; read-only
+    samples: bool  # the chunk reaches the sequence's last token, so its last logits give the next token
+    # Prompt positions in this chunk whose logits the request wants (vLLM's prompt_logprobs): first, count.
+    prompt_logits: tuple[int, int] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: decodes first, then prefill chunks; and the block copies to do before it runs (device
+    blocks to host slots for preempted sequences, and host slots back for resumed ones)."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)  # seq ids preempted while planning this step
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host slot)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device block)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
