@@ -200,6 +200,27 @@ def _cmd_bench_quality(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve_soak(ns: argparse.Namespace) -> int:
+    from sharekv.bench.serve_soak import run_serve_soak_bench
+    from sharekv.model.checkpoint import Checkpoint
+
+    model = ns.model or Checkpoint.open(None).path
+    result = run_serve_soak_bench(model, ns.schedules.split(","), ns.num_requests, ns.rate, ns.workload_seed,
+                                  ns.output, ns.overload_seconds)
+    ok = True
+    for run in result["runs"]:
+        o = run["overload"]
+        held = {k: v for k, v in {**run["idle_after_churn"], **run["idle_after_overload"]}.items() if v}
+        ok &= not held and not run["greedy_mismatches"] and not o["health_failures"]
+        print(f"{run['schedule']}: {run['requests']} requests {run['statuses']}, {run['disconnects']} disconnects, "
+              f"{run['wall_seconds']:.0f} s; held after: {held or 'nothing'}; greedy mismatches "
+              f"{len(run['greedy_mismatches'])} of {run['greedy_checked']}; RSS {run['rss_mib_after_warmup']:.0f} -> "
+              f"{run['rss_mib_end']:.0f} MiB; overload at {o['offered_rate']:.1f} req/s: {o['admitted']} admitted "
+              f"(p99 {o['admitted_latency_p99_s']:.2f} s, bound {o['queue_bound_s']:.1f} s), {o['rejected_503']} "
+              f"refused, /health failures {o['health_failures']}")
+    return 0 if ok else 1
+
+
 def _cmd_bench_soak(ns: argparse.Namespace) -> int:
     from sharekv.bench.soak import run_soak_bench
 
@@ -326,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--swap-tokens", type=int, default=80, help="swap space, small so that it fills up")
     sk.add_argument("--output", default="results/soak.json", help="JSON result file (and a .png plot)")
     sk.set_defaults(func=_cmd_bench_soak)
+
+    ss = bench.add_parser("serve-soak", help="the churn soak through a live sharekv serve with the openai client, "
+                                             "then overload at 10x the sustainable rate")
+    ss.add_argument("--model", default=None, help="model (default: the default model)")
+    ss.add_argument("--schedules", default="fcfs,global+fair")
+    ss.add_argument("--num-requests", type=int, default=10000)
+    ss.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second of the churn phase")
+    ss.add_argument("--overload-seconds", type=float, default=30.0)
+    ss.add_argument("--workload-seed", type=int, default=0)
+    ss.add_argument("--output", default="results/serve_soak.json", help="JSON result file (and a .png plot)")
+    ss.set_defaults(func=_cmd_bench_serve_soak)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

@@ -11,7 +11,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from sharekv.outputs import CompletionOutput, RequestOutput
+from sharekv.protocol import ChatCompletionRequest, CompletionRequest, describe
 from sharekv.sampling_params import InvalidParameter, SamplingParams
 from sharekv.tokenizer import ChatTemplateError, Tokenizer
 
@@ -47,60 +50,33 @@ class ParsedRequest:
     return_token_ids: bool = False  # vLLM's extension: choices carry token ids (prompt and generated)
 
 
-# body field -> (SamplingParams field, accepted types)
-_NUMERIC = {
-    "temperature": ("temperature", (int, float)),
-    "top_p": ("top_p", (int, float)),
-    "top_k": ("top_k", (int,)),
-    "min_p": ("min_p", (int, float)),
-    "presence_penalty": ("presence_penalty", (int, float)),
-    "frequency_penalty": ("frequency_penalty", (int, float)),
-    "repetition_penalty": ("repetition_penalty", (int, float)),
-    "seed": ("seed", (int,)),
-    "n": ("n", (int,)),
-    "prompt_logprobs": ("prompt_logprobs", (int,)),  # vLLM's extension
-}
-_FLAGS = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+# Request fields that map one to one onto SamplingParams fields of the same name.
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "n", "prompt_logprobs", "ignore_eos", "include_stop_str_in_output",
+                    "skip_special_tokens", "stop", "stop_token_ids")
 
 
-def _typed(body: dict, key: str, types: tuple[type, ...]) -> Any:
-    value = body[key]
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        names = " or ".join(t.__name__ for t in types)
-        raise APIError(f"'{key}' must be {names}, got {type(value).__name__}", param=key)
-    return value
+def validate_body(body: Any, endpoint: str) -> CompletionRequest | ChatCompletionRequest:
+    """The body as its pydantic model; any violation is a 400 naming the parameter."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    model = ChatCompletionRequest if endpoint == CHAT else CompletionRequest
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        message, param = describe(e)
+        raise APIError(message, param=param) from e
 
 
-def sampling_params_from_body(body: dict, endpoint: str, max_n: int = 16) -> SamplingParams:
-    kwargs: dict[str, Any] = {}
-    for key, (field_name, types) in _NUMERIC.items():
-        if body.get(key) is not None:
-            kwargs[field_name] = _typed(body, key, types)
-    for key in _FLAGS:
-        if body.get(key) is not None:
-            kwargs[key] = _typed(body, key, (bool,))
-    if endpoint == CHAT:
-        limit_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        kwargs["max_tokens"] = _typed(body, limit_key, (int,)) if body.get(limit_key) is not None else None
-        if body.get("logprobs"):
-            top = body.get("top_logprobs")
-            kwargs["logprobs"] = 0 if top is None else _typed(body, "top_logprobs", (int,))
+def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_n: int = 16) -> SamplingParams:
+    kwargs: dict[str, Any] = {k: v for k in _SAMPLING_FIELDS if (v := getattr(request, k)) is not None}
+    if isinstance(request, ChatCompletionRequest):
+        kwargs["max_tokens"] = request.max_completion_tokens or request.max_tokens
+        if request.logprobs:
+            kwargs["logprobs"] = request.top_logprobs or 0
     else:
-        kwargs["max_tokens"] = _typed(body, "max_tokens", (int,)) if body.get("max_tokens") is not None else 16
-        if body.get("logprobs") is not None:
-            kwargs["logprobs"] = _typed(body, "logprobs", (int,))
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
-            raise APIError("'stop' must be a string or a list of at most 16 strings", param="stop")
-        kwargs["stop"] = stop
-    if body.get("stop_token_ids") is not None:
-        ids = body["stop_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise APIError("'stop_token_ids' must be a list of integers", param="stop_token_ids")
-        kwargs["stop_token_ids"] = ids
+        kwargs["max_tokens"] = 16 if request.max_tokens is None else request.max_tokens
+        kwargs["logprobs"] = request.logprobs
     if kwargs.get("n", 1) > max_n:
         raise APIError(f"'n' must be at most {max_n}", param="n")
     try:
@@ -109,78 +85,46 @@ def sampling_params_from_body(body: dict, endpoint: str, max_n: int = 16) -> Sam
         raise APIError(str(e), param=e.param) from e
 
 
-def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                            for t in value)
-
-
-def prompts_from_body(body: dict, endpoint: str, tokenizer: Tokenizer | None) -> list[tuple[str | None, list[int]]]:
-    if endpoint == CHAT:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise APIError("'messages' must be a non-empty list of message objects", param="messages")
+def prompts(request: CompletionRequest | ChatCompletionRequest,
+            tokenizer: Tokenizer | None) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) of each prompt; a chat is one prompt, rendered by the model's chat template."""
+    if isinstance(request, ChatCompletionRequest):
         if tokenizer is None:
             raise APIError("this model has no tokenizer, so chat is not available; use /v1/completions "
                            "with token-id prompts", param="messages")
-        messages = [_flatten_content(m) for m in messages]
+        messages = []
+        for m in request.messages:
+            message = m.model_dump()
+            if isinstance(m.content, list):  # OpenAI's content parts: text only
+                message["content"] = "".join(part.text for part in m.content)
+            messages.append(message)
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ChatTemplateError as e:
             raise APIError(str(e), param="messages") from e
         return [(text, tokenizer.encode(text, add_special_tokens=False))]
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) or _is_token_list(prompt):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
-        items = prompt
-    else:
-        raise APIError("'prompt' must be a string, a list of strings, a list of token ids, or a list of "
-                       "token-id lists", param="prompt")
-    prompts = []
+    prompt = request.prompt
+    items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    result = []
     for item in items:
         if isinstance(item, str):
             if tokenizer is None:
                 raise APIError("this model has no tokenizer: send the prompt as token ids", param="prompt")
-            prompts.append((item, tokenizer.encode(item)))
+            result.append((item, tokenizer.encode(item)))
         else:
-            prompts.append((None, list(item)))
-    return prompts
-
-
-def _flatten_content(message: dict) -> dict:
-    """Accept OpenAI's content-part lists (text parts only) as well as plain strings."""
-    content = message.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise APIError("only text content parts are supported", param="messages")
-            texts.append(part.get("text", ""))
-        return {**message, "content": "".join(texts)}
-    if content is not None and not isinstance(content, str):
-        raise APIError("message content must be a string or a list of text parts", param="messages")
-    if not isinstance(message.get("role"), str):
-        raise APIError("every message needs a string 'role'", param="messages")
-    return message
-
-
-def _optional(body: dict, key: str, types: tuple[type, ...], default: Any) -> Any:
-    return default if body.get(key) is None else _typed(body, key, types)
+            result.append((None, list(item)))
+    return result
 
 
 def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: int = 16) -> ParsedRequest:
     if endpoint not in ENDPOINTS:
         raise APIError(f"unsupported url {endpoint!r}; use {' or '.join(ENDPOINTS)}", param="url")
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    params = sampling_params_from_body(body, endpoint, max_n)
-    prompts = prompts_from_body(body, endpoint, tokenizer)
-    model = _optional(body, "model", (str,), None)
-    options = _optional(body, "stream_options", (dict,), {})
-    return ParsedRequest(endpoint, prompts, params, model, stream=_optional(body, "stream", (bool,), False),
-                         include_usage=bool(options.get("include_usage")),
-                         user=_optional(body, "user", (str,), None), priority=_optional(body, "priority", (int,), 0),
-                         return_token_ids=_optional(body, "return_token_ids", (bool,), False))
+    request = validate_body(body, endpoint)
+    params = sampling_params(request, max_n)
+    options = request.stream_options
+    return ParsedRequest(endpoint, prompts(request, tokenizer), params, request.model, stream=bool(request.stream),
+                         include_usage=bool(options and options.include_usage), user=request.user,
+                         priority=request.priority or 0, return_token_ids=bool(request.return_token_ids))
 
 
 class RequestChecker(Protocol):

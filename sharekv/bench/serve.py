@@ -160,8 +160,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class LocalServer:
+    url: str
+    pid: int | None = None  # None for a server this process did not start
+
+
 @contextlib.contextmanager
-def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -> Iterator[str]:
+def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -> Iterator[LocalServer]:
     """`sharekv serve` in a subprocess on a free localhost port, until the block ends."""
     port = free_port()
     with open(log_path, "w") as log:
@@ -179,7 +185,7 @@ def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"sharekv serve did not come up in {timeout:.0f} s; see {log_path}")
                 time.sleep(0.5)
-            yield url
+            yield LocalServer(url, proc.pid)
         finally:
             proc.terminate()
             try:
@@ -188,7 +194,7 @@ def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -
                 proc.kill()
 
 
-def _served_model(url: str, api_key: str | None) -> str:
+def served_model(url: str, api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
 
@@ -251,9 +257,11 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
     for schedule in [None] if url else schedules:
         label = schedule or "remote"
         log = os.path.splitext(out_path)[0] + f".{label}.server.log"
-        server = contextlib.nullcontext(url) if url else local_server(engine_flags + ["--schedule", schedule], log)
-        with server as base:
-            model = _served_model(base, api_key)
+        server = (contextlib.nullcontext(LocalServer(url)) if url
+                  else local_server(engine_flags + ["--schedule", schedule], log))
+        with server as live:
+            base = live.url
+            model = served_model(base, api_key)
             runs += _replay_rates(base, model, api_key, label, [None] if burstgpt else rates, spec, slo_ttft,
                                   slo_tpot, burstgpt, time_scale)
             if measure_overhead:

@@ -22,7 +22,7 @@ from sharekv.model.checkpoint import Checkpoint
 from sharekv.sampling_params import InvalidParameter, SamplingParams
 
 STATES = ("before first step", "prefill", "decode", "swapped out")
-_PREFIXES = ["Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. ",
+STORY_PREFIXES = ["Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog. ",
              "Tom had a big red ball. One day he went to the beach with his mom and dad. ",
              "The sun was hot and the sky was blue. "]
 
@@ -79,7 +79,7 @@ def _random_request(rng: random.Random, vocab: int, tokenizer) -> tuple[list[int
                             stop=["."] if rng.random() < 0.2 else [], ignore_eos=rng.random() < 0.5)
     if tokenizer is not None and rng.random() < 0.5:
         words = " ".join(rng.choice(["cat", "sun", "happy", "tree"]) for _ in range(6))
-        return tokenizer.encode(rng.choice(_PREFIXES) + words), params
+        return tokenizer.encode(rng.choice(STORY_PREFIXES) + words), params
     shared = [1] + [(7 * i + 11) % vocab for i in range(rng.choice([8, 24, 40]))]
     return shared + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 30))], params
 

@@ -27,9 +27,9 @@ from sharekv.openai_api import (
     response_body,
 )
 from sharekv.outputs import RequestOutput
+from sharekv.protocol import ChatCompletionRequest, CompletionRequest, openapi_operation, openapi_schemas
 from sharekv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from sharekv.serve.metrics import ServerMetrics
-from sharekv.serve.schema import CHAT_REQUEST, COMPLETION_REQUEST, openapi_extra
 
 logger = logging.getLogger("sharekv.serve")
 RETRY_AFTER_SECONDS = 1
@@ -101,6 +101,15 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
         runner.stop()
 
     app = FastAPI(title="sharekv", version="0.1.0", lifespan=lifespan)
+
+    def openapi() -> dict:
+        # Routes read the body themselves (to bound its size), so the models join the document here.
+        if app.openapi_schema is None:
+            FastAPI.openapi(app)
+            app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.state.async_engine = runner
     app.state.metrics = metrics
 
@@ -210,11 +219,11 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
                 if final[i] is None:
                     runner.abort(engine_id)
 
-    @app.post(COMPLETIONS, openapi_extra=openapi_extra(COMPLETION_REQUEST))
+    @app.post(COMPLETIONS, openapi_extra=openapi_operation(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await generate(request, COMPLETIONS)
 
-    @app.post(CHAT, openapi_extra=openapi_extra(CHAT_REQUEST))
+    @app.post(CHAT, openapi_extra=openapi_operation(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await generate(request, CHAT)
 

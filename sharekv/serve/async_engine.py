@@ -164,6 +164,8 @@ class AsyncEngine:
         m.waiting.set(waiting)
         scheduler = engine.scheduler
         m.swapped.set(scheduler.num_swapped)
+        swap = scheduler.swap
+        m.swap_usage.set(1.0 - swap.num_free_slots / swap.num_slots if swap.num_slots else 0.0)
         pool = engine.kv.pool
         m.kv_usage.set(1.0 - pool.num_free_blocks / pool.num_blocks)
         now = {"prompt": engine.stats.prompt_tokens, "generated": engine.stats.generated_tokens,

@@ -33,6 +33,8 @@ class ServerMetrics:
         self.swapped = gauge("num_requests_swapped", "Sequences whose KV is swapped out to host RAM.")
         self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks held by requests (1 = full); "
                               "blocks that only hold cached prefixes count as free.")
+        self.swap_usage = gauge("cpu_cache_usage_perc", "Fraction of host swap slots holding a preempted "
+                                "sequence's KV (slots that only cache KV count as free).")
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.")
         self.preemptions = counter("num_preemptions", "Sequences preempted (swapped out or to be recomputed).")
