@@ -11,7 +11,7 @@ from tests.conftest import STORIES_DIR
 
 def test_serve_soak_and_overload(tmp_path):
     report = run_serve_soak(STORIES_DIR, "global+fair", num_requests=160, rate=10.0, seed=3,
-                            log_path=str(tmp_path / "server.log"), overload_seconds=6.0)
+                            log_path=str(tmp_path / "server.log"), overload_seconds=6.0, progress=False)
     statuses = report["statuses"]
     assert statuses.get("invalid:400", 0) > 0 and statuses.get("unknown model:404", 0) > 0
     assert statuses.get("valid:200", 0) > 50 and statuses.get("valid:499", 0) > 0  # answered; hung up

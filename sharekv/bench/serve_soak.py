@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import openai
+from tqdm.auto import tqdm
 
 from sharekv.bench.prefix_batch import kv_memory_for_tokens
 from sharekv.bench.report import pyplot, save_figure, write_result
@@ -130,7 +131,7 @@ def _idle_gauges(url: str, timeout: float = 60) -> dict[str, float]:
         time.sleep(0.1)
 
 
-async def _churn(url: str, requests: list[Sent], rate: float, seed: int, pid: int) -> dict:
+async def _churn(url: str, requests: list[Sent], rate: float, seed: int, pid: int, progress: bool) -> dict:
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, len(requests)))
     warm = max(1, len(requests) // 10)
@@ -138,6 +139,7 @@ async def _churn(url: str, requests: list[Sent], rate: float, seed: int, pid: in
     done = 0
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                 http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=2000)))
+    bar = tqdm(total=len(requests), desc="soak requests", unit="req", disable=not progress)
     start = time.perf_counter()
 
     async def one(sent: Sent, at: float) -> None:
@@ -145,11 +147,13 @@ async def _churn(url: str, requests: list[Sent], rate: float, seed: int, pid: in
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         await _send(client, sent)
         done += 1
+        bar.update(1)
         if done == warm:
             rss["after_warmup"] = _rss_mib(pid)
 
     await asyncio.gather(*(one(s, float(a)) for s, a in zip(requests, arrivals, strict=True)))
     await client.close()
+    bar.close()
     return {"wall_seconds": time.perf_counter() - start, "rss_mib_after_warmup": rss.get("after_warmup")}
 
 
@@ -231,7 +235,8 @@ def _greedy_mismatches(model: str, requests: list[Sent]) -> tuple[int, list[int]
 
 
 def run_serve_soak(model: str, schedule: str, num_requests: int, rate: float, seed: int, log_path: str,
-                   overload_seconds: float = 20.0, pool_tokens: int = 160, swap_tokens: int = 80) -> dict:
+                   overload_seconds: float = 20.0, pool_tokens: int = 160, swap_tokens: int = 80,
+                   progress: bool = True) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     checkpoint = Checkpoint.open(model)
     args = EngineArgs(block_size=4)
@@ -243,7 +248,7 @@ def run_serve_soak(model: str, schedule: str, num_requests: int, rate: float, se
         model_id = served_model(live.url, None)
         rng = random.Random(seed)
         requests = [_random_request(rng, model_id, checkpoint.config.vocab_size) for _ in range(num_requests)]
-        churn = asyncio.run(_churn(live.url, requests, rate, seed, live.pid))
+        churn = asyncio.run(_churn(live.url, requests, rate, seed, live.pid, progress))
         after_churn = _idle_gauges(live.url)
         churn["rss_mib_end"] = _rss_mib(live.pid)
         sustainable = _burst_rate(live.url, model_id)

@@ -146,7 +146,15 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
                                             "owned_by": "sharekv", "root": engine.model_dir,
                                             "max_model_len": engine.max_model_len}]}
 
+    def overloaded(e: QueueFull) -> APIError:
+        return APIError(f"the server is overloaded ({e}); retry later", status=503, type="server_error",
+                        code="overloaded")
+
     async def generate(request: Request, endpoint: str) -> Response:
+        try:
+            runner.check_room()
+        except QueueFull as e:
+            raise overloaded(e) from e
         body = await _read_json(request, body_limit)
         parsed = parse_and_check(body, endpoint, engine, server.max_n, server.max_tokens_limit)
         if parsed.model is not None and parsed.model != model_name:
@@ -161,8 +169,7 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
         except QueueFull as e:
             for engine_id in ids:
                 runner.abort(engine_id)
-            raise APIError(f"the server is overloaded ({e}); retry later", status=503, type="server_error",
-                           code="overloaded") from e
+            raise overloaded(e) from e
         except EngineDead as e:
             raise APIError(str(e), status=503, type="server_error") from e
         index = {engine_id: i for i, engine_id in enumerate(ids)}

@@ -77,6 +77,13 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join()
 
+    def check_room(self) -> None:
+        """Raise QueueFull if a new request would be refused: lets the server refuse before reading and
+        validating the body, which under overload is most of what refusing costs. Call from the event loop."""
+        waiting = self.num_waiting + len(self._adds)  # a racy read: add() checks again under the lock
+        if waiting >= self.max_waiting_requests:
+            raise QueueFull(f"{waiting} requests are waiting")
+
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
             user: str | None, priority: int, queue: asyncio.Queue) -> None:
         """Queue a request (already checked by `LLMEngine.check_request`); its outputs arrive on `queue`
