@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 
 from sharekv.config import EngineArgs
 from sharekv.engine import LLMEngine
-from sharekv.kv.manager import cdiv
 from sharekv.kv.prefix_forest import PrefixForest
 from sharekv.model.checkpoint import Checkpoint
-from sharekv.model.runner import DTYPES, kv_bytes_per_block
+from sharekv.model.runner import DTYPES, kv_bytes_for_tokens
 from sharekv.openai_api import APIError, ParsedRequest, parse_and_check, parse_request, response_body, usage
 from sharekv.outputs import RequestOutput
 
@@ -77,8 +76,7 @@ def engine_for_job(args: EngineArgs, input_path: str) -> LLMEngine:
         context = min(args.max_model_len or checkpoint.config.max_position_embeddings,
                       checkpoint.config.max_position_embeddings)
         tokens = job_kv_tokens(input_path, checkpoint, context, args.block_size)
-        per_block = kv_bytes_per_block(checkpoint.config, args.block_size, DTYPES[args.dtype])
-        job_bytes = max(1, cdiv(tokens, args.block_size)) * per_block
+        job_bytes = kv_bytes_for_tokens(checkpoint.config, args.block_size, DTYPES[args.dtype], tokens)
         args = dataclasses.replace(args, kv_cache_memory=str(min(args.kv_cache_bytes(), job_bytes)))
     return LLMEngine(args, checkpoint)
 

@@ -152,8 +152,8 @@ def _answers(path) -> dict:
 
 
 def test_batch_survives_repeated_sigkill(tmp_path):
-    """`sharekv batch` killed with SIGKILL at 20 random moments of one job, resumed each time: no line lost or duplicated,
-    and every answer equal to an uninterrupted run's."""
+    """`sharekv batch` killed with SIGKILL at 20 random moments of one job, resumed each time: no line lost
+    or duplicated, and every answer equal to an uninterrupted run's."""
     import random
     import signal
     import subprocess

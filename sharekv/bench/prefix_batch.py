@@ -23,7 +23,7 @@ from sharekv.kv.prefix_forest import PrefixForest, group_prompts
 from sharekv.llm import LLM
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig
-from sharekv.model.runner import DTYPES, kv_bytes_per_block
+from sharekv.model.runner import DTYPES, kv_bytes_for_tokens
 
 
 @dataclasses.dataclass
@@ -67,7 +67,7 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
 
 def kv_memory_for_tokens(config: ModelConfig, args: EngineArgs, tokens: int) -> str:
     """The `kv_cache_memory` value of a pool holding `tokens` tokens of this model."""
-    return str(tokens * kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]) // args.block_size)
+    return str(kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens))
 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],

@@ -12,6 +12,7 @@ import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from sharekv.bench.prefix_batch import kv_memory_for_tokens
 from sharekv.bench.report import pyplot, save_figure, write_result
@@ -85,7 +86,7 @@ def _random_request(rng: random.Random, vocab: int, tokenizer) -> tuple[list[int
 
 
 def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, pool_tokens: int = 160,
-             swap_tokens: int = 80, block_size: int = 4) -> dict:
+             swap_tokens: int = 80, block_size: int = 4, progress: bool = False) -> dict:
     """One churn run; the report counts what was sent, aborted where, preempted, leaked and mismatched."""
     rng = random.Random(seed)
     config, args = Checkpoint.open(model).config, EngineArgs(block_size=block_size)
@@ -100,6 +101,7 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
     faults = dict.fromkeys(STATES, 0)
     invalid = sent = 0
     rss_start, start = _rss_bytes(), time.perf_counter()
+    bar = tqdm(total=num_requests, desc=f"soak {schedule}", unit="req", disable=not progress)
     while sent < num_requests or engine.has_unfinished_requests():
         for _ in range(min(rng.randrange(0, 3), num_requests - sent)):
             ids, params = _random_request(rng, vocab, engine.tokenizer)
@@ -107,6 +109,7 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
                 ids = [vocab + 5] if rng.random() < 0.5 else []  # refused before anything is held
             request_id = f"r{sent}"
             sent += 1
+            bar.update(1)
             try:
                 engine.add_request(request_id, ids, params, user=f"user{rng.randrange(5)}")
             except InvalidParameter:
@@ -126,6 +129,7 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
             if out.finished:
                 finished[out.request_id] = out
     wall = time.perf_counter() - start
+    bar.close()
     leaks = engine_leaks(engine)
     greedy = [r for r, (_, p) in requests.items() if p.greedy and r in finished and r not in aborted]
     quiet = LLM(model, block_size=block_size, kv_cache_memory=kv_memory_for_tokens(config, args, 64 * pool_tokens))
@@ -142,7 +146,8 @@ def run_soak(model: str | None, schedule: str, seed: int, num_requests: int, poo
 
 def run_soak_bench(model: str | None, schedules: list[str], num_requests: int, seed: int, out_path: str,
                    pool_tokens: int = 160, swap_tokens: int = 80) -> dict:
-    runs = [run_soak(model, schedule, seed, num_requests, pool_tokens, swap_tokens) for schedule in schedules]
+    runs = [run_soak(model, schedule, seed, num_requests, pool_tokens, swap_tokens, progress=True)
+            for schedule in schedules]
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch_threads": torch.get_num_threads()},
               "model": model, "pool_tokens": pool_tokens, "swap_tokens": swap_tokens, "runs": runs}

@@ -20,6 +20,11 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
 
 
+def kv_bytes_for_tokens(config: ModelConfig, block_size: int, dtype: torch.dtype, tokens: int) -> int:
+    """Bytes of a KV pool of whole blocks holding at least `tokens` tokens (at least one block)."""
+    return max(1, -(-tokens // block_size)) * kv_bytes_per_block(config, block_size, dtype)
+
+
 def shared_block_prefixes(tables: np.ndarray, usable: np.ndarray) -> list[tuple[np.ndarray, int]]:
     """Groups of rows (two or more) whose block tables start with the same blocks, each row in the group
     of its deepest such prefix. Row r may share only its first usable[r] blocks: those cached before this
@@ -171,6 +176,7 @@ class ModelRunner:
         ask for (`prompt_logits`), as spans (chunk index, first position, rows) after the sampling rows."""
         bs = self.block_size
         chunks = step.chunks
+        input_ids: list[int] = []
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         logit_rows: list[int] = []
@@ -180,6 +186,7 @@ class ModelRunner:
         offset = 0
         for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
+            input_ids.extend(chunk.token_ids)
             pos = np.arange(chunk.start, chunk.start + n)
             positions.append(pos)
             slots.append(np.asarray(chunk.block_table)[pos // bs] * bs + pos % bs)
@@ -195,7 +202,7 @@ class ModelRunner:
                              [len(c.token_ids) for c in chunks], bs, self.share_prefixes, self.device,
                              self.max_shared_chunk)
         meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
-        ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
         hidden = self.model.forward(ids, pos, self.kv_cache, meta)
