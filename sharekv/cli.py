@@ -200,6 +200,15 @@ def _cmd_bench_quality(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_soak_args(parser: argparse.ArgumentParser, schedules: str, output: str) -> None:
+    """What both soaks take: model, schedules, how many requests, the workload's seed, the result file."""
+    parser.add_argument("--model", default=None, help="model (default: the default model)")
+    parser.add_argument("--schedules", default=schedules)
+    parser.add_argument("--num-requests", type=int, default=10000)
+    parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--output", default=output, help="JSON result file (and a .png plot)")
+
+
 def _cmd_bench_serve_soak(ns: argparse.Namespace) -> int:
     from sharekv.bench.serve_soak import run_serve_soak_bench
     from sharekv.model.checkpoint import Checkpoint
@@ -339,24 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sk = bench.add_parser("soak", help="the engine under churn: aborts anywhere, preemption, invalid requests; "
                                        "then leaks and greedy outputs against a quiet run")
-    sk.add_argument("--model", default=None, help="model (default: the default model)")
-    sk.add_argument("--schedules", default="fcfs,global,fair,global+fair")
-    sk.add_argument("--num-requests", type=int, default=10000)
-    sk.add_argument("--workload-seed", type=int, default=0)
+    _add_soak_args(sk, "fcfs,global,fair,global+fair", "results/soak.json")
     sk.add_argument("--pool-tokens", type=int, default=160, help="KV pool, small so that requests are preempted")
     sk.add_argument("--swap-tokens", type=int, default=80, help="swap space, small so that it fills up")
-    sk.add_argument("--output", default="results/soak.json", help="JSON result file (and a .png plot)")
     sk.set_defaults(func=_cmd_bench_soak)
 
     ss = bench.add_parser("serve-soak", help="the churn soak through a live sharekv serve with the openai client, "
                                              "then overload at 10x the sustainable rate")
-    ss.add_argument("--model", default=None, help="model (default: the default model)")
-    ss.add_argument("--schedules", default="fcfs,global+fair")
-    ss.add_argument("--num-requests", type=int, default=10000)
+    _add_soak_args(ss, "fcfs,global+fair", "results/serve_soak.json")
     ss.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second of the churn phase")
     ss.add_argument("--overload-seconds", type=float, default=30.0)
-    ss.add_argument("--workload-seed", type=int, default=0)
-    ss.add_argument("--output", default="results/serve_soak.json", help="JSON result file (and a .png plot)")
     ss.set_defaults(func=_cmd_bench_serve_soak)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
