@@ -76,8 +76,15 @@ class EngineArgs:
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences running at once"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (default: model's)"})
     enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse KV blocks across requests"})
-    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy: fcfs | global | fair, or "
-                                                                  "policies joined by '+' (global+fair)"})
+    schedule: str = field(default="fcfs", metadata={"help": "scheduling policy: fcfs | global | slo | fair, or "
+                                                                  "policies joined by '+' (global+fair, slo+fair)"})
+    slo_ttft: float = field(default=2.0, metadata={"help": "time-to-first-token target in seconds of requests "
+                                                           "that set none (ttft_slo); read by --schedule slo"})
+    slo_tpot: float = field(default=0.2, metadata={"help": "time-per-output-token target in seconds of requests "
+                                                           "that set none (tpot_slo); read by --schedule slo"})
+    slo_reject: bool = field(default=False, metadata={"help": "with --schedule slo, refuse (503) a request that "
+                                                              "can no longer meet its TTFT target instead of "
+                                                              "serving it late"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     prefix_shared_attention: bool = field(
         default=True, metadata={"help": "tokens of sequences sharing cached prefix blocks read the prefix KV "
@@ -99,6 +106,8 @@ class EngineArgs:
             raise ValueError("max_num_batched_tokens must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
+        if self.slo_ttft <= 0 or self.slo_tpot <= 0:
+            raise ValueError("slo_ttft and slo_tpot must be positive")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         from sharekv.sched.registry import parse_schedule  # the registry imports the policies

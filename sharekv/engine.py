@@ -18,7 +18,9 @@ from sharekv.model.runner import DTYPES, ModelRunner, kv_bytes_per_block
 from sharekv.model.sampler import Sampler
 from sharekv.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sharekv.sampling_params import InvalidParameter, SamplingParams
+from sharekv.sched.output import SchedulerOutput
 from sharekv.sched.registry import make_scheduler
+from sharekv.sched.step_time import StepShape, calibration_steps
 from sharekv.sequence import Sequence
 from sharekv.tokenizer import IncrementalDetokenizer
 
@@ -82,7 +84,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
-                                        swap=SwapSpace(num_swap_slots))
+                                        swap=SwapSpace(num_swap_slots),
+                                        policy_options={"slo": {"reject": args.slo_reject}})
         self.sampler = Sampler(device, args.seed)
         self.eos_token_ids = checkpoint.eos_token_ids
         self.requests: dict[str, RequestState] = {}
@@ -91,6 +94,32 @@ class LLMEngine:
         logger.info("%s loaded in %.1f s; KV pool: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d",
                     checkpoint.name, self.load_seconds, num_blocks, args.block_size, num_blocks * args.block_size,
                     num_blocks * per_block / 2**20, self.max_model_len)
+        if self.scheduler.policy("slo") is not None:
+            self.calibrate_step_time()
+
+    def calibrate_step_time(self) -> None:
+        """Fit the scheduler's step-time model on a few steps over an idle pool (blocks 0..; nothing is
+        indexed, so no request ever reads what they write). Does nothing once calibrated."""
+        model = self.scheduler.step_time
+        if model.calibrated or self.requests:
+            return
+        args = self.args
+        steps = calibration_steps(args.block_size, self.num_blocks, args.max_num_batched_tokens, args.max_num_seqs,
+                                  self.max_model_len)
+        if not steps:
+            return
+        t0 = time.perf_counter()
+        self._run_calibration_step(steps[0])  # warm-up (first-call packing), and the KV the decodes read
+        samples = [(StepShape.of(step), self._run_calibration_step(step)) for step in steps]
+        model.fit_calibration(samples)
+        logger.info("step-time model calibrated on %d steps in %.1f s: %s", len(samples),
+                    time.perf_counter() - t0, ", ".join(f"{k} {v:.3g} s" for k, v in model.coefficients.items()))
+
+    def _run_calibration_step(self, step: SchedulerOutput) -> float:
+        t0 = time.perf_counter()
+        logits, _, _ = self.runner.execute(step)
+        logits.argmax(dim=-1).tolist()  # stands in for sampling
+        return time.perf_counter() - t0
 
     @property
     def num_kv_tokens(self) -> int:
@@ -114,9 +143,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False, arrival_time: float | None = None,
-                    user: str | None = None, priority: int = 0, keep_prompt_distributions: bool = False) -> None:
+                    user: str | None = None, priority: int = 0, keep_prompt_distributions: bool = False,
+                    ttft_slo: float | None = None, tpot_slo: float | None = None) -> None:
         """Queue a request. `keep_prompt_distributions` keeps the log-softmax row of every prompt position
-        (`RequestOutput.prompt_distributions`), computed in full as `prompt_logprobs` is."""
+        (`RequestOutput.prompt_distributions`), computed in full as `prompt_logprobs` is. `ttft_slo` and
+        `tpot_slo` (seconds) default to the engine's `slo_ttft` and `slo_tpot`."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
@@ -125,7 +156,8 @@ class LLMEngine:
         for index in range(params.n):
             seq = Sequence(seq_id=self._next_seq_id, request_id=request_id, index=index,
                            token_ids=list(prompt_token_ids), prompt_len=len(prompt_token_ids), params=params,
-                           arrival_time=arrival, user=user, priority=priority)
+                           arrival_time=arrival, user=user, priority=priority,
+                           ttft_slo=ttft_slo or self.args.slo_ttft, tpot_slo=tpot_slo or self.args.slo_tpot)
             self._next_seq_id += 1
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
@@ -161,12 +193,14 @@ class LLMEngine:
         """Run one iteration. Returns finished requests, and the progress of streaming ones."""
         t0 = time.perf_counter()
         step = self.scheduler.schedule()
+        rejected = self._take_rejected()
         self.runner.copy_swapped_blocks(step)
         if step.is_empty:
             self.scheduler.update_from_output(step)
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")
-            return []
+            return rejected
+        shape = StepShape.of(step)
         logits, sampled, prompt_spans = self.runner.execute(step)
         seqs = self.scheduler.update_from_output(step)
         prompt_computed = sum(max(0, min(c.end, seq.prompt_len) - c.start)
@@ -188,7 +222,7 @@ class LLMEngine:
                     seq.finished_time = now
                     self.scheduler.finish(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
-        outputs = []
+        outputs = rejected
         for state in touched.values():
             if state.finished:
                 state.finished_time = time.monotonic()
@@ -199,7 +233,24 @@ class LLMEngine:
         self.stats.steps += 1
         self.stats.computed_tokens += step.num_tokens
         self.stats.generated_tokens += len(sampled)
-        self.stats.step_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.stats.step_seconds += seconds
+        self.scheduler.step_time.observe(shape, seconds)
+        return outputs
+
+    def _take_rejected(self) -> list[RequestOutput]:
+        """Requests a policy refused (a sequence that cannot meet its deadline): end all their sequences."""
+        outputs = []
+        for seq in self.scheduler.take_rejected():
+            state = self.requests.pop(seq.request_id, None)
+            if state is None:
+                continue  # a sibling of a sequence already taken
+            for other in state.seqs:
+                if not other.is_finished:
+                    other.finish_reason = "rejected"
+                    self.scheduler.finish(other)
+            state.finished_time = time.monotonic()
+            outputs.append(self._output(state))
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top: dict[int, float] | None,

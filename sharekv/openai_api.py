@@ -48,6 +48,8 @@ class ParsedRequest:
     user: str | None = None
     priority: int = 0  # vLLM's extension: lower runs earlier
     return_token_ids: bool = False  # vLLM's extension: choices carry token ids (prompt and generated)
+    ttft_slo: float | None = None  # latency targets in seconds (the slo schedule); None: the server's default
+    tpot_slo: float | None = None
 
 
 # Request fields that map one to one onto SamplingParams fields of the same name.
@@ -124,7 +126,8 @@ def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: 
     options = request.stream_options
     return ParsedRequest(endpoint, prompts(request, tokenizer), params, request.model, stream=bool(request.stream),
                          include_usage=bool(options and options.include_usage), user=request.user,
-                         priority=request.priority or 0, return_token_ids=bool(request.return_token_ids))
+                         priority=request.priority or 0, return_token_ids=bool(request.return_token_ids),
+                         ttft_slo=request.ttft_slo, tpot_slo=request.tpot_slo)
 
 
 class RequestChecker(Protocol):

@@ -21,7 +21,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | "rejected" (refused by the slo schedule before it started) | None while running
+    finish_reason: str | None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     def finished(self) -> bool:
@@ -64,3 +65,8 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # [prompt tokens - 1, vocab] log-softmax rows, when the engine was asked to keep them
     prompt_distributions: torch.Tensor | None = None
+
+    @property
+    def rejected(self) -> bool:
+        """The `slo` schedule refused it: it could not meet its time-to-first-token target."""
+        return any(c.finish_reason == "rejected" for c in self.outputs)

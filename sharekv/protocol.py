@@ -2,7 +2,8 @@
 ranges), the 400 that names the offending parameter, and the server's `/openapi.json`. `sharekv batch`
 validates its lines with the same models. Fields follow OpenAI's API, plus vLLM's extensions (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `priority`, `return_token_ids`,
-`prompt_logprobs`, ...). Unknown fields are ignored, as vLLM does.
+`prompt_logprobs`, ...) and sharekv's latency targets (`ttft_slo`, `tpot_slo`). Unknown fields are ignored,
+as vLLM does.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class _SamplingFields(_Body):
     priority: int | None = Field(0, description="lower runs earlier (vLLM's extension)")
     return_token_ids: bool | None = Field(False, description="choices carry prompt and generated token ids")
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    ttft_slo: float | None = Field(None, gt=0, description="seconds to the first token (the slo schedule's target)")
+    tpot_slo: float | None = Field(None, gt=0, description="seconds per output token after the first (slo "
+                                                           "schedule)")
 
 
 class CompletionRequest(_SamplingFields):

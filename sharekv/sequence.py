@@ -38,6 +38,8 @@ class Sequence:
     num_swapped_tokens: int = 0  # tokens of KV in those slots
     user: str | None = None  # who sent it, for per-user fairness
     priority: int = 0  # lower runs earlier
+    ttft_slo: float = float("inf")  # seconds from arrival to the first token (the `slo` schedule's targets)
+    tpot_slo: float = float("inf")  # seconds per output token after the first
     generator: torch.Generator | None = None
     output_text: str = ""
     logprobs: list[dict[int, float]] | None = None
@@ -68,6 +70,11 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    def max_new_tokens(self, max_model_len: int) -> int:
+        """The most tokens it may still generate."""
+        room = max_model_len - self.num_tokens
+        return min(self.params.max_tokens - self.num_output_tokens, room) if self.params.max_tokens else room
 
     @property
     def wants_prompt_logits(self) -> bool:

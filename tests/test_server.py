@@ -271,3 +271,24 @@ def test_schemathesis_finds_no_server_errors(tmp_path):
              "not_a_server_error", "--max-examples", "25", "--request-timeout", "30", "--no-color"],
             capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_slo_reject_answers_503_before_any_token():
+    """With --schedule slo --slo-reject, a request whose time-to-first-token target cannot be met is
+    refused with an OpenAI-shaped 503, streaming or not; the others run. /metrics shows the step-time
+    model and the refusals."""
+    with live_server(engine={"schedule": "slo", "slo_reject": True}) as (url, app):
+        body = {"prompt": DOC, "max_tokens": 4, "ignore_eos": True}
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/completions", json=body | {"ttft_slo": 1e-9, "stream": stream}, timeout=60)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "slo_unattainable"
+            assert r.headers.get("retry-after")
+        ok = httpx.post(url + "/v1/completions", json=body | {"ttft_slo": 60.0, "tpot_slo": 1.0}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+        bad = httpx.post(url + "/v1/completions", json=body | {"ttft_slo": -1}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "ttft_slo"
+        m = _wait_idle(url)
+        assert m["sharekv:slo_rejected_total"] == 2
+        assert 0 <= m["sharekv:step_time_prediction_error"] < 10
+        _engine_clean(app)

@@ -40,11 +40,6 @@ class PrefixGroup:
     pinned: list[Block] | None = None
 
 
-def max_new_tokens(seq: Sequence, max_model_len: int) -> int:
-    budget = max_model_len - seq.num_tokens
-    return min(seq.params.max_tokens - seq.num_output_tokens, budget) if seq.params.max_tokens else budget
-
-
 class GlobalPolicy(Policy):
     name = "global"
 
@@ -70,7 +65,7 @@ class GlobalPolicy(Policy):
         return self._place.get(seq.seq_id, ())
 
     def _decode_ratio(self, seq: Sequence) -> float:
-        return max_new_tokens(seq, self.sched.max_model_len) / seq.prompt_len
+        return seq.max_new_tokens(self.sched.max_model_len) / seq.prompt_len
 
     def _plan(self) -> None:
         """Group the requests added since the last step and release them in decode-first order."""
@@ -119,7 +114,7 @@ class GlobalPolicy(Policy):
 
     def _blocks_to_finish(self, seq: Sequence, held: int) -> int:
         """New blocks a sequence may still need to finish (prompt and max_tokens), beyond `held` blocks."""
-        total = cdiv(seq.num_tokens + max_new_tokens(seq, self.sched.max_model_len), self.sched.kv.block_size)
+        total = cdiv(seq.num_tokens + seq.max_new_tokens(self.sched.max_model_len), self.sched.kv.block_size)
         return max(0, total - held)
 
     def begin_admission(self) -> None:

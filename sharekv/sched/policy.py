@@ -53,6 +53,11 @@ class Policy:
         """Plan before this step's sequences are chosen (group new arrivals, pin prefixes, preempt for
         fairness with `sched.preempt`)."""
 
+    def prefill_budget(self) -> int | None:
+        """The most prefill tokens this step may run (decodes are not counted), or None for no limit
+        beyond the step's token budget. Read once per step, after `before_schedule`."""
+        return None
+
     def begin_admission(self) -> None:
         """Waiting sequences are about to be admitted (running ones have their tokens for this step)."""
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sharekv.kv.block_pool import Block
 from sharekv.kv.manager import KVCacheManager, cdiv
 from sharekv.kv.swap import SwapSpace
 from sharekv.sched.output import ScheduledChunk, SchedulerOutput
 from sharekv.sched.policy import Policy
+from sharekv.sched.step_time import StepTimeModel
 from sharekv.sequence import Sequence, SequenceStatus
 
 
@@ -48,15 +50,38 @@ class Admission:
         return sum(1 for b in self.cached if b.ref_count == 0)
 
 
+@dataclass
+class _Budget:
+    """What a step may still take: tokens in all, and of them prefill tokens (chunks longer than one
+    token); a decode is one token and needs no prefill budget."""
+
+    tokens: int
+    prefill: int
+
+    def grant(self, wanted: int) -> int:
+        """How many of `wanted` uncomputed tokens a sequence may run now."""
+        n = min(wanted, self.tokens)
+        return n if wanted == 1 else min(n, self.prefill)
+
+    def spend(self, n: int) -> None:
+        self.tokens -= n
+        if n > 1:
+            self.prefill -= n
+
+
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-                 swap: SwapSpace | None = None, policies: Iterable[type[Policy]] = ()) -> None:
+                 swap: SwapSpace | None = None, policies: Iterable[type[Policy]] = (),
+                 policy_options: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.kv = kv
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.swap = swap or SwapSpace(0)
-        self.policies = [policy(self) for policy in policies]
+        # How long a step of a given shape takes; the engine feeds it every step's measured time.
+        self.step_time = StepTimeModel()
+        options = policy_options or {}
+        self.policies = [policy(self, **options.get(policy.name, {})) for policy in policies]
         laned = [p for p in self.policies if type(p).lane is not Policy.lane]
         if len(laned) > 1:
             raise ValueError("at most one policy may split the waiting queue into lanes")
@@ -65,6 +90,7 @@ class Scheduler:
         self._lanes: dict[Hashable, list[Sequence]] = {}  # the waiting queue, each lane in queue order
         self._queue_keys: dict[int, tuple] = {}  # seq_id -> place in its lane, for queued sequences
         self._step_seqs: list[Sequence] = []  # the sequences of the last step's chunks, in order
+        self.rejected: list[Sequence] = []  # refused by a policy since the engine last took them
         self.num_preemptions = 0
         self.num_swapped_out = 0
         self.num_swapped = 0  # sequences whose KV is in swap slots now
@@ -91,6 +117,11 @@ class Scheduler:
         self._queue_keys[seq.seq_id] = key
         lane = self._lanes.setdefault(self._lane(seq), [])
         bisect.insort(lane, seq, key=lambda s: self._queue_keys[s.seq_id])
+
+    def requeue(self, seq: Sequence) -> None:
+        """A policy changed where a waiting sequence belongs: put it back in queue order."""
+        self._dequeue(seq)
+        self.enqueue(seq)
 
     def _lane(self, seq: Sequence) -> Hashable:
         return None if self._lane_policy is None else self._lane_policy.lane(seq)
@@ -168,34 +199,40 @@ class Scheduler:
     def _fill(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]]) -> None:
         """Running sequences, then (unless keeping them running needed a preemption) waiting ones."""
         preempted = len(out.preempted)
-        budget = self._schedule_running(out, scheduled, self.max_num_batched_tokens)
+        caps = [b for p in self.policies if (b := p.prefill_budget()) is not None]
+        budget = _Budget(self.max_num_batched_tokens, min(caps, default=self.max_num_batched_tokens))
+        self._schedule_running(out, scheduled, budget)
         if len(out.preempted) == preempted:
             self._schedule_waiting(out, scheduled, budget)
 
-    def _schedule_running(self, out: SchedulerOutput, scheduled: list, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, scheduled: list, budget: _Budget) -> None:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget.tokens > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = budget.grant(seq.num_uncomputed_tokens)
+            if n == 0:  # a prefill past the policies' prefill budget waits for a later step
+                i += 1
+                continue
             while not self.kv.allocate(seq, n):
                 victim = self.running.pop()  # the newest; always at or after position i
                 self._preempt(victim, out)
                 if victim is seq:
-                    return budget
+                    return
             scheduled.append((seq, n))
-            budget -= n
+            budget.spend(n)
             i += 1
-        return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, scheduled: list, budget: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, scheduled: list, budget: _Budget) -> None:
         for p in self.policies:
             p.begin_admission()
-        while budget > 0 and len(self.running) < self.max_num_seqs:
+        while budget.tokens > 0 and len(self.running) < self.max_num_seqs:
             seq = self.next_waiting()
             if seq is None:
                 break
-            admission = self._admission(seq, budget)
-            if not all(p.may_admit(seq, admission) for p in self.policies) or not self._admit(seq, admission, out):
+            admission = self._admission(seq, budget.tokens)
+            admission.num_tokens = budget.grant(seq.num_tokens - admission.restored)
+            if (not admission.num_tokens or not all(p.may_admit(seq, admission) for p in self.policies)
+                    or not self._admit(seq, admission, out)):
                 break
             self._dequeue(seq)
             seq.status = SequenceStatus.RUNNING
@@ -203,7 +240,7 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             scheduled.append((seq, admission.num_tokens))
-            budget -= admission.num_tokens
+            budget.spend(admission.num_tokens)
             for p in self.policies:
                 p.on_start(seq)
 
@@ -301,6 +338,17 @@ class Scheduler:
 
     def unpin(self, pinned: list[Block]) -> None:
         self.kv.unpin(pinned)
+
+    def reject(self, seq: Sequence) -> None:
+        """A policy refuses a waiting sequence (it cannot meet its deadline): end it; the engine answers
+        its request (`rejected`)."""
+        seq.finish_reason = "rejected"
+        self.finish(seq)
+        self.rejected.append(seq)
+
+    def take_rejected(self) -> list[Sequence]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished or aborted sequence wherever it is (running, queued, held by a policy, swapped

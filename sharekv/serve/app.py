@@ -94,6 +94,7 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.calibrate_step_time()  # before the first request: the step-time model and /metrics need it
         runner.start()
         logger.info("serving %s (KV pool %d tokens, schedule %s)", model_name, engine.num_kv_tokens,
                     engine.args.schedule)
@@ -165,7 +166,8 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
         ids = [f"{request_id}-{i}" for i in range(len(parsed.prompts))]
         try:
             for engine_id, (text, token_ids) in zip(ids, parsed.prompts, strict=True):
-                runner.add(engine_id, token_ids, parsed.params, text, parsed.user, parsed.priority, queue)
+                runner.add(engine_id, token_ids, parsed.params, text, parsed.user, parsed.priority, queue,
+                           parsed.ttft_slo, parsed.tpot_slo)
         except QueueFull as e:
             for engine_id in ids:
                 runner.abort(engine_id)
@@ -173,11 +175,12 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
         except EngineDead as e:
             raise APIError(str(e), status=503, type="server_error") from e
         index = {engine_id: i for i, engine_id in enumerate(ids)}
-        if parsed.stream:
-            return StreamingResponse(_stream(parsed, request_id, queue, index),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        final: list[RequestOutput | None] = [None] * len(index)
+        # Wait for the first output before answering, so a request the slo schedule refuses gets a 503
+        # (streaming included); give up and stop generating if the client goes away first.
+        waiter = _collect(queue, index, final) if not parsed.stream else _next_output(queue)
         watcher = asyncio.ensure_future(_disconnected(request))
-        collector = asyncio.ensure_future(_collect(queue, index))
+        collector = asyncio.ensure_future(waiter)
         try:
             await asyncio.wait({watcher, collector}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -188,34 +191,60 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
                     runner.abort(engine_id)
         if collector.cancelled():
             return Response(status_code=499)  # the client is gone; nobody reads this
-        return JSONResponse(response_body(parsed, collector.result(), model_name, request_id))
+        try:
+            first = collector.result()
+        except APIError:
+            for engine_id in ids:
+                runner.abort(engine_id)
+            raise
+        if not parsed.stream:
+            return JSONResponse(response_body(parsed, final, model_name, request_id))
+        if first.rejected:
+            for engine_id in ids:
+                runner.abort(engine_id)
+            raise _refused()
+        return StreamingResponse(_stream(parsed, request_id, queue, index, final, first),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _collect(queue: asyncio.Queue, index: dict[str, int]) -> list[RequestOutput]:
-        final: list[RequestOutput | None] = [None] * len(index)
+    def _refused() -> APIError:
+        return APIError("the request cannot meet its time-to-first-token target (ttft_slo) on this server "
+                        "now; retry later or with a longer target", status=503, type="server_error",
+                        code="slo_unattainable")
+
+    async def _next_output(queue: asyncio.Queue) -> RequestOutput:
+        out = await queue.get()
+        if isinstance(out, EngineDead):
+            raise APIError(str(out), status=500, type="internal_error")
+        return out
+
+    async def _collect(queue: asyncio.Queue, index: dict[str, int], final: list[RequestOutput | None]) -> None:
         while any(o is None for o in final):
-            out = await queue.get()
-            if isinstance(out, EngineDead):
-                raise APIError(str(out), status=500, type="internal_error")
+            out = await _next_output(queue)
+            if out.rejected:
+                raise _refused()
             if out.finished:
                 final[index[out.request_id]] = out
-        return final
 
-    async def _stream(parsed: ParsedRequest, request_id: str, queue: asyncio.Queue,
-                      index: dict[str, int]) -> AsyncIterator[str]:
+    async def _stream(parsed: ParsedRequest, request_id: str, queue: asyncio.Queue, index: dict[str, int],
+                      final: list[RequestOutput | None], first: RequestOutput) -> AsyncIterator[str]:
         formatter = StreamFormatter(parsed, model_name, request_id)
-        final: list[RequestOutput | None] = [None] * len(index)
+        out: RequestOutput | EngineDead = first
         try:
             for chunk in formatter.first_chunks():
                 yield _sse(chunk)
-            while any(o is None for o in final):
-                out = await queue.get()
-                if isinstance(out, EngineDead):
-                    yield _sse(APIError(str(out), status=500, type="internal_error").body())
+            while True:
+                if isinstance(out, EngineDead) or out.rejected:
+                    error = _refused() if not isinstance(out, EngineDead) else APIError(
+                        str(out), status=500, type="internal_error")
+                    yield _sse(error.body())
                     return
                 for chunk in formatter.chunks(index[out.request_id], out):
                     yield _sse(chunk)
                 if out.finished:
                     final[index[out.request_id]] = out
+                if all(o is not None for o in final):
+                    break
+                out = await queue.get()
             usage_chunk = formatter.usage_chunk(final)
             if usage_chunk is not None:
                 yield _sse(usage_chunk)

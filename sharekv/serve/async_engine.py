@@ -40,6 +40,8 @@ class _Add:
     user: str | None
     priority: int
     arrival_time: float
+    ttft_slo: float | None
+    tpot_slo: float | None
 
 
 @dataclass
@@ -85,7 +87,8 @@ class AsyncEngine:
             raise QueueFull(f"{waiting} requests are waiting")
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
-            user: str | None, priority: int, queue: asyncio.Queue) -> None:
+            user: str | None, priority: int, queue: asyncio.Queue, ttft_slo: float | None = None,
+            tpot_slo: float | None = None) -> None:
         """Queue a request (already checked by `LLMEngine.check_request`); its outputs arrive on `queue`
         (several requests may share one), the last one with `finished` set. Raises QueueFull when too many
         requests wait. Call from the event loop."""
@@ -95,7 +98,8 @@ class AsyncEngine:
             if self.num_waiting + len(self._adds) >= self.max_waiting_requests:
                 raise QueueFull(f"{self.num_waiting + len(self._adds)} requests are waiting")
             self._queues[request_id] = queue
-            self._adds.append(_Add(request_id, prompt_token_ids, params, prompt, user, priority, time.monotonic()))
+            self._adds.append(_Add(request_id, prompt_token_ids, params, prompt, user, priority, time.monotonic(),
+                                   ttft_slo, tpot_slo))
             self._cond.notify()
 
     def abort(self, request_id: str) -> None:
@@ -128,7 +132,8 @@ class AsyncEngine:
     def _take_inbox(self, adds: list[_Add], aborts: list[str]) -> list[RequestOutput]:
         for a in adds:
             self.engine.add_request(a.request_id, a.prompt_token_ids, a.params, prompt=a.prompt, stream=True,
-                                    arrival_time=a.arrival_time, user=a.user, priority=a.priority)
+                                    arrival_time=a.arrival_time, user=a.user, priority=a.priority,
+                                    ttft_slo=a.ttft_slo, tpot_slo=a.tpot_slo)
             self._progress[a.request_id] = _Progress(last_token_time=a.arrival_time)
         outputs = []
         for request_id in aborts:
@@ -175,6 +180,11 @@ class AsyncEngine:
         m.swap_usage.set(1.0 - swap.num_free_slots / swap.num_slots if swap.num_slots else 0.0)
         pool = engine.kv.pool
         m.kv_usage.set(1.0 - pool.num_free_blocks / pool.num_blocks)
+        m.observe_step_time(scheduler.step_time)
+        slo = scheduler.policy("slo")
+        if slo is not None:
+            m.slo_demoted.set(slo.num_demoted)
+            m.slo_rejected.set(slo.num_rejected)
         now = {"prompt": engine.stats.prompt_tokens, "generated": engine.stats.generated_tokens,
                "preempted": scheduler.num_preemptions, "queried": engine.kv.num_queried_tokens,
                "hits": engine.kv.num_hit_tokens}

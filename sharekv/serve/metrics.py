@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from sharekv.outputs import RequestOutput
+from sharekv.sched.step_time import StepTimeModel
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0, 160.0, 640.0)
@@ -48,6 +49,14 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled.",
                                     _LATENCY_BUCKETS)
+        self.step_time_error = gauge("step_time_prediction_error", "Mean |predicted - measured| / measured "
+                                     "step time over the last 256 steps (the scheduler's step-time model).")
+        self._step_time_coefficient = Gauge("sharekv:step_time_coefficient_seconds", "The step-time model: "
+                                            "seconds per unit of each term.", labels + ["term"], registry=r)
+        # Totals kept by the slo policy (it counts, the server mirrors): gauges set to the running total.
+        self.slo_demoted = gauge("slo_demoted_total", "Requests that could no longer meet their TTFT target "
+                                 "when waiting (demoted, or refused with --slo-reject).")
+        self.slo_rejected = gauge("slo_rejected_total", "Requests refused (503) by --slo-reject.")
 
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -59,6 +68,13 @@ class ServerMetrics:
             self.e2e.observe(m.e2e_latency)
         if m.time_in_queue is not None:
             self.queue_time.observe(m.time_in_queue)
+
+    def observe_step_time(self, model: StepTimeModel) -> None:
+        error = model.mean_relative_error
+        if error is not None:
+            self.step_time_error.set(error)
+        for term, value in model.coefficients.items():
+            self._step_time_coefficient.labels(self.model_name, term).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
