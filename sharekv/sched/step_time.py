@@ -4,9 +4,10 @@ start-up and refined online from every measured step.
 A step's time is linear in a few counts: a constant (launches, Python), the rows that sample (LM head and
 sampler), the tokens run (every linear layer), the prefill chunks (each is its own attention call per
 layer), the context the decodes read (their attention is a pass over their KV), and the query-key pairs
-of the prefill chunks (their attention grows with chunk length times context). The fit is non-negative least squares with exponential forgetting, pulled toward the
-calibration fit in directions recent steps do not explore (a server that only decodes for a while still
-knows what a prefill costs). The `slo` policy asks it how large a step can be.
+of the prefill chunks (their attention grows with chunk length times context). The fit is non-negative
+least squares with exponential forgetting, pulled toward the calibration fit in directions recent steps do
+not explore (a server that only decodes for a while still knows what a prefill costs); a fast-moving speed
+factor follows the machine's drift. The `slo` policy asks it how large a step can be.
 """
 
 from __future__ import annotations
