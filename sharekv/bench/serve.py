@@ -52,10 +52,10 @@ class RequestRecord:
 
 
 async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest, rec: RequestRecord,
-                headers: dict, ignore_eos: bool) -> None:
+                headers: dict, ignore_eos: bool, extra_body: dict) -> None:
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
             "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}, "user": req.user,
-            "return_token_ids": True}  # a chunk per step even where the text is empty (no tokenizer)
+            "return_token_ids": True} | extra_body  # token ids: a chunk per step even without a tokenizer
     rec.sent = time.perf_counter()
     try:
         async with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as response:
@@ -78,7 +78,8 @@ async def _send(http: httpx.AsyncClient, url: str, model: str, req: TraceRequest
 
 
 async def replay(url: str, model: str, trace: list[TraceRequest], api_key: str | None = None,
-                 progress: bool = True, ignore_eos: bool = True) -> tuple[list[RequestRecord], float]:
+                 progress: bool = True, ignore_eos: bool = True,
+                 extra_body: dict | None = None) -> tuple[list[RequestRecord], float]:
     """Send every request at its time (a session turn also waits for the turn before it to finish)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records = [RequestRecord(r.user, len(r.prompt)) for r in trace]
@@ -92,7 +93,7 @@ async def replay(url: str, model: str, trace: list[TraceRequest], api_key: str |
             await asyncio.sleep(max(0.0, start + req.send_at - time.perf_counter()))
             if before is not None:
                 await before
-            await _send(http, url, model, req, rec, headers, ignore_eos)
+            await _send(http, url, model, req, rec, headers, ignore_eos, extra_body or {})
             bar.update(1)
 
         tasks = []
@@ -252,13 +253,25 @@ def _served_walls(base: str, model: str, api_key: str | None, bursts: list[list[
     is a warm-up and is not returned); and one burst's output tokens."""
     walls, tokens = [], 0
     for burst in bursts:
-        records, served = asyncio.run(replay(base, model, burst, api_key, progress=False))
+        records, served = asyncio.run(replay(base, model, burst, api_key, progress=False,
+                                             extra_body={"ttft_slo": OVERHEAD_TTFT_SLO}))
         failed = [r for r in records if r.error is not None]
         if failed:
             raise RuntimeError(f"{len(failed)} requests of the overhead run failed, e.g. {failed[0].error}")
         walls.append(served)
         tokens = sum(r.output_tokens for r in records)
     return walls[1:], tokens
+
+
+# The overhead bursts send everything at once: a TTFT target nobody misses keeps `--slo-reject` from
+# refusing them, on the server and offline alike (the TPOT target, which sizes steps, stays).
+OVERHEAD_TTFT_SLO = 3600.0
+
+
+def _write_partial(out_path: str, runs: list[dict], overheads: list[dict]) -> None:
+    """What is measured so far, so a failure later in a long run loses nothing (the final write replaces it)."""
+    with open(os.path.splitext(out_path)[0] + ".partial.json", "w") as f:
+        json.dump({"runs": runs, "overhead": overheads}, f)
 
 
 def _overhead_bursts(spec: SyntheticTrace, num_requests: int, repeats: int) -> list[list[TraceRequest]]:
@@ -353,15 +366,18 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
             base = live.url
             model = served_model(base, api_key)
             runs += _replay_rates(base, model, api_key, label, plan)
+            _write_partial(out_path, runs, overheads)
             if measure_overhead:
                 served, tokens = _served_walls(base, model, api_key, bursts)
         if measure_overhead:
-            offline = offline_walls(dataclasses.replace(engine_args, schedule=schedule), bursts)
+            offline = offline_walls(dataclasses.replace(engine_args, schedule=schedule, slo_ttft=OVERHEAD_TTFT_SLO),
+                                    bursts)
             overhead = float(np.median(served) / np.median(offline)) - 1.0
             overheads.append({"schedule": label, "requests": overhead_requests, "output_tokens": tokens,
                               "server_walls_s": served, "offline_walls_s": offline,
                               "server_wall_s": float(np.median(served)), "offline_wall_s": float(np.median(offline)),
                               "server_overhead": overhead})
+            _write_partial(out_path, runs, overheads)
             print(f"{label:>6} overhead: server {np.median(served):.1f} s, LLM.generate {np.median(offline):.1f} s "
                   f"(medians of {len(served)}) for {tokens} tokens: {100 * overhead:+.1f}% per token", file=sys.stderr)
     if vllm_python and engine_args is not None and not url:
