@@ -128,7 +128,11 @@ def _overload(engine: LLMEngine, users: dict[str, int], steps: int = 40) -> tupl
 
 
 def _engine(model: str, schedule: str) -> LLMEngine:
-    return LLM(model, schedule=schedule, kv_cache_memory="16MiB", max_num_batched_tokens=256, block_size=8).engine
+    engine = LLM(model, schedule=schedule, kv_cache_memory="16MiB", max_num_batched_tokens=256, block_size=8).engine
+    slo = engine.scheduler.policy("slo")
+    if slo is not None:
+        slo.max_stall = 1.0  # no banked time: every step within the target, in model time (not wall time)
+    return engine
 
 
 def test_slo_keeps_every_decode_within_tpot_under_overload(tiny_models):
@@ -226,4 +230,23 @@ def test_a_request_whose_latest_start_passes_while_waiting_is_rejected(tiny_mode
     outputs = engine.step()
     assert [o.request_id for o in outputs] == ["ok-now"] and outputs[0].rejected
     assert slo.num_rejected == 1
+    assert_engine_clean(engine)
+
+
+def test_a_decode_ahead_of_its_target_banks_time(tiny_models):
+    """TPOT bounds the mean time per token: a decode that ran faster than its target may wait for one
+    longer step (up to max_stall targets); one that is behind allows only the target."""
+    engine = LLM(tiny_models["llama"], schedule="slo", kv_cache_memory="16MiB").engine
+    slo = engine.scheduler.policy("slo")
+    engine.add_request("r", [5] * 10, GREEDY, tpot_slo=0.2)
+    seq = engine.requests["r"].seqs[0]
+    now = time.monotonic()
+    seq.token_ids += [7] * 10  # ten tokens out
+    seq.first_token_time = now - 0.5  # 0.5 s for what the target allows 2 s
+    assert slo._allowed_step(seq, now) == 4 * 0.2  # capped at max_stall targets
+    seq.first_token_time = now - 1.4
+    assert abs(slo._allowed_step(seq, now) - 0.6) < 1e-9  # what keeps the mean of 10 gaps at 0.2 s
+    seq.first_token_time = now - 5.0  # behind: one target per step, no more
+    assert slo._allowed_step(seq, now) == 0.2
+    engine.abort_request("r")
     assert_engine_clean(engine)

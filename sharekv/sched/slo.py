@@ -6,7 +6,9 @@ Each request has a TTFT and a TPOT target (`ttft_slo`, `tpot_slo` in the body; `
 
 - **Step size** (Sarathi-Serve's stall-free batching, with the budget set by the targets rather than a
   constant): a step carries every running decode plus the most prefill tokens for which the predicted
-  step time stays within the tightest TPOT target of those decodes.
+  step time keeps every one of those decodes within its TPOT target. A TPOT target bounds the mean time
+  per token, so a decode that is ahead of it has banked time: a step may take up to what keeps its mean
+  on target, at most `max_stall` times the target (1 turns banking off: every step within the target).
 - **Admission**: a request starts only if, once it decodes too, a step of all running sequences, each at
   the longest context it may reach, is still predicted within every TPOT target (the first always starts).
 - **Order by slack** (JITServe, Llumnix): waiting requests start by their latest start time, the TTFT
@@ -30,8 +32,9 @@ from sharekv.sched.scheduler import Admission, Scheduler
 from sharekv.sched.step_time import StepShape
 from sharekv.sequence import Sequence
 
-# Steps are sized to this share of the TPOT target: the model's predictions err by a few percent.
+# Steps are sized to this share of the time allowed: the model's predictions err by a few percent.
 TARGET_SHARE = 0.9
+MAX_STALL = 4.0  # the longest step, in TPOT targets, that a decode with banked time may wait for
 
 
 @dataclass
@@ -44,9 +47,10 @@ class _Waiting:
 class SloPolicy(Policy):
     name = "slo"
 
-    def __init__(self, sched: Scheduler, reject: bool = False) -> None:
+    def __init__(self, sched: Scheduler, reject: bool = False, max_stall: float = MAX_STALL) -> None:
         super().__init__(sched)
         self.reject = reject
+        self.max_stall = max_stall
         self._waiting: dict[int, _Waiting] = {}  # sequences not yet started, by seq id
         self._by_latest_start: list[tuple[float, int, Sequence]] = []  # heap over those not demoted
         self._doomed: list[Sequence] = []  # cannot make their deadline since arrival (refused next step)
@@ -114,21 +118,32 @@ class SloPolicy(Policy):
             shape = shape.add(self._final_context(seq), 1)
         return shape
 
+    def _allowed_step(self, seq: Sequence, now: float) -> float:
+        """How long this step may take and keep the decode's mean time per token on target."""
+        tpot = seq.tpot_slo
+        if seq.first_token_time is None or seq.num_output_tokens < 1:
+            return tpot
+        banked = tpot * seq.num_output_tokens - (now - seq.first_token_time)
+        return max(tpot, min(banked, self.max_stall * tpot))
+
     def prefill_budget(self) -> int | None:
         running = self.sched.running
         self._running_shape = self._all_running_shape()
         self._step_target = min((s.tpot_slo for s in running), default=float("inf")) * TARGET_SHARE
         decodes = StepShape()
+        allowed = float("inf")
+        now = time.monotonic()
         prefill_start = 0  # the deepest running prefill: its chunk attends to the most context
         for seq in running:
             if seq.num_uncomputed_tokens == 1:
                 decodes = decodes.add(seq.num_computed_tokens, 1)
+                allowed = min(allowed, self._allowed_step(seq, now))
             else:
                 prefill_start = max(prefill_start, seq.num_computed_tokens)
         if not decodes.tokens:
             return None  # no decode to keep on time
         limit = self.sched.max_num_batched_tokens - decodes.tokens
-        return self.sched.step_time.max_prefill_tokens(decodes, self._step_target, prefill_start, limit)
+        return self.sched.step_time.max_prefill_tokens(decodes, allowed * TARGET_SHARE, prefill_start, limit)
 
     def may_admit(self, seq: Sequence, admission: Admission) -> bool:
         if not self.sched.running:
