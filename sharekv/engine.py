@@ -98,10 +98,11 @@ class LLMEngine:
             self.calibrate_step_time()
 
     def calibrate_step_time(self) -> None:
-        """Fit the scheduler's step-time model on a few steps over an idle pool (blocks 0..; nothing is
-        indexed, so no request ever reads what they write). Does nothing once calibrated."""
+        """Fit the scheduler's step-time model on a few steps over the pool before any request ran (blocks
+        0..; nothing is cached or indexed yet, so no request ever reads what they write). Does nothing once
+        calibrated or once a step ran."""
         model = self.scheduler.step_time
-        if model.calibrated or self.requests:
+        if model.calibrated or self.requests or self.stats.steps:
             return
         args = self.args
         steps = calibration_steps(args.block_size, self.num_blocks, args.max_num_batched_tokens, args.max_num_seqs,
