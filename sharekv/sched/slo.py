@@ -127,14 +127,14 @@ class SloPolicy(Policy):
         return max(tpot, min(banked, self.max_stall * tpot))
 
     def prefill_budget(self) -> int | None:
-        running = self.sched.running
         self._running_shape = self._all_running_shape()
-        self._step_target = min((s.tpot_slo for s in running), default=float("inf")) * TARGET_SHARE
+        self._step_target = float("inf")
         decodes = StepShape()
         allowed = float("inf")
         now = time.monotonic()
         prefill_start = 0  # the deepest running prefill: its chunk attends to the most context
-        for seq in running:
+        for seq in self.sched.running:
+            self._step_target = min(self._step_target, seq.tpot_slo * TARGET_SHARE)
             if seq.num_uncomputed_tokens == 1:
                 decodes = decodes.add(seq.num_computed_tokens, 1)
                 allowed = min(allowed, self._allowed_step(seq, now))

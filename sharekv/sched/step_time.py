@@ -12,6 +12,7 @@ factor follows the machine's drift. The `slo` policy asks it how large a step ca
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,27 +44,24 @@ class StepShape:
 
     def add(self, start: int, num_tokens: int, samples: bool = True) -> StepShape:
         """This shape with one more chunk of `num_tokens` tokens starting at position `start`."""
-        shape = StepShape(self.sampled_rows + samples, self.tokens + num_tokens, self.prefill_chunks,
-                          self.decode_context, self.prefill_pairs)
-        if num_tokens == 1:
-            shape.decode_context += start + 1
-        else:
-            shape.prefill_chunks += 1
-            shape.prefill_pairs += num_tokens * (start + (num_tokens + 1) / 2)
+        shape = dataclasses.replace(self)
+        shape._include(start, num_tokens, samples)
         return shape
+
+    def _include(self, start: int, num_tokens: int, samples: bool) -> None:
+        self.sampled_rows += samples
+        self.tokens += num_tokens
+        if num_tokens == 1:
+            self.decode_context += start + 1
+        else:
+            self.prefill_chunks += 1
+            self.prefill_pairs += num_tokens * (start + (num_tokens + 1) / 2)
 
     @classmethod
     def of(cls, step: SchedulerOutput) -> StepShape:
         shape = cls()
-        for c in step.chunks:
-            n = len(c.token_ids)
-            shape.sampled_rows += c.samples
-            shape.tokens += n
-            if n == 1:
-                shape.decode_context += c.start + 1
-            else:
-                shape.prefill_chunks += 1
-                shape.prefill_pairs += n * (c.start + (n + 1) / 2)
+        for c in step.chunks:  # in place: this runs every step
+            shape._include(c.start, len(c.token_ids), c.samples)
         return shape
 
     def vector(self) -> np.ndarray:

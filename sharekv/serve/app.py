@@ -175,6 +175,11 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
         except EngineDead as e:
             raise APIError(str(e), status=503, type="server_error") from e
         index = {engine_id: i for i, engine_id in enumerate(ids)}
+
+        def abort_all() -> None:
+            for engine_id in ids:
+                runner.abort(engine_id)
+
         final: list[RequestOutput | None] = [None] * len(index)
         # Wait for the first output before answering, so a request the slo schedule refuses gets a 503
         # (streaming included); give up and stop generating if the client goes away first.
@@ -187,21 +192,18 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
             watcher.cancel()
             if not collector.done():
                 collector.cancel()
-                for engine_id in ids:
-                    runner.abort(engine_id)
+                abort_all()
         if collector.cancelled():
             return Response(status_code=499)  # the client is gone; nobody reads this
         try:
             first = collector.result()
         except APIError:
-            for engine_id in ids:
-                runner.abort(engine_id)
+            abort_all()
             raise
         if not parsed.stream:
             return JSONResponse(response_body(parsed, final, model_name, request_id))
         if first.rejected:
-            for engine_id in ids:
-                runner.abort(engine_id)
+            abort_all()
             raise _refused()
         return StreamingResponse(_stream(parsed, request_id, queue, index, final, first),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
