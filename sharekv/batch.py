@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from sharekv.config import EngineArgs
+from sharekv.cache import frontend
+from sharekv.cache.semantic import Probe, SemanticCache
+from sharekv.config import EngineArgs, SemanticCacheArgs
 from sharekv.engine import LLMEngine
 from sharekv.kv.prefix_forest import PrefixForest
 from sharekv.model.checkpoint import Checkpoint
@@ -33,6 +35,7 @@ class BatchSummary:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
+    cache_hits: int = 0  # lines answered from the semantic cache (no engine work)
     wall_seconds: float = 0.0
 
     @property
@@ -47,6 +50,7 @@ class _Line:
     parsed: ParsedRequest
     request_ids: list[str]
     outputs: dict[str, RequestOutput]
+    probe: Probe | None = None  # the semantic cache's lookup, to store the answer under
 
 
 def job_kv_tokens(input_path: str, checkpoint: Checkpoint, context_len: int, block_size: int) -> int:
@@ -130,8 +134,13 @@ class _LineError(Exception):
         self.error = error
 
 
-def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bool = True) -> BatchSummary:
+def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bool = True,
+              cache: SemanticCache | None = None, cache_args: SemanticCacheArgs | None = None) -> BatchSummary:
+    """With a semantic cache, a line whose request was answered before (by this job, an earlier one or a
+    server on the same cache file) is answered from it before the engine starts; the others are stored as
+    they finish."""
     summary = BatchSummary()
+    cache_args = cache_args or SemanticCacheArgs()
     start = time.perf_counter()
     done = _done_keys(output_path)
     with open(input_path) as f:
@@ -140,6 +149,19 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bo
         def write(record: dict) -> None:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
+
+        def write_result(custom_id: str, parsed: ParsedRequest, outputs: list[RequestOutput], model: str,
+                         cache_field: dict | None) -> None:
+            body = response_body(parsed, outputs, model)
+            if cache_field is not None:
+                body["semantic_cache"] = cache_field
+            write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                   "response": {"status_code": 200, "request_id": body["id"], "body": body}, "error": None})
+            u = usage(outputs)
+            summary.requests += 1
+            summary.prompt_tokens += u["prompt_tokens"]
+            summary.cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
+            summary.generated_tokens += u["completion_tokens"]
 
         pending: dict[str, _Line] = {}  # engine request id -> its line
         seen: set[str] = set()
@@ -170,7 +192,16 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bo
             if custom_id in done:
                 summary.skipped += 1
                 continue
-            line = _Line(number, custom_id, parsed, [], {})
+            model = parsed.model or engine.model_name
+            probe = None
+            if cache is not None and frontend.cacheable(parsed, cache_args):
+                probe = frontend.probe(cache, parsed, model, cache_args, frontend.tenant_of(parsed, None))
+                if probe.hit is not None:
+                    outputs = frontend.outputs_from_hit(probe.hit, parsed, custom_id)
+                    write_result(custom_id, parsed, outputs, model, frontend.hit_field(probe.hit))
+                    summary.cache_hits += 1
+                    continue
+            line = _Line(number, custom_id, parsed, [], {}, probe)
             for k, (text, ids) in enumerate(parsed.prompts):
                 request_id = f"{custom_id}#{k}#{uuid.uuid4().hex[:8]}"
                 engine.add_request(request_id, ids, parsed.params, prompt=text)
@@ -188,15 +219,11 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bo
                     if len(line.outputs) < len(line.request_ids):
                         continue
                     outputs = [line.outputs[r] for r in line.request_ids]
-                    body = response_body(line.parsed, outputs, line.parsed.model or engine.model_name)
-                    write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
-                           "response": {"status_code": 200, "request_id": body["id"], "body": body},
-                           "error": None})
-                    u = usage(outputs)
-                    summary.requests += 1
-                    summary.prompt_tokens += u["prompt_tokens"]
-                    summary.cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
-                    summary.generated_tokens += u["completion_tokens"]
+                    write_result(line.custom_id, line.parsed, outputs, line.parsed.model or engine.model_name,
+                                 None if cache is None else frontend.hit_field(None))
+                    answer = frontend.stored_answer(outputs) if line.probe is not None else None
+                    if answer is not None:
+                        cache.insert(line.probe, answer)
                     bar.update(1)
     summary.wall_seconds = time.perf_counter() - start
     return summary

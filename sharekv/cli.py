@@ -9,7 +9,7 @@ import logging
 import sys
 import typing
 
-from sharekv.config import EngineArgs, ServerArgs
+from sharekv.config import EngineArgs, SemanticCacheArgs, ServerArgs
 from sharekv.model.config import ModelLoadError
 from sharekv.sampling_params import InvalidParameter
 
@@ -46,13 +46,17 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 def _cmd_batch(ns: argparse.Namespace) -> int:
     from sharekv.batch import engine_for_job, run_batch
+    from sharekv.cache.frontend import open_cache
 
+    cache_args = dataclass_from(SemanticCacheArgs, ns)
+    cache = open_cache(cache_args)
     engine = engine_for_job(engine_args_from(ns), ns.input)
     print(f"model {engine.model_name}: KV pool holds {engine.num_kv_tokens} tokens "
           f"({engine.num_blocks} blocks of {ns.block_size})", file=sys.stderr)
-    summary = run_batch(engine, ns.input, ns.output, use_tqdm=not ns.no_progress)
+    summary = run_batch(engine, ns.input, ns.output, use_tqdm=not ns.no_progress, cache=cache, cache_args=cache_args)
     s = summary
-    print(f"requests {s.requests} (skipped {s.skipped} done earlier, {s.errors} errors) | prompt tokens "
+    hits = f", {s.cache_hits} from the semantic cache" if cache is not None else ""
+    print(f"requests {s.requests} (skipped {s.skipped} done earlier, {s.errors} errors{hits}) | prompt tokens "
           f"{s.prompt_tokens}, cached {s.cached_tokens} | generated {s.generated_tokens} | "
           f"{s.wall_seconds:.1f} s | {s.tokens_per_second:.0f} tokens/s", file=sys.stderr)
     return 0
@@ -64,7 +68,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
 
     server = dataclass_from(ServerArgs, ns)
     server.validate()
-    serve(LLMEngine(engine_args_from(ns)), server)
+    cache_args = dataclass_from(SemanticCacheArgs, ns)
+    cache_args.validate()
+    serve(LLMEngine(engine_args_from(ns)), server, cache_args)
     return 0
 
 
@@ -173,6 +179,16 @@ def _cmd_bench_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_semantic_cache(ns: argparse.Namespace) -> int:
+    from sharekv.bench.semantic_cache import run_semantic_cache_bench
+
+    flags = None if ns.skip_trace else _engine_flags(ns)
+    run_semantic_cache_bench([float(b) for b in ns.budgets.split(",")], [int(n) for n in ns.sizes.split(",")],
+                             flags, ns.output, ns.trace_pairs, ns.trace_repeats, ns.trace_max_tokens,
+                             ns.trace_concurrency, ns.semantic_cache_config, gptcache=not ns.skip_gptcache)
+    return 0
+
+
 def _cmd_make_model(ns: argparse.Namespace) -> int:
     from sharekv.bench.workloads import BENCH_MODEL_CONFIG
     from sharekv.demo import DEMO_CONFIG, write_random_llama
@@ -260,11 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("-i", "--input", required=True, help="input JSONL (OpenAI batch format)")
     batch.add_argument("-o", "--output", required=True, help="output JSONL; rerun with the same file to resume")
     batch.add_argument("--no-progress", action="store_true")
+    add_dataclass_args(batch, SemanticCacheArgs, "semantic cache")
     add_engine_args(batch, schedule="global")
     batch.set_defaults(func=_cmd_batch)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible server (completions, chat, streaming, metrics)")
     add_dataclass_args(srv, ServerArgs, "server")
+    add_dataclass_args(srv, SemanticCacheArgs, "semantic cache")
     add_engine_args(srv)
     srv.set_defaults(func=_cmd_serve)
 
@@ -365,6 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second of the churn phase")
     ss.add_argument("--overload-seconds", type=float, default=30.0)
     ss.set_defaults(func=_cmd_bench_serve_soak)
+
+    sc = bench.add_parser("semantic-cache", help="the semantic cache on fow-cache's labelled pairs beside GPTCache, "
+                          "lookup latency at 10K/100K entries, and a replayed trace with repeats through serve")
+    sc.add_argument("--budgets", default="0.05,0.2,0.4", help="false-hit budgets the thresholds are learned under")
+    sc.add_argument("--sizes", default="10000,100000", help="cache sizes for the lookup latency")
+    sc.add_argument("--semantic-cache-config", default=None, help="categories file (default: the bundled one)")
+    sc.add_argument("--skip-gptcache", action="store_true")
+    sc.add_argument("--skip-trace", action="store_true", help="skip the replay through sharekv serve")
+    sc.add_argument("--trace-pairs", type=int, default=40, help="pairs in the replayed trace (half traps)")
+    sc.add_argument("--trace-repeats", type=int, default=20, help="exact repeats in the replayed trace")
+    sc.add_argument("--trace-max-tokens", type=int, default=48)
+    sc.add_argument("--trace-concurrency", type=int, default=4)
+    sc.add_argument("--output", default="results/semantic_cache.json", help="JSON result file (and a .png plot)")
+    add_engine_args(sc)
+    sc.set_defaults(func=_cmd_bench_semantic_cache)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

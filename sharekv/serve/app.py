@@ -14,7 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sharekv.config import ServerArgs, parse_bytes
+from sharekv.cache import frontend
+from sharekv.cache.semantic import CacheHit, Probe
+from sharekv.config import SemanticCacheArgs, ServerArgs, parse_bytes
 from sharekv.engine import LLMEngine
 from sharekv.openai_api import (
     CHAT,
@@ -85,10 +87,14 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
+def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheArgs | None = None) -> FastAPI:
     server.validate()
     model_name = server.served_model_name or engine.model_name
     metrics = ServerMetrics(model_name)
+    cache_args = cache_args or SemanticCacheArgs()
+    cache = frontend.open_cache(cache_args)
+    if cache is not None:
+        cache.listeners.append(metrics.observe_cache_lookup)
     runner = AsyncEngine(engine, metrics, server.max_waiting_requests)
     body_limit = parse_bytes(server.max_request_body)
 
@@ -100,6 +106,8 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
                     engine.args.schedule)
         yield
         runner.stop()
+        if cache is not None:
+            cache.close()
 
     app = FastAPI(title="sharekv", version="0.1.0", lifespan=lifespan)
 
@@ -113,6 +121,7 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
     app.openapi = openapi
     app.state.async_engine = runner
     app.state.metrics = metrics
+    app.state.semantic_cache = cache
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -139,6 +148,8 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if cache is not None:
+            metrics.observe_cache(cache)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -162,6 +173,13 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
             raise APIError(f"The model `{parsed.model}` does not exist.", status=404, param="model",
                            code="model_not_found")
         request_id = new_request_id(endpoint)
+        probe: Probe | None = None
+        if cache is not None and frontend.cacheable(parsed, cache_args):
+            tenant = frontend.tenant_of(parsed, server.api_key)
+            probe = await asyncio.to_thread(frontend.probe, cache, parsed, model_name, cache_args, tenant)
+            if probe.hit is not None:
+                return _cached_response(parsed, request_id, probe.hit)
+        cache_headers = {} if cache is None else {frontend.HEADER: "miss" if probe is not None else "bypass"}
         queue: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{i}" for i in range(len(parsed.prompts))]
         try:
@@ -201,12 +219,42 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
             abort_all()
             raise
         if not parsed.stream:
-            return JSONResponse(response_body(parsed, final, model_name, request_id))
+            body = response_body(parsed, final, model_name, request_id)
+            if cache is not None:
+                body["semantic_cache"] = frontend.hit_field(None)
+                await _store(probe, final)
+            return JSONResponse(body, headers=cache_headers)
         if first.rejected:
             abort_all()
             raise _refused()
-        return StreamingResponse(_stream(parsed, request_id, queue, index, final, first),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_stream(parsed, request_id, queue, index, final, first, probe),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **cache_headers})
+
+    async def _store(probe: Probe | None, final: list[RequestOutput]) -> None:
+        """After a miss, keep the answer (the probe already holds its embedding)."""
+        answer = frontend.stored_answer(final) if probe is not None else None
+        if answer is not None:
+            await asyncio.to_thread(cache.insert, probe, answer)
+
+    def _cached_response(parsed: ParsedRequest, request_id: str, hit: CacheHit) -> Response:
+        outputs = frontend.outputs_from_hit(hit, parsed, f"{request_id}-0")
+        marker = frontend.hit_field(hit)
+        headers = {frontend.HEADER: "hit"}
+        if not parsed.stream:
+            body = response_body(parsed, outputs, model_name, request_id)
+            body["semantic_cache"] = marker
+            return JSONResponse(body, headers=headers)
+
+        async def chunks() -> AsyncIterator[str]:
+            formatter = StreamFormatter(parsed, model_name, request_id)
+            usage_chunk = formatter.usage_chunk(outputs)
+            for chunk in [*formatter.first_chunks(), *formatter.chunks(0, outputs[0]),
+                          *([usage_chunk] if usage_chunk is not None else [])]:
+                yield _sse(chunk | {"semantic_cache": marker})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **headers})
 
     def _refused() -> APIError:
         return APIError("the request cannot meet its time-to-first-token target (ttft_slo) on this server "
@@ -228,7 +276,8 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
                 final[index[out.request_id]] = out
 
     async def _stream(parsed: ParsedRequest, request_id: str, queue: asyncio.Queue, index: dict[str, int],
-                      final: list[RequestOutput | None], first: RequestOutput) -> AsyncIterator[str]:
+                      final: list[RequestOutput | None], first: RequestOutput,
+                      probe: Probe | None) -> AsyncIterator[str]:
         formatter = StreamFormatter(parsed, model_name, request_id)
         out: RequestOutput | EngineDead = first
         try:
@@ -251,11 +300,30 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
             if usage_chunk is not None:
                 yield _sse(usage_chunk)
             yield "data: [DONE]\n\n"
+            await _store(probe, final)
         finally:
             # Reached early when the client disconnects (the response task is cancelled): stop generating.
             for engine_id, i in index.items():
                 if final[i] is None:
                     runner.abort(engine_id)
+
+    @app.post("/v1/cache/invalidate")
+    async def invalidate(request: Request) -> dict:
+        """Removes semantic-cache entries by id, user (tenant) and/or category."""
+        if cache is None:
+            raise APIError("this server runs without a semantic cache (start it with --semantic-cache PATH)",
+                           status=404, code="cache_disabled")
+        body = await _read_json(request, body_limit)
+        fields = {"id": int, "user": str, "category": str}
+        if not isinstance(body, dict) or not any(k in body for k in fields):
+            raise APIError("send at least one of 'id', 'user', 'category'")
+        for name, kind in fields.items():
+            if name in body and (not isinstance(body[name], kind) or isinstance(body[name], bool)):
+                raise APIError(f"'{name}' must be a {kind.__name__}", param=name)
+        user = body.get("user")
+        removed = await asyncio.to_thread(cache.invalidate, body.get("id"), None if user is None else f"user:{user}",
+                                          body.get("category"))
+        return {"object": "cache.invalidation", "invalidated": removed}
 
     @app.post(COMPLETIONS, openapi_extra=openapi_operation(CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -268,11 +336,11 @@ def build_app(engine: LLMEngine, server: ServerArgs) -> FastAPI:
     return app
 
 
-def serve(engine: LLMEngine, server: ServerArgs) -> None:
+def serve(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheArgs | None = None) -> None:
     import uvicorn
 
     if server.host not in ("127.0.0.1", "localhost", "::1") and not server.api_key:
         logger.warning("binding to %s without --api-key: anyone who can reach this port can use the model",
                        server.host)
-    uvicorn.run(build_app(engine, server), host=server.host, port=server.port, log_level="info",
+    uvicorn.run(build_app(engine, server, cache_args), host=server.host, port=server.port, log_level="info",
                 timeout_graceful_shutdown=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sharekv.cache.semantic import LookupRecord, SemanticCache
 from sharekv.outputs import RequestOutput
 from sharekv.sched.step_time import StepTimeModel
 
@@ -57,6 +58,17 @@ class ServerMetrics:
         self.slo_demoted = gauge("slo_demoted_total", "Requests that could no longer meet their TTFT target "
                                  "when waiting (demoted, or refused with --slo-reject).")
         self.slo_rejected = gauge("slo_rejected_total", "Requests refused (503) by --slo-reject.")
+        self._cache_lookups = Counter("sharekv:semantic_cache_lookups", "Semantic cache lookups by outcome "
+                                      "(exact, semantic, miss).", labels + ["outcome"], registry=r)
+        self.cache_hit_similarity = histogram("semantic_cache_hit_similarity", "Cosine of the served entry.",
+                                              (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0))
+        self.cache_lookup_seconds = histogram("semantic_cache_lookup_seconds", "Lookup time, embedding included.",
+                                              (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25))
+        self.cache_entries = gauge("semantic_cache_entries", "Entries in the semantic cache.")
+        self.cache_contrast_refusals = gauge("semantic_cache_contrast_refusals_total", "Lookups whose candidate "
+                                             "cleared the threshold but was refused by the contrast check.")
+        self._cache_evictions = Gauge("sharekv:semantic_cache_evictions_total", "Entries removed, by reason "
+                                      "(ttl, quota, capacity, invalidated).", labels + ["reason"], registry=r)
 
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
@@ -75,6 +87,18 @@ class ServerMetrics:
             self.step_time_error.set(error)
         for term, value in model.coefficients.items():
             self._step_time_coefficient.labels(self.model_name, term).set(value)
+
+    def observe_cache_lookup(self, record: LookupRecord) -> None:
+        self._cache_lookups.labels(self.model_name, record.outcome).inc()
+        self.cache_lookup_seconds.observe(record.seconds)
+        if record.outcome != "miss" and record.similarity is not None:
+            self.cache_hit_similarity.observe(record.similarity)
+
+    def observe_cache(self, cache: SemanticCache) -> None:
+        self.cache_entries.set(len(cache))
+        self.cache_contrast_refusals.set(cache.stats.contrast_refusals)
+        for reason, count in cache.stats.evictions.items():
+            self._cache_evictions.labels(self.model_name, reason).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
