@@ -189,6 +189,23 @@ def _cmd_bench_semantic_cache(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate_cache(ns: argparse.Namespace) -> int:
+    from sharekv.cache.calibrate import Pairs, calibrate, write_config
+    from sharekv.cache.embedder import SentenceTransformerEmbedder
+    from sharekv.cache.policy import CacheConfig
+
+    pairs = Pairs.fow_cache() if ns.pairs == "fow-cache" else Pairs.load_jsonl(ns.pairs)
+    config, report = calibrate(pairs, SentenceTransformerEmbedder(ns.semantic_cache_embedder),
+                               CacheConfig.load(ns.semantic_cache_config), ns.max_false_hit)
+    write_config(config, ns.output)
+    thresholds = ", ".join(f"{c.name} {c.threshold:.3f}" for c in config.categories.values())
+    print(f"thresholds learned on {report['calibration_pairs']} pairs: {thresholds}\n"
+          f"on the other {report['report_pairs']}: should-hit served {report['should_hit_served']:.1%}, false hits "
+          f"{report['false_hit_rate']:.1%}, unrelated served {report['unrelated_served']:.2%}, precision "
+          f"{report['precision']:.1%}\nwrote {ns.output}", file=sys.stderr)
+    return 0
+
+
 def _cmd_make_model(ns: argparse.Namespace) -> int:
     from sharekv.bench.workloads import BENCH_MODEL_CONFIG
     from sharekv.demo import DEMO_CONFIG, write_random_llama
@@ -398,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", default="results/semantic_cache.json", help="JSON result file (and a .png plot)")
     add_engine_args(sc)
     sc.set_defaults(func=_cmd_bench_semantic_cache)
+
+    cal = sub.add_parser("calibrate-cache", help="learn the semantic cache's per-category thresholds from labelled "
+                         "pairs under a false-hit budget (learned on one half, reported on the other)")
+    cal.add_argument("--pairs", default="fow-cache", help="JSONL of {id, a, b, same_answer} (a: the stored "
+                     "request, b: the new one), or fow-cache for that package's 600 labelled pairs")
+    cal.add_argument("--max-false-hit", type=float, default=0.1, help="share of traps that may be served")
+    cal.add_argument("--semantic-cache-config", default=None, help="categories to start from (default: bundled)")
+    cal.add_argument("--semantic-cache-embedder", default=None, help="sentence-transformers model directory")
+    cal.add_argument("-o", "--output", required=True, help="config file to write (--semantic-cache-config)")
+    cal.set_defaults(func=_cmd_calibrate_cache)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

@@ -69,7 +69,8 @@ def test_contrast_check_refuses_one_word_edits(embedder):
                  "How do I export my data from HubSpot?", "Is the clinic not open on Sundays?"):
         assert cache.probe("t", KEY, trap).hit is None, trap
     assert cache.stats.contrast_refusals >= 4
-    for same in ("Is the clinc open on Sundays?", "is the clinic open on sundays", "Hi, is the clinic open on Sundays?"):
+    for same in ("Is the clinc open on Sundays?", "is the clinic open on sundays",
+                 "Hi, is the clinic open on Sundays?"):
         assert cache.probe("t", KEY, same).hit is not None, same
 
 
@@ -144,7 +145,7 @@ def test_index_and_store_agree_under_any_operations(embedder, ops):
 
 
 def test_thresholds_are_learned_on_the_calibration_half_only():
-    from sharekv.bench.semantic_cache import split_halves
+    from sharekv.cache.calibrate import split_halves
 
     rng = np.random.default_rng(0)
     ids = [f"pair-{i}" for i in range(400)]
@@ -155,10 +156,10 @@ def test_thresholds_are_learned_on_the_calibration_half_only():
     assert not set(calibration) & set(report) and len(calibration) + len(report) == 400
     assert split_halves(ids) == (calibration, report)  # by id, not by order or chance
     cal = np.array(calibration)
-    learned = learn_thresholds(scores[cal], same[cal], categories[cal], max_false_hit=0.1)
+    learned = learn_thresholds(scores[cal], same[cal], categories[cal], max_false_hit=0.1, min_pairs=20)
     flipped = same.copy()
     flipped[np.array(report)] = ~flipped[np.array(report)]  # whatever the report half says...
-    assert learn_thresholds(scores[cal], flipped[cal], categories[cal], max_false_hit=0.1) == learned
+    assert learn_thresholds(scores[cal], flipped[cal], categories[cal], max_false_hit=0.1, min_pairs=20) == learned
     for name, threshold in learned.items():
         mask = cal if name == "*" else cal[categories[cal] == name]
         assert np.mean(scores[mask][~same[mask]] >= threshold) <= 0.1  # ...the budget holds where it was set
@@ -228,8 +229,9 @@ def test_batch_answers_from_the_cache_a_server_or_earlier_job_filled(tmp_path):
     assert summary.cache_hits == 0 and summary.requests == 2
     summary = run_batch(engine, str(second), str(tmp_path / "out2.jsonl"), False, open_cache(args), args)
     assert summary.cache_hits == 1 and summary.requests == 2
-    out = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, open(tmp_path / "out2.jsonl"))}
-    before = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, open(tmp_path / "out1.jsonl"))}
+    out, before = (
+        {r["custom_id"]: r["response"]["body"] for r in map(json.loads, (tmp_path / name).read_text().splitlines())}
+        for name in ("out2.jsonl", "out1.jsonl"))
     assert out["p0"]["semantic_cache"]["hit"] and not out["p1"]["semantic_cache"]["hit"]
     assert out["p0"]["choices"][0]["message"] == before["q0"]["choices"][0]["message"]
     assert_engine_clean(engine)

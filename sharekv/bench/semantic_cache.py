@@ -3,9 +3,9 @@ GPTCache on the same embeddings; lookup latency at 10K and 100K entries; and a r
 through a live server, with and without the cache.
 
 Pairs come from the `fow-cache` package (CC BY 4.0 data): 300 should-hit pairs (near repeats, paraphrases)
-and 300 traps (negation, entity swap, number/date, scope). Each pair is one stored request and one new
-request. Thresholds are learned on one half of the pairs (split by a hash of the pair's id) and every
-figure is reported on the other half.
+and 300 traps (negation, entity swap, number/date, scope), plus 600 unrelated pairs made from them. Each
+pair is one stored request and one new request. Thresholds are learned on one half of the pairs (split by a
+hash of the pair's id, `sharekv.cache.calibrate`) and every figure is reported on the other half.
 """
 
 from __future__ import annotations
@@ -18,98 +18,20 @@ import random
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
 from sharekv.bench.report import pyplot, save_figure, write_result
-from sharekv.cache.contrast import ContrastCheck
+from sharekv.cache.calibrate import PAIR_KEY, Pairs, learned_configs, pair_scores, rates, serve_pairs, split_halves
 from sharekv.cache.embedder import SentenceTransformerEmbedder
-from sharekv.cache.policy import CacheConfig, CategoryClassifier, CategoryPolicy, best_threshold, learn_thresholds
+from sharekv.cache.policy import CacheConfig
 from sharekv.cache.semantic import SemanticCache
 from sharekv.cache.store import EntryStore
 
 GPTCACHE_DEFAULT = 0.6  # similarity_threshold 0.8 under SearchDistanceEvaluation: (1 + cosine) / 2 >= 0.8
 GPTCACHE_COSINES = (GPTCACHE_DEFAULT, 0.80, 0.85, 0.90, 0.95, 0.99)
-PAIR_KEY = {"model": "bench", "endpoint": "/v1/chat/completions", "params": {}, "context": None}
-ANSWER = {"choices": [{"index": 0, "text": "cached", "token_ids": [], "finish_reason": "stop", "stop_reason": None}]}
-
-
-def split_halves(ids: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Indices of the calibration half and the report half, by a hash of each id: the same split in every
-    run, whatever the order of the data."""
-    calibration, report = [], []
-    for i, pair_id in enumerate(ids):
-        (calibration if hashlib.sha256(pair_id.encode()).digest()[0] % 2 == 0 else report).append(i)
-    return calibration, report
-
-
-@dataclass
-class Pairs:
-    ids: list[str]
-    groups: np.ndarray  # fow-cache's category of each pair
-    cached: list[str]
-    new: list[str]
-    same: np.ndarray  # one answer is right for both
-
-    @classmethod
-    def load(cls) -> Pairs:
-        from fow_cache import load_questions
-
-        items = load_questions()
-        return cls([i["id"] for i in items], np.array([i.get("ambiguous") or i["category"] for i in items]),
-                   [i["a"] for i in items], [i["b"] for i in items], np.array([bool(i["same_answer"]) for i in items]))
-
-
-def scores(pairs: Pairs, embedder: SentenceTransformerEmbedder, config: CacheConfig) -> dict:
-    """What the cache computes for each pair, computed once: cosine, the contrast check's verdict, and the
-    category the stored request falls in."""
-    a, b = embedder.embed(pairs.cached), embedder.embed(pairs.new)
-    contrast = ContrastCheck(embedder.word_vectors, config.synonym_similarity)
-    classifier = CategoryClassifier(config, embedder)
-    return {"cosine": np.sum(a * b, axis=1),
-            "contrast": [contrast.find(x, y) for x, y in zip(pairs.cached, pairs.new, strict=True)],
-            "category": np.array([classifier.classify(v) for v in a])}
-
-
-def calibrated_configs(pairs: Pairs, computed: dict, calibration: list[int], base: CacheConfig,
-                       budget: float) -> dict[str, CacheConfig]:
-    """sharekv's three settings, each with thresholds learned on the calibration half under `budget`:
-    one global threshold on similarity alone; one global threshold with the contrast check; and the
-    category-aware policy (a threshold per category, with the contrast check)."""
-    cal = np.array(calibration)
-    cosine = computed["cosine"][cal]
-    guarded = np.where([computed["contrast"][i] is None for i in cal], cosine, -np.inf)
-    same = pairs.same[cal]
-    plain_t = best_threshold(cosine, same, budget)[0]
-    guarded_t = best_threshold(guarded, same, budget)[0]
-    per_category = learn_thresholds(guarded, same, computed["category"][cal], budget)
-
-    def single(threshold: float, contrast: bool) -> CacheConfig:
-        return CacheConfig({"all": CategoryPolicy("all", threshold, 3600.0, 1.0)}, "all", base.max_entries,
-                           contrast, base.synonym_similarity)
-
-    categories = {name: CategoryPolicy(name, per_category.get(name, per_category["*"]), c.ttl_seconds, c.quota,
-                                       c.examples) for name, c in base.categories.items()}
-    return {"global threshold": single(plain_t, False), "global threshold + contrast": single(guarded_t, True),
-            "category-aware + contrast": CacheConfig(categories, base.default_category, base.max_entries, True,
-                                                     base.synonym_similarity)}
-
-
-def run_sharekv(pairs: Pairs, report: list[int], embedder: SentenceTransformerEmbedder,
-                config: CacheConfig) -> np.ndarray:
-    """Each pair through the real cache: store the first request, look up the second. Every pair is its
-    own tenant, so no pair ever sees another's entry."""
-    cache = SemanticCache(":memory:", embedder, config)
-    served = []
-    for i in report:
-        tenant = f"pair:{pairs.ids[i]}"
-        cache.insert(cache.probe(tenant, PAIR_KEY, pairs.cached[i]), ANSWER)
-        served.append(cache.probe(tenant, PAIR_KEY, pairs.new[i]).hit is not None)
-    cache.close()
-    return np.array(served)
 
 
 def run_gptcache(pairs: Pairs, report: list[int], embedder: SentenceTransformerEmbedder,
@@ -124,7 +46,7 @@ def run_gptcache(pairs: Pairs, report: list[int], embedder: SentenceTransformerE
 
     logging.getLogger("gptcache").setLevel(logging.ERROR)
     served = {c: [] for c in cosines}
-    for i in tqdm(report, desc="GPTCache pairs", unit="pair"):
+    for i in tqdm(report, desc="GPTCache pairs", unit="pair", mininterval=5):
         with tempfile.TemporaryDirectory() as tmp:
             cache = Cache()
             manager = manager_factory("sqlite,faiss", data_dir=tmp, vector_params={"dimension": embedder.dim})
@@ -138,22 +60,14 @@ def run_gptcache(pairs: Pairs, report: list[int], embedder: SentenceTransformerE
     return {c: np.array(v) for c, v in served.items()}
 
 
-def table(pairs: Pairs, report: list[int], served: np.ndarray) -> dict:
-    """Should-hit pairs served, traps served (false hits) and precision, overall and per fow-cache group."""
-    same, groups = pairs.same[np.array(report)], pairs.groups[np.array(report)]
-    by_group = {str(g): float(np.mean(served[groups == g])) for g in dict.fromkeys(groups)}
-    hits = int(np.sum(served & same))
-    return {"should_hit_served": float(np.mean(served[same])), "false_hit_rate": float(np.mean(served[~same])),
-            "precision": hits / max(1, int(np.sum(served))), "served": int(np.sum(served)), "by_group": by_group}
-
-
 def lookup_latency(embedder: SentenceTransformerEmbedder, config: CacheConfig, sizes: Sequence[int],
-                   queries: list[str], fill: list[str], seed: int = 0) -> list[dict]:
-    """p50/p99 lookup time at each size, all entries in one namespace (the worst case: one tenant, one set
-    of parameters). Real stored requests (`fill`) plus random unit vectors up to the size; queries are real
-    requests, so candidates clear thresholds and the contrast check runs."""
+                   queries: list[str], fill: list[str], namespaces: int = 1, seed: int = 0) -> list[dict]:
+    """p50/p99 lookup time at each size, the entries spread over `namespaces` tenants (1: the worst case, one
+    tenant and one set of parameters; queries go to the first). Real stored requests (`fill`) plus random
+    unit vectors up to the size; queries are real requests, so candidates clear thresholds and the contrast
+    check runs."""
     rng = np.random.default_rng(seed)
-    namespace = SemanticCache.namespace("bench", PAIR_KEY)
+    names = [SemanticCache.namespace(f"bench-{t}", PAIR_KEY) for t in range(namespaces)]
     real = embedder.embed(fill)
     out = []
     for size in sizes:
@@ -165,9 +79,11 @@ def lookup_latency(embedder: SentenceTransformerEmbedder, config: CacheConfig, s
             filler /= np.linalg.norm(filler, axis=1, keepdims=True)
             texts = fill + [f"filler request {k}" for k in range(size - len(fill))]
             vectors = np.concatenate([real, filler])
-            store.bulk_insert([(namespace, "bench", config.default_category, hashlib.sha256(t.encode()).hexdigest(),
-                                t, "{}", v.tobytes(), now, now + 86400, now)
-                               for t, v in zip(texts, vectors, strict=True)])
+            # The real requests go to the first namespace; the filler is dealt round the namespaces.
+            owner = [0] * len(fill) + [k % namespaces for k in range(size - len(fill))]
+            store.bulk_insert([(names[o], f"bench-{o}", config.default_category,
+                                hashlib.sha256(t.encode()).hexdigest(), t, "{}", v.tobytes(), now, now + 86400, now)
+                               for t, v, o in zip(texts, vectors, owner, strict=True)])
             store.close()
             start = time.perf_counter()
             cache = SemanticCache(path, embedder, config)
@@ -175,11 +91,13 @@ def lookup_latency(embedder: SentenceTransformerEmbedder, config: CacheConfig, s
             records = []
             cache.listeners.append(records.append)
             for q in queries:
-                cache.probe("bench", PAIR_KEY, q)
+                cache.probe("bench-0", PAIR_KEY, q)
             total = np.array([r.seconds for r in records]) * 1000
             search = np.array([r.seconds - r.embed_seconds for r in records]) * 1000
+            largest = cache.index.size(names[0])
             cache.close()
-        out.append({"entries": size, "rebuild_seconds": rebuild, "lookups": len(records),
+        out.append({"entries": size, "namespaces": namespaces, "largest_namespace": largest,
+                    "rebuild_seconds": rebuild, "lookups": len(records),
                     "p50_ms": float(np.percentile(total, 50)), "p99_ms": float(np.percentile(total, 99)),
                     "p50_ms_without_embedding": float(np.percentile(search, 50)),
                     "p99_ms_without_embedding": float(np.percentile(search, 99)),
@@ -223,9 +141,10 @@ def trace_replay(engine_flags: list[str], pairs: Pairs, report: list[int], num_p
     the cache. Counts the engine's tokens, the latency, and the traps answered from the cache."""
     from sharekv.bench.serve import local_server, served_model
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     rng = random.Random(seed)
     hit_pairs = [i for i in report if pairs.same[i]]
-    trap_pairs = [i for i in report if not pairs.same[i]]
+    trap_pairs = [i for i in report if not pairs.same[i] and not pairs.unrelated[i]]
     chosen = rng.sample(hit_pairs, num_pairs // 2) + rng.sample(trap_pairs, num_pairs - num_pairs // 2)
 
     def body(text: str) -> dict:
@@ -273,33 +192,38 @@ def run_semantic_cache_bench(budgets: Sequence[float], sizes: Sequence[int], eng
                              gptcache: bool = True) -> dict:
     embedder = SentenceTransformerEmbedder()
     base = CacheConfig.load(config_path)
-    pairs = Pairs.load()
+    pairs = Pairs.fow_cache()
     calibration, report = split_halves(pairs.ids)
-    computed = scores(pairs, embedder, base)
-    result: dict = {"pairs": len(pairs.ids), "calibration_pairs": len(calibration), "report_pairs": len(report),
+    computed = pair_scores(pairs, embedder, base)
+    result: dict = {"pairs": int((~pairs.unrelated).sum()), "unrelated_pairs": int(pairs.unrelated.sum()),
+                    "calibration_pairs": len(calibration), "report_pairs": len(report),
                     "embedder": embedder.model_dir, "systems": []}
     for budget in budgets:
-        for name, config in calibrated_configs(pairs, computed, calibration, base, budget).items():
-            row = table(pairs, report, run_sharekv(pairs, report, embedder, config))
+        for name, config in learned_configs(pairs, computed, calibration, base, budget).items():
+            row = rates(pairs, report, serve_pairs(pairs, report, embedder, config))
             thresholds = {c.name: round(c.threshold, 4) for c in config.categories.values()}
             result["systems"].append({"system": f"sharekv {name}", "false_hit_budget": budget,
                                       "thresholds": thresholds, **row})
-            print(f"sharekv {name} (budget {budget:.2f}): should-hit {row['should_hit_served']:.1%}, "
-                  f"false hits {row['false_hit_rate']:.1%}, precision {row['precision']:.1%}")
+            print(f"sharekv {name} (budget {budget:.2f}): should-hit {row['should_hit_served']:.1%}, false hits "
+                  f"{row['false_hit_rate']:.1%}, unrelated {row['unrelated_served']:.1%}, precision "
+                  f"{row['precision']:.1%}")
     if gptcache:
         for cosine, served in run_gptcache(pairs, report, embedder, GPTCACHE_COSINES).items():
-            row = table(pairs, report, served)
+            row = rates(pairs, report, served)
             label = "GPTCache 0.1.44" + (" (default 0.8)" if cosine == GPTCACHE_DEFAULT else "")
             result["systems"].append({"system": label, "cosine": cosine, "similarity_threshold": (1 + cosine) / 2,
                                       **row})
-            print(f"{label} cosine {cosine:.2f}: should-hit {row['should_hit_served']:.1%}, "
-                  f"false hits {row['false_hit_rate']:.1%}, precision {row['precision']:.1%}")
-    queries = [pairs.new[i] for i in report]
-    result["latency"] = lookup_latency(embedder, base, sizes, queries, [pairs.cached[i] for i in report])
+            print(f"{label} cosine {cosine:.2f}: should-hit {row['should_hit_served']:.1%}, false hits "
+                  f"{row['false_hit_rate']:.1%}, unrelated {row['unrelated_served']:.1%}, precision "
+                  f"{row['precision']:.1%}")
+    labelled = [i for i in report if not pairs.unrelated[i]]
+    queries, fill = [pairs.new[i] for i in labelled], [pairs.cached[i] for i in labelled]
+    result["latency"] = [row for namespaces in (1, 100)
+                         for row in lookup_latency(embedder, base, sizes, queries, fill, namespaces)]
     for row in result["latency"]:
-        print(f"{row['entries']} entries: lookup p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms; without "
-              f"embedding p50 {row['p50_ms_without_embedding']:.2f} p99 {row['p99_ms_without_embedding']:.2f} ms; "
-              f"index rebuilt in {row['rebuild_seconds']:.1f} s")
+        print(f"{row['entries']} entries in {row['namespaces']} namespace(s): lookup p50 {row['p50_ms']:.2f} ms "
+              f"p99 {row['p99_ms']:.2f} ms; without embedding p50 {row['p50_ms_without_embedding']:.2f} p99 "
+              f"{row['p99_ms_without_embedding']:.2f} ms; index rebuilt in {row['rebuild_seconds']:.1f} s")
     if engine_flags is not None:
         result["trace"] = trace_replay(engine_flags, pairs, report, trace_pairs, trace_repeats, max_tokens,
                                        concurrency)
@@ -328,12 +252,12 @@ def plot_semantic_cache(result: dict, png_path: str) -> None:
                       label=name.replace("sharekv ", "sharekv: "))
     left.set_xlabel("traps answered from the cache (false-hit rate)")
     left.set_ylabel("should-hit pairs answered from the cache")
-    left.set_title(f"fow-cache pairs, report half ({result['report_pairs']} pairs)")
+    left.set_title(f"fow-cache pairs, report half ({result['report_pairs']} pairs incl. unrelated)")
     left.set_xlim(0, 1)
     left.set_ylim(0, 1)
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower right")
-    lat = result.get("latency", [])
+    lat = [row for row in result.get("latency", []) if row["namespaces"] == 1]
     if lat:
         x = np.arange(len(lat))
         for k, (key, label) in enumerate((("p50_ms_without_embedding", "p50 without embedding"),

@@ -78,11 +78,12 @@ class CategoryClassifier:
         return self.names[int(np.argmax(self.centroids @ vector))]
 
 
-def best_threshold(scores: np.ndarray, same: np.ndarray, max_false_hit: float) -> tuple[float, float]:
-    """(threshold, hit rate): the lowest threshold (most should-hit pairs served) whose false-hit rate on the
-    traps stays within `max_false_hit`. `scores` are the similarities at which each pair would be served
-    (-inf where the contrast check refuses it); `same` marks the should-hit pairs."""
-    candidates = np.unique(scores[np.isfinite(scores)])
+def best_threshold(scores: np.ndarray, same: np.ndarray, max_false_hit: float,
+                   floor: float = -1.0) -> tuple[float, float]:
+    """(threshold, hit rate): the lowest threshold (most should-hit pairs served), never below `floor`, whose
+    false-hit rate on the traps stays within `max_false_hit`. `scores` are the similarities at which each
+    pair would be served (-inf where the contrast check refuses it); `same` marks the should-hit pairs."""
+    candidates = np.unique(scores[np.isfinite(scores) & (scores >= floor)])
     traps, hits = scores[~same], scores[same]
     best = (1.0 + 1e-6, 0.0)
     for t in candidates[::-1]:  # high to low: false hits only grow
@@ -94,13 +95,14 @@ def best_threshold(scores: np.ndarray, same: np.ndarray, max_false_hit: float) -
 
 
 def learn_thresholds(scores: np.ndarray, same: np.ndarray, categories: Sequence[str], max_false_hit: float,
-                     min_pairs: int = 20) -> dict[str, float]:
-    """Each category's threshold by `best_threshold` on its own pairs; a category with fewer than `min_pairs`
-    pairs (or without both kinds) takes the threshold learned on all pairs, under the key "*"."""
+                     floor: float = -1.0, min_pairs: int = 30) -> dict[str, float]:
+    """Each category's threshold by `best_threshold` on its own pairs, when it has at least `min_pairs`
+    should-hit pairs and as many traps (fewer make a noisy threshold); the others take the threshold
+    learned on all pairs, under the key "*"."""
     categories = np.asarray(categories)
-    learned = {"*": best_threshold(scores, same, max_false_hit)[0]}
+    learned = {"*": best_threshold(scores, same, max_false_hit, floor)[0]}
     for name in np.unique(categories):
         mask = categories == name
-        if mask.sum() >= min_pairs and same[mask].any() and (~same[mask]).any():
-            learned[str(name)] = best_threshold(scores[mask], same[mask], max_false_hit)[0]
+        if (same[mask]).sum() >= min_pairs and (~same[mask]).sum() >= min_pairs:
+            learned[str(name)] = best_threshold(scores[mask], same[mask], max_false_hit, floor)[0]
     return learned
