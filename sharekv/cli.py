@@ -185,7 +185,8 @@ def _cmd_bench_semantic_cache(ns: argparse.Namespace) -> int:
     flags = None if ns.skip_trace else _engine_flags(ns)
     run_semantic_cache_bench([float(b) for b in ns.budgets.split(",")], [int(n) for n in ns.sizes.split(",")],
                              flags, ns.output, ns.trace_pairs, ns.trace_repeats, ns.trace_max_tokens,
-                             ns.trace_concurrency, ns.semantic_cache_config, gptcache=not ns.skip_gptcache)
+                             ns.trace_concurrency, ns.semantic_cache_config, gptcache=not ns.skip_gptcache,
+                             max_pairs=ns.max_pairs)
     return 0
 
 
@@ -407,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--sizes", default="10000,100000", help="cache sizes for the lookup latency")
     sc.add_argument("--semantic-cache-config", default=None, help="categories file (default: the bundled one)")
     sc.add_argument("--skip-gptcache", action="store_true")
+    sc.add_argument("--max-pairs", type=int, default=None, help="use this many of fow-cache's pairs (quick runs)")
     sc.add_argument("--skip-trace", action="store_true", help="skip the replay through sharekv serve")
     sc.add_argument("--trace-pairs", type=int, default=40, help="pairs in the replayed trace (half traps)")
     sc.add_argument("--trace-repeats", type=int, default=20, help="exact repeats in the replayed trace")

@@ -116,3 +116,23 @@ def test_bench_soak(tmp_path):
     result = _result(out)
     assert [r["schedule"] for r in result["runs"]] == ["fcfs", "fair"]
     assert all(r["requests"] == 40 and r["leaks"] == [] and r["greedy_mismatches"] == [] for r in result["runs"])
+
+
+def test_bench_semantic_cache(tmp_path):
+    """fow-cache pairs through sharekv's cache and GPTCache, lookup latency past the int8 scan's size, and the
+    replayed trace through two `sharekv serve` processes on the demo model, at toy scale."""
+    out = tmp_path / "semantic_cache.json"
+    assert main(["bench", "semantic-cache", "--max-pairs", "60", "--budgets", "0.2", "--sizes", "5000",
+                 "--trace-pairs", "4", "--trace-repeats", "2", "--trace-max-tokens", "4", "--model", DEMO_MODEL,
+                 "--kv-cache-memory", "64MiB", "--output", str(out)]) == 0
+    result = _result(out)
+    assert result["pairs"] == 60 and result["unrelated_pairs"] == 60
+    systems = {s["system"]: s for s in result["systems"]}
+    assert "sharekv category-aware + contrast" in systems and "GPTCache 0.1.44 (default 0.8)" in systems
+    for s in systems.values():
+        assert 0 <= s["should_hit_served"] <= 1 and 0 <= s["false_hit_rate"] <= 1
+    assert {row["entries"] for row in result["latency"]} == {5000}
+    assert all(row["lookups"] > 0 and row["p99_ms"] >= row["p50_ms"] for row in result["latency"])
+    plain, cached = result["trace"]
+    assert plain["cache_hits"] == 0 and cached["repeats_served"] == 2  # exact repeats always hit
+    assert cached["engine_generated_tokens"] < plain["engine_generated_tokens"]

@@ -34,6 +34,11 @@ GPTCACHE_DEFAULT = 0.6  # similarity_threshold 0.8 under SearchDistanceEvaluatio
 GPTCACHE_COSINES = (GPTCACHE_DEFAULT, 0.80, 0.85, 0.90, 0.95, 0.99)
 
 
+class _Closed:
+    def close(self) -> None:
+        pass
+
+
 def run_gptcache(pairs: Pairs, report: list[int], embedder: SentenceTransformerEmbedder,
                  cosines: Sequence[float]) -> dict[float, np.ndarray]:
     """GPTCache 0.1.44 on the same pairs with the same MiniLM embeddings: a fresh `sqlite,faiss` cache per
@@ -57,6 +62,9 @@ def run_gptcache(pairs: Pairs, report: list[int], embedder: SentenceTransformerE
                 cache.config.similarity_threshold = (1 + c) / 2
                 served[c].append(get(pairs.new[i], cache_obj=cache) is not None)
             manager.close()
+            # Each Cache closes its data manager again at exit (atexit), which would write the index into
+            # this directory after it is gone: leave it one with nothing to write.
+            cache.data_manager = _Closed()
     return {c: np.array(v) for c, v in served.items()}
 
 
@@ -167,7 +175,9 @@ def trace_replay(engine_flags: list[str], pairs: Pairs, report: list[int], num_p
         kinds = [(i, kind) for i, kind, _ in first + second]
         hit = [r["cache"] == "hit" for r in results]
         seconds = np.array([r["seconds"] for r in results])
-        runs.append({"system": label, "requests": len(results), "wall_seconds": wall,
+        traps = [(pairs.cached[i], pairs.new[i]) for h, (i, k) in zip(hit, kinds, strict=True)
+                 if h and k == "new" and not pairs.same[i]]
+        runs.append({"system": label, "requests": len(results), "wall_seconds": wall, "traps_served_pairs": traps,
                      "mean_latency_s": float(seconds.mean()), "p50_latency_s": float(np.percentile(seconds, 50)),
                      "p99_latency_s": float(np.percentile(seconds, 99)),
                      "engine_prompt_tokens": after["prompt_computed"] - before["prompt_computed"],
@@ -189,10 +199,10 @@ def trace_replay(engine_flags: list[str], pairs: Pairs, report: list[int], num_p
 def run_semantic_cache_bench(budgets: Sequence[float], sizes: Sequence[int], engine_flags: list[str] | None,
                              out_path: str, trace_pairs: int = 40, trace_repeats: int = 20, max_tokens: int = 48,
                              concurrency: int = 4, config_path: str | None = None,
-                             gptcache: bool = True) -> dict:
+                             gptcache: bool = True, max_pairs: int | None = None) -> dict:
     embedder = SentenceTransformerEmbedder()
     base = CacheConfig.load(config_path)
-    pairs = Pairs.fow_cache()
+    pairs = Pairs.fow_cache(max_pairs)
     calibration, report = split_halves(pairs.ids)
     computed = pair_scores(pairs, embedder, base)
     result: dict = {"pairs": int((~pairs.unrelated).sum()), "unrelated_pairs": int(pairs.unrelated.sum()),

@@ -64,11 +64,15 @@ class Pairs:
             return cls.of([json.loads(line) for line in f if line.strip()])
 
     @classmethod
-    def fow_cache(cls) -> Pairs:
-        """fow-cache's 600 single-question pairs (data CC BY 4.0)."""
+    def fow_cache(cls, limit: int | None = None) -> Pairs:
+        """fow-cache's 600 single-question pairs (data CC BY 4.0), or `limit` of them spread evenly over its
+        categories (for quick runs)."""
         from fow_cache import load_questions
 
-        return cls.of(load_questions())
+        items = load_questions()
+        if limit is not None and limit < len(items):
+            items = items[:: -(-len(items) // limit)][:limit]
+        return cls.of(items)
 
 
 def pair_scores(pairs: Pairs, embedder: SentenceTransformerEmbedder, config: CacheConfig) -> dict:
