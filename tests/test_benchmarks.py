@@ -131,6 +131,7 @@ def test_bench_semantic_cache(tmp_path):
     assert "sharekv category-aware + contrast" in systems and "GPTCache 0.1.44 (default 0.8)" in systems
     for s in systems.values():
         assert 0 <= s["should_hit_served"] <= 1 and 0 <= s["false_hit_rate"] <= 1
+        assert s.get("cross_tenant_hits", 0) == 0
     assert {row["entries"] for row in result["latency"]} == {5000}
     assert all(row["lookups"] > 0 and row["p99_ms"] >= row["p50_ms"] for row in result["latency"])
     plain, cached = result["trace"]

@@ -210,13 +210,14 @@ def run_semantic_cache_bench(budgets: Sequence[float], sizes: Sequence[int], eng
                     "embedder": embedder.model_dir, "systems": []}
     for budget in budgets:
         for name, config in learned_configs(pairs, computed, calibration, base, budget).items():
-            row = rates(pairs, report, serve_pairs(pairs, report, embedder, config))
+            served, cross_tenant = serve_pairs(pairs, report, embedder, config)
+            row = rates(pairs, report, served) | {"cross_tenant_hits": cross_tenant}
             thresholds = {c.name: round(c.threshold, 4) for c in config.categories.values()}
             result["systems"].append({"system": f"sharekv {name}", "false_hit_budget": budget,
                                       "thresholds": thresholds, **row})
             print(f"sharekv {name} (budget {budget:.2f}): should-hit {row['should_hit_served']:.1%}, false hits "
                   f"{row['false_hit_rate']:.1%}, unrelated {row['unrelated_served']:.1%}, precision "
-                  f"{row['precision']:.1%}")
+                  f"{row['precision']:.1%}, cross-tenant hits {cross_tenant}")
     if gptcache:
         for cosine, served in run_gptcache(pairs, report, embedder, GPTCACHE_COSINES).items():
             row = rates(pairs, report, served)

@@ -116,17 +116,19 @@ def learned_configs(pairs: Pairs, scores: dict, calibration: list[int], base: Ca
 
 
 def serve_pairs(pairs: Pairs, indices: list[int], embedder: SentenceTransformerEmbedder,
-                config: CacheConfig) -> np.ndarray:
-    """Each pair through the real cache: store the first request, look up the second; whether it was served.
-    Every pair is its own tenant, so no pair ever sees another's entry."""
+                config: CacheConfig) -> tuple[np.ndarray, int]:
+    """Each pair through the real cache: store the first request, look up the second. Returns whether each
+    was served, and how many lookups of a stored request's very text from another tenant were served (must
+    be 0). Every pair is its own tenant, so no pair ever sees another's entry."""
     cache = SemanticCache(":memory:", embedder, config)
-    served = []
+    served, cross_tenant = [], 0
     for i in indices:
         tenant = f"pair:{pairs.ids[i]}"
         cache.insert(cache.probe(tenant, PAIR_KEY, pairs.cached[i]), _ANSWER)
         served.append(cache.probe(tenant, PAIR_KEY, pairs.new[i]).hit is not None)
+        cross_tenant += cache.probe(f"other:{pairs.ids[i]}", PAIR_KEY, pairs.cached[i]).hit is not None
     cache.close()
-    return np.array(served)
+    return np.array(served), cross_tenant
 
 
 def calibrate(pairs: Pairs, embedder: SentenceTransformerEmbedder, base: CacheConfig,
@@ -135,8 +137,9 @@ def calibrate(pairs: Pairs, embedder: SentenceTransformerEmbedder, base: CacheCo
     calibration, report = split_halves(pairs.ids)
     config = learned_configs(pairs, pair_scores(pairs, embedder, base), calibration, base,
                              budget)["category-aware + contrast"]
-    return config, rates(pairs, report, serve_pairs(pairs, report, embedder, config)) | {
-        "calibration_pairs": len(calibration), "report_pairs": len(report)}
+    served, cross_tenant = serve_pairs(pairs, report, embedder, config)
+    return config, rates(pairs, report, served) | {"cross_tenant_hits": cross_tenant,
+                                                   "calibration_pairs": len(calibration), "report_pairs": len(report)}
 
 
 def rates(pairs: Pairs, indices: list[int], served: np.ndarray) -> dict:
