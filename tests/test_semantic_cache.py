@@ -65,7 +65,9 @@ def test_contrast_check_refuses_one_word_edits(embedder):
     store(cache, "t", "Is the clinic open on Sundays?")
     store(cache, "t", "Track order 48213")
     store(cache, "t", "How do I export my data from Salesforce?")
+    store(cache, "t", "How much is an emergency call-out at 2pm?")
     for trap in ("Is the clinic closed on Sundays?", "Is the clinic open on Mondays?", "Track order 48231",
+                 "How much is an emergency call-out at 2am?",
                  "How do I export my data from HubSpot?", "Is the clinic not open on Sundays?"):
         assert cache.probe("t", KEY, trap).hit is None, trap
     assert cache.stats.contrast_refusals >= 4

@@ -50,7 +50,7 @@ _FUNCTION_WORDS = frozenset(_FUNCTION_TEXT.split())
 _NUMBER_VALUES = {w: str(i) for i, w in enumerate(_NUMBER_TEXT.split()[:21])} | {
     "thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
     "hundred": "100", "thousand": "1000", "million": "1000000", "percent": "%"}
-_UNIT_SUFFIX = re.compile(r"(?<=\d)(?:st|nd|rd|th|am|pm|kg|g|ml|l|gb|mb|k|m|s)$")
+_UNIT_SUFFIX = re.compile(r"(?<=\d)(?:st|nd|rd|th|s)$")  # 3rd = 3, 1990s = 1990; am/pm and units stay
 _NEGATING_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "non-", "anti")
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import time
 from functools import lru_cache
 from typing import Protocol
 
@@ -46,11 +48,18 @@ class SentenceTransformerEmbedder:
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
         self._word = lru_cache(maxsize=65536)(self._embed_one)
+        self._clock = threading.local()
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        start = time.perf_counter()
         vectors = self.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                                     show_progress_bar=False)
+        self._clock.seconds = self.seconds_spent() + time.perf_counter() - start
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def seconds_spent(self) -> float:
+        """Time this thread has spent embedding (so a lookup can report its time apart from the model's)."""
+        return getattr(self._clock, "seconds", 0.0)
 
     def _embed_one(self, word: str) -> np.ndarray:
         return self.embed([word])[0]

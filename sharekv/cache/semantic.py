@@ -64,7 +64,8 @@ class Probe:
 class LookupRecord:
     outcome: str  # "exact" | "semantic" | "miss"
     seconds: float
-    embed_seconds: float  # of `seconds`, spent embedding the request (0 for an exact match)
+    embed_seconds: float  # of `seconds`, spent in the embedder: the request, and new words the contrast
+    # check looked up (0 for an exact match)
     similarity: float | None  # of the served entry, or of the nearest one on a miss
     contrast: str | None = None  # what the contrast check refused, if it refused the nearest entry
 
@@ -110,6 +111,8 @@ class SemanticCache:
     def probe(self, tenant: str, key: dict, text: str, category: str | None = None) -> Probe:
         """Looks the request up; `probe.hit` is the answer to serve, or None."""
         start = time.perf_counter()
+        spent = getattr(self.embedder, "seconds_spent", lambda: 0.0)
+        embedded_before = spent()
         namespace = self.namespace(tenant, key)
         probe = Probe(tenant, namespace, text, _digest(normalized(text)), category, None)
         now = self.clock()
@@ -118,17 +121,16 @@ class SemanticCache:
             probe.hit = self._serve(exact, 1.0, True, now)
             self._record(LookupRecord("exact", time.perf_counter() - start, 0.0, 1.0))
             return probe
-        embed_start = time.perf_counter()
         probe.vector = self.embedder.embed([text])[0]
-        embed_seconds = time.perf_counter() - embed_start
         if probe.category is None:
             probe.category = self.classifier.classify(probe.vector)
         nearest, refused = None, None
         with self._lock:
             candidates = self.index.search(namespace, probe.vector, CANDIDATES, self._floor)
+        entries = self.store.get_many([entry_id for entry_id, _ in candidates])
         for entry_id, similarity in candidates:
             nearest = similarity if nearest is None else nearest
-            entry = self.store.get(entry_id)
+            entry = entries.get(entry_id)
             if entry is None:
                 continue
             if entry.expires <= now:
@@ -141,11 +143,11 @@ class SemanticCache:
                 refused = refused or contrast
                 continue
             probe.hit = self._serve(entry, similarity, False, now)
-            self._record(LookupRecord("semantic", time.perf_counter() - start, embed_seconds, similarity))
+            self._record(LookupRecord("semantic", time.perf_counter() - start, spent() - embedded_before, similarity))
             return probe
         if refused is not None:
             self.stats.contrast_refusals += 1
-        self._record(LookupRecord("miss", time.perf_counter() - start, embed_seconds, nearest, refused))
+        self._record(LookupRecord("miss", time.perf_counter() - start, spent() - embedded_before, nearest, refused))
         return probe
 
     def _serve(self, entry: Entry, similarity: float, exact: bool, now: float) -> CacheHit:

@@ -56,6 +56,8 @@ class EntryStore:
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # A cache: after a power cut losing the last few hits or answers is fine; an fsync per lookup is not.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
@@ -74,9 +76,15 @@ class EntryStore:
             return int(cur.lastrowid)
 
     def get(self, entry_id: int) -> Entry | None:
+        return self.get_many([entry_id]).get(entry_id)
+
+    def get_many(self, entry_ids: list[int]) -> dict[int, Entry]:
+        if not entry_ids:
+            return {}
+        marks = ",".join("?" * len(entry_ids))
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
-        return Entry(*row) if row else None
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM entries WHERE id IN ({marks})", entry_ids).fetchall()
+        return {row[0]: Entry(*row) for row in rows}
 
     def exact(self, namespace: str, text_hash: str, now: float) -> Entry | None:
         with self._lock:
