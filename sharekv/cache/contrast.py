@@ -49,7 +49,8 @@ _FUNCTION_TEXT = (
 _FUNCTION_WORDS = frozenset(_FUNCTION_TEXT.split())
 _NUMBER_VALUES = {w: str(i) for i, w in enumerate(_NUMBER_TEXT.split()[:21])} | {
     "thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
-    "hundred": "100", "thousand": "1000", "million": "1000000", "percent": "%"}
+    "hundred": "100", "thousand": "1000", "million": "1000000", "percent": "%", "single": "1", "once": "1",
+    "twice": "2", "double": "2", "dozen": "12"}
 _UNIT_SUFFIX = re.compile(r"(?<=\d)(?:st|nd|rd|th|s)$")  # 3rd = 3, 1990s = 1990; am/pm and units stay
 _NEGATING_PREFIXES = ("un", "in", "im", "il", "ir", "dis", "non", "non-", "anti")
 
@@ -82,6 +83,11 @@ def _is_number(word: str) -> bool:
     return any(c.isdigit() for c in word) or word in _NUMBER_WORDS or word == "%"
 
 
+def _sequence_forms(words: frozenset[str]) -> frozenset[str]:
+    """How these words appear in a parsed word sequence (numbers by their key, other words stemmed)."""
+    return frozenset(_number_key(w) for w in words)
+
+
 def _number_key(lower: str) -> str:
     """One spelling per quantity: 'fifty' and '£50' and '50' agree; '7am' and 'seven' agree."""
     if lower in _NUMBER_VALUES:
@@ -91,10 +97,13 @@ def _number_key(lower: str) -> str:
     return _stem(lower)
 
 
+_NOT_CONTENT = _sequence_forms(_FUNCTION_WORDS | NEGATORS | _NUMBER_WORDS | frozenset(_NUMBER_VALUES))
+
+
 @dataclass(frozen=True)
 class _Parsed:
     numbers: Counter  # numbers, dates, weekdays, months, by _number_key
-    digits: bool  # a number written in digits (an explicit quantity, never idiom like "quick one")
+    in_digits: frozenset[str]  # number keys written in digits (explicit quantities, never idiom like "quick one")
     negations: int
     entities: frozenset[str]
     content: tuple[str, ...]  # lower-case stems of content words (numbers and entities excluded)
@@ -103,12 +112,13 @@ class _Parsed:
 
 @lru_cache(maxsize=65536)
 def _parse(text: str) -> _Parsed:
-    numbers, entities, content, sequence, negations, digits = Counter(), set(), [], [], 0, False
+    numbers, entities, content, sequence, negations, in_digits = Counter(), set(), [], [], 0, set()
     for sentence in re.split(r"[.!?;:,]\s+|\n", text):
         for i, raw in enumerate(_words(sentence)):
             lower = raw.lower()
             sequence.append(_number_key(lower))
-            digits = digits or any(c.isdigit() for c in raw)
+            if any(c.isdigit() for c in raw):
+                in_digits.add(_number_key(lower))
             if lower in NEGATORS:
                 negations += 1
             elif _is_number(lower) or lower in _NUMBER_VALUES:
@@ -120,7 +130,7 @@ def _parse(text: str) -> _Parsed:
                 entities.add(lower)
             else:
                 content.append(_stem(lower))
-    return _Parsed(numbers, digits, negations, frozenset(entities), tuple(content), tuple(sequence))
+    return _Parsed(numbers, frozenset(in_digits), negations, frozenset(entities), tuple(content), tuple(sequence))
 
 
 def _edit_distance(a: str, b: str, limit: int) -> int:
@@ -160,10 +170,6 @@ def _unmatched(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[list[str], list[
         else:
             rest_b.pop(match)
     return only_a, rest_b
-
-
-def _has_digit(word: str) -> bool:
-    return any(c.isdigit() for c in word)
 
 
 def _minimal_edit(a: tuple[str, ...], b: tuple[str, ...], limit: int) -> tuple[list[str], list[str]] | None:
@@ -208,7 +214,7 @@ class ContrastCheck:
     def find(self, cached: str, new: str) -> str | None:
         a, b = _parse(cached), _parse(new)
         only_a_num, only_b_num = a.numbers - b.numbers, b.numbers - a.numbers
-        if (only_a_num and only_b_num) or any(_has_digit(k) for k in only_a_num | only_b_num):
+        if (only_a_num and only_b_num) or (set(only_a_num) & a.in_digits) or (set(only_b_num) & b.in_digits):
             return "number"  # a quantity or date changed, or an explicit one was added or dropped
         words_a, words_b = a.content + tuple(a.entities), b.content + tuple(b.entities)
         only_a, only_b = _unmatched(words_a, words_b)
@@ -221,8 +227,9 @@ class ContrastCheck:
         pure = not (removed and added)  # only words added, or only words dropped
         if a.negations % 2 != b.negations % 2 or _negated_twin(removed, added):
             return "negation"
-        removed = [w for w in removed if w not in _FUNCTION_WORDS and w not in NEGATORS]
-        added = [w for w in added if w not in _FUNCTION_WORDS and w not in NEGATORS]
+        # Function words, negators and numbers (judged above) are not the content an edit changes.
+        removed = [w for w in removed if w not in _NOT_CONTENT]
+        added = [w for w in added if w not in _NOT_CONTENT]
         if removed and added and not self._synonyms(removed, added):
             return "substitution"
         # A word added (or dropped) in an otherwise equal question narrows or widens it ("my colleague's
