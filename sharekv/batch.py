@@ -35,7 +35,7 @@ class BatchSummary:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
-    cache_hits: int = 0  # lines answered from the semantic cache (no engine work)
+    cache_hits: int = 0  # lines answered from the semantic cache (no engine work; not in the token counts)
     wall_seconds: float = 0.0
 
     @property
@@ -157,8 +157,10 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bo
                 body["semantic_cache"] = cache_field
             write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
                    "response": {"status_code": 200, "request_id": body["id"], "body": body}, "error": None})
-            u = usage(outputs)
             summary.requests += 1
+            if cache_field is not None and cache_field["hit"]:
+                return  # answered from the cache: the engine ran none of its tokens
+            u = usage(outputs)
             summary.prompt_tokens += u["prompt_tokens"]
             summary.cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
             summary.generated_tokens += u["completion_tokens"]
