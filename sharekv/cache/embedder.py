@@ -23,6 +23,14 @@ class Embedder(Protocol):
         """[len(texts), dim] float32 rows of unit length."""
         ...
 
+    def word_vectors(self, words: list[str]) -> np.ndarray:
+        """`embed` of single words (the contrast check's synonym test), memoised where it can be."""
+        ...
+
+    def seconds_spent(self) -> float:
+        """Time the calling thread has spent embedding so far."""
+        ...
+
 
 def default_embedder_dir() -> str:
     spec = importlib.util.find_spec(DEFAULT_EMBEDDER_PACKAGE)

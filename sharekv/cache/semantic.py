@@ -72,12 +72,9 @@ class LookupRecord:
 
 @dataclass
 class CacheStats:
-    lookups: int = 0
-    exact_hits: int = 0
-    semantic_hits: int = 0
-    misses: int = 0
+    """Totals the metrics mirror (lookups by outcome are counted by the listeners)."""
+
     contrast_refusals: int = 0
-    insertions: int = 0
     evictions: dict[str, int] = field(default_factory=lambda: {"ttl": 0, "quota": 0, "capacity": 0,
                                                               "invalidated": 0})
 
@@ -91,8 +88,8 @@ class SemanticCache:
         self.store = EntryStore(path)
         self.index = NamespaceIndex(embedder.dim)
         self.classifier = CategoryClassifier(self.config, embedder)
-        word_vectors = getattr(embedder, "word_vectors", None) or embedder.embed
-        self.contrast = ContrastCheck(word_vectors, self.config.synonym_similarity) if self.config.contrast else None
+        self.contrast = (ContrastCheck(embedder.word_vectors, self.config.synonym_similarity)
+                         if self.config.contrast else None)
         self.stats = CacheStats()
         self._floor = min(c.threshold for c in self.config.categories.values())  # nothing below is ever served
         self.listeners: list[Callable[[LookupRecord], None]] = []
@@ -111,7 +108,7 @@ class SemanticCache:
     def probe(self, tenant: str, key: dict, text: str, category: str | None = None) -> Probe:
         """Looks the request up; `probe.hit` is the answer to serve, or None."""
         start = time.perf_counter()
-        spent = getattr(self.embedder, "seconds_spent", lambda: 0.0)
+        spent = self.embedder.seconds_spent
         embedded_before = spent()
         namespace = self.namespace(tenant, key)
         probe = Probe(tenant, namespace, text, _digest(normalized(text)), category, None)
@@ -155,13 +152,6 @@ class SemanticCache:
         return CacheHit(entry.id, similarity, entry.category, exact, json.loads(entry.response), entry.request)
 
     def _record(self, record: LookupRecord) -> None:
-        self.stats.lookups += 1
-        if record.outcome == "exact":
-            self.stats.exact_hits += 1
-        elif record.outcome == "semantic":
-            self.stats.semantic_hits += 1
-        else:
-            self.stats.misses += 1
         for listener in self.listeners:
             listener(record)
 
@@ -179,7 +169,6 @@ class SemanticCache:
                                          json.dumps(response, ensure_ascii=False), probe.vector, now,
                                          now + policy.ttl_seconds)
             self.index.add(probe.namespace, entry_id, probe.vector)
-        self.stats.insertions += 1
         return entry_id
 
     def _make_room(self, category: str, quota: float) -> None:
