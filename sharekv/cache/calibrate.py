@@ -100,8 +100,8 @@ def learned_configs(pairs: Pairs, scores: dict, calibration: list[int], base: Ca
         return float(np.quantile(values[unrelated], 1 - UNRELATED_BUDGET)) if len(unrelated) else -1.0
 
     same = pairs.same[labelled]
-    plain = best_threshold(cosine[labelled], same, budget, floor(cosine))[0]
-    guarded_t = best_threshold(guarded[labelled], same, budget, floor(guarded))[0]
+    plain = best_threshold(cosine[labelled], same, budget, floor(cosine))
+    guarded_t = best_threshold(guarded[labelled], same, budget, floor(guarded))
     per_category = learn_thresholds(guarded[labelled], same, scores["category"][labelled], budget, floor(guarded))
 
     def single(threshold: float, contrast: bool) -> CacheConfig:

@@ -80,12 +80,7 @@ def _stem(word: str) -> str:
 
 
 def _is_number(word: str) -> bool:
-    return any(c.isdigit() for c in word) or word in _NUMBER_WORDS or word == "%"
-
-
-def _sequence_forms(words: frozenset[str]) -> frozenset[str]:
-    """How these words appear in a parsed word sequence (numbers by their key, other words stemmed)."""
-    return frozenset(_number_key(w) for w in words)
+    return any(c.isdigit() for c in word) or word in _NUMBER_WORDS or word in _NUMBER_VALUES or word == "%"
 
 
 def _number_key(lower: str) -> str:
@@ -97,7 +92,8 @@ def _number_key(lower: str) -> str:
     return _stem(lower)
 
 
-_NOT_CONTENT = _sequence_forms(_FUNCTION_WORDS | NEGATORS | _NUMBER_WORDS | frozenset(_NUMBER_VALUES))
+# Words as a parsed sequence holds them (numbers by key, others stemmed) that an edit's content never is.
+_NOT_CONTENT = frozenset(map(_number_key, _FUNCTION_WORDS | NEGATORS | _NUMBER_WORDS | frozenset(_NUMBER_VALUES)))
 
 
 @dataclass(frozen=True)
@@ -116,13 +112,14 @@ def _parse(text: str) -> _Parsed:
     for sentence in re.split(r"[.!?;:,]\s+|\n", text):
         for i, raw in enumerate(_words(sentence)):
             lower = raw.lower()
-            sequence.append(_number_key(lower))
+            key = _number_key(lower)
+            sequence.append(key)
             if any(c.isdigit() for c in raw):
-                in_digits.add(_number_key(lower))
+                in_digits.add(key)
             if lower in NEGATORS:
                 negations += 1
-            elif _is_number(lower) or lower in _NUMBER_VALUES:
-                numbers[_number_key(lower)] += 1
+            elif _is_number(lower):
+                numbers[key] += 1
             elif lower in _FUNCTION_WORDS:
                 continue
             elif (i > 0 and raw[0].isupper() and raw != "I" and not raw.isupper()) or (
@@ -181,8 +178,8 @@ def _minimal_edit(a: tuple[str, ...], b: tuple[str, ...], limit: int) -> tuple[l
         if op != "equal":
             removed += a[i1:i2]
             added += b[j1:j2]
-    if len(removed) > limit or len(added) > limit or (not removed and not added):
-        return None if removed or added else ([], [])
+    if len(removed) > limit or len(added) > limit:
+        return None
     return removed, added
 
 
@@ -208,7 +205,7 @@ class ContrastCheck:
     edit (more changed words than this is a rewording, left to the sentence similarity)."""
 
     word_vectors: WordVectors
-    synonym_similarity: float = 0.6
+    synonym_similarity: float
     max_substituted: int = 2
 
     def find(self, cached: str, new: str) -> str | None:
@@ -235,19 +232,16 @@ class ContrastCheck:
         # A word added (or dropped) in an otherwise equal question narrows or widens it ("my colleague's
         # password", "the extended warranty") unless it only restates the rest ("insurance policy").
         extra, rest = (added, a.content) if added else (removed, b.content)
-        if pure and extra and rest and not self._redundant(extra, list(rest)):
+        if pure and extra and rest and not self._covered(extra, list(rest)):
             return "scope"
         return None
 
-    def _redundant(self, extra: list[str], rest: list[str]) -> bool:
-        """Every extra word is close to some word the other text already has."""
-        vectors = self.word_vectors(extra + rest)
-        sims = vectors[: len(extra)] @ vectors[len(extra):].T
+    def _covered(self, words: list[str], others: list[str]) -> bool:
+        """Every word has a near-synonym (by word vectors) among the others."""
+        vectors = self.word_vectors(words + others)
+        sims = vectors[: len(words)] @ vectors[len(words):].T
         return bool(sims.max(axis=1).min() >= self.synonym_similarity)
 
     def _synonyms(self, only_a: list[str], only_b: list[str]) -> bool:
-        """Every substituted word has a near-synonym among its replacements (and the other way round)."""
-        vectors = self.word_vectors(only_a + only_b)
-        sims = vectors[: len(only_a)] @ vectors[len(only_a):].T
-        return bool(sims.max(axis=1).min() >= self.synonym_similarity
-                    and sims.max(axis=0).min() >= self.synonym_similarity)
+        """Every substituted word has a near-synonym among its replacements, and the other way round."""
+        return self._covered(only_a, only_b) and self._covered(only_b, only_a)

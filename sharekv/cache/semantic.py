@@ -44,7 +44,6 @@ class CacheHit:
     category: str
     exact: bool
     response: dict
-    cached_request: str
 
 
 @dataclass
@@ -67,7 +66,6 @@ class LookupRecord:
     embed_seconds: float  # of `seconds`, spent in the embedder: the request, and new words the contrast
     # check looked up (0 for an exact match)
     similarity: float | None  # of the served entry, or of the nearest one on a miss
-    contrast: str | None = None  # what the contrast check refused, if it refused the nearest entry
 
 
 @dataclass
@@ -121,7 +119,7 @@ class SemanticCache:
         probe.vector = self.embedder.embed([text])[0]
         if probe.category is None:
             probe.category = self.classifier.classify(probe.vector)
-        nearest, refused = None, None
+        nearest, refused = None, False
         with self._lock:
             candidates = self.index.search(namespace, probe.vector, CANDIDATES, self._floor)
         entries = self.store.get_many([entry_id for entry_id, _ in candidates])
@@ -131,25 +129,24 @@ class SemanticCache:
             if entry is None:
                 continue
             if entry.expires <= now:
-                self._remove([(entry.namespace, entry.id)], "ttl")
+                self._drop("id = ?", (entry.id,), "ttl")
                 continue
             if similarity < self.config.policy(entry.category).threshold:
                 continue
-            contrast = self.contrast.find(entry.request, text) if self.contrast is not None else None
-            if contrast is not None:
-                refused = refused or contrast
+            if self.contrast is not None and self.contrast.find(entry.request, text) is not None:
+                refused = True
                 continue
             probe.hit = self._serve(entry, similarity, False, now)
             self._record(LookupRecord("semantic", time.perf_counter() - start, spent() - embedded_before, similarity))
             return probe
-        if refused is not None:
+        if refused:
             self.stats.contrast_refusals += 1
-        self._record(LookupRecord("miss", time.perf_counter() - start, spent() - embedded_before, nearest, refused))
+        self._record(LookupRecord("miss", time.perf_counter() - start, spent() - embedded_before, nearest))
         return probe
 
     def _serve(self, entry: Entry, similarity: float, exact: bool, now: float) -> CacheHit:
         self.store.touch(entry.id, now)
-        return CacheHit(entry.id, similarity, entry.category, exact, json.loads(entry.response), entry.request)
+        return CacheHit(entry.id, similarity, entry.category, exact, json.loads(entry.response))
 
     def _record(self, record: LookupRecord) -> None:
         for listener in self.listeners:
@@ -175,41 +172,36 @@ class SemanticCache:
         limit = self.config.max_entries
         over_quota = self.store.count(category) - int(quota * limit) + 1
         if over_quota > 0:
-            self._evict(self.store.least_recently_used(category, over_quota), "quota")
+            self._drop_ids(self.store.least_recently_used(category, over_quota), "quota")
         over = self.store.count() - limit + 1
         if over > 0:
-            self._evict(self.store.least_recently_used(None, over), "capacity")
+            self._drop_ids(self.store.least_recently_used(None, over), "capacity")
 
-    def _evict(self, ids: list[int], reason: str) -> None:
+    def _drop_ids(self, ids: list[int], reason: str) -> None:
         if ids:
-            marks = ",".join("?" * len(ids))
-            self._remove(self.store.delete(f"id IN ({marks})", tuple(ids)), reason, deleted=True)
+            self._drop(f"id IN ({','.join('?' * len(ids))})", tuple(ids), reason)
 
-    def _remove(self, gone: list[tuple[str, int]], reason: str, deleted: bool = False) -> None:
+    def _drop(self, where: str, args: tuple, reason: str) -> int:
+        """Deletes the entries matching `where` from the store and the index; counts them under `reason`."""
         with self._lock:
-            if not deleted:
-                marks = ",".join("?" * len(gone))
-                gone = self.store.delete(f"id IN ({marks})", tuple(i for _, i in gone)) if gone else []
             by_namespace: dict[str, list[int]] = {}
-            for namespace, entry_id in gone:
+            for namespace, entry_id in self.store.delete(where, args):
                 by_namespace.setdefault(namespace, []).append(entry_id)
             for namespace, ids in by_namespace.items():
                 self.index.remove(namespace, ids)
-        self.stats.evictions[reason] += len(gone)
+        removed = sum(len(ids) for ids in by_namespace.values())
+        self.stats.evictions[reason] += removed
+        return removed
 
     def purge_expired(self) -> int:
-        gone = self.store.delete("expires <= ?", (self.clock(),))
-        self._remove(gone, "ttl", deleted=True)
-        return len(gone)
+        return self._drop("expires <= ?", (self.clock(),), "ttl")
 
     def invalidate(self, entry_id: int | None = None, tenant: str | None = None, category: str | None = None) -> int:
         """Removes the entries matching every given field (at least one); returns how many."""
         clauses = [(c, v) for c, v in (("id", entry_id), ("tenant", tenant), ("category", category)) if v is not None]
         if not clauses:
             raise ValueError("invalidate by id, tenant or category (at least one)")
-        gone = self.store.delete(" AND ".join(f"{c} = ?" for c, _ in clauses), tuple(v for _, v in clauses))
-        self._remove(gone, "invalidated", deleted=True)
-        return len(gone)
+        return self._drop(" AND ".join(f"{c} = ?" for c, _ in clauses), tuple(v for _, v in clauses), "invalidated")
 
     def close(self) -> None:
         self.store.close()

