@@ -85,6 +85,14 @@ class EngineArgs:
     slo_reject: bool = field(default=False, metadata={"help": "with --schedule slo, refuse (503) a request that "
                                                               "can no longer meet its TTFT target instead of "
                                                               "serving it late"})
+    kv_eviction: str | None = field(default=None, metadata={
+        "help": "KV eviction policy of requests that set none (kv_eviction): streaming_llm | snapkv | h2o"})
+    kv_budget: str | None = field(default=None, metadata={
+        "help": "KV each sequence keeps under --kv-eviction: tokens (512) or the fraction kept (0.5)"})
+    kv_eviction_window: int = field(default=64, metadata={
+        "help": "snapkv and h2o: the prompt's last queries whose attention scores the KV"})
+    kv_eviction_kernel: int = field(default=5, metadata={"help": "snapkv: average-pool width over the scores"})
+    kv_eviction_sinks: int = field(default=4, metadata={"help": "streaming_llm: first tokens always kept"})
     seed: int = field(default=0, metadata={"help": "seed for requests without their own"})
     prefix_shared_attention: bool = field(
         default=True, metadata={"help": "tokens of sequences sharing cached prefix blocks read the prefix KV "
@@ -110,6 +118,8 @@ class EngineArgs:
             raise ValueError("slo_ttft and slo_tpot must be positive")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_eviction_window < 1 or self.kv_eviction_kernel < 1 or self.kv_eviction_sinks < 0:
+            raise ValueError("kv_eviction_window and kv_eviction_kernel must be >= 1, kv_eviction_sinks >= 0")
         from sharekv.sched.registry import parse_schedule  # the registry imports the policies
 
         parse_schedule(self.schedule)

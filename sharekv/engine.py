@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from sharekv.config import EngineArgs, parse_bytes
+from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
@@ -82,10 +83,14 @@ class LLMEngine:
         # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
         namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.block_size}"
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace)
+        self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),
+                                       args.kv_eviction, args.kv_budget, window_size=args.kv_eviction_window,
+                                       kernel_size=args.kv_eviction_kernel, n_sink=args.kv_eviction_sinks)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
                                         swap=SwapSpace(num_swap_slots),
-                                        policy_options={"slo": {"reject": args.slo_reject}})
+                                        policy_options={"slo": {"reject": args.slo_reject}},
+                                        compressor=self.compressor)
         self.sampler = Sampler(device, args.seed)
         self.eos_token_ids = checkpoint.eos_token_ids
         self.requests: dict[str, RequestState] = {}
@@ -118,8 +123,7 @@ class LLMEngine:
 
     def _run_calibration_step(self, step: SchedulerOutput) -> float:
         t0 = time.perf_counter()
-        logits, _, _ = self.runner.execute(step)
-        logits.argmax(dim=-1).tolist()  # stands in for sampling
+        self.runner.execute(step).logits.argmax(dim=-1).tolist()  # stands in for sampling
         return time.perf_counter() - t0
 
     @property
@@ -138,6 +142,12 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise InvalidParameter("prompt", f"the prompt has {n} tokens; this model's context is "
                                              f"{self.max_model_len} tokens, which must also hold the output")
+        if (params.kv_eviction or self.args.kv_eviction) not in (None, "none"):
+            if self.model_config.sliding_window is not None:
+                raise InvalidParameter("kv_eviction", "KV eviction needs full attention; this model uses a "
+                                                      "sliding window")
+            if params.kv_budget is None and self.args.kv_budget is None:
+                raise InvalidParameter("kv_budget", "kv_eviction needs kv_budget (tokens, or the fraction kept)")
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise InvalidParameter("max_tokens", f"max_tokens {params.max_tokens} plus the prompt's {n} tokens "
                                                  f"exceeds the context length {self.max_model_len}")
@@ -160,6 +170,7 @@ class LLMEngine:
                            arrival_time=arrival, user=user, priority=priority,
                            ttft_slo=ttft_slo or self.args.slo_ttft, tpot_slo=tpot_slo or self.args.slo_tpot)
             self._next_seq_id += 1
+            seq.eviction = self.compressor.state_for(params.kv_eviction, params.kv_budget, params.kv_compress_at)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
             if params.logprobs is not None:
@@ -202,7 +213,8 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending")
             return rejected
         shape = StepShape.of(step)
-        logits, sampled, prompt_spans = self.runner.execute(step)
+        result = self.runner.execute(step)
+        logits, sampled, prompt_spans = result.logits, result.sampled, result.prompt_spans
         seqs = self.scheduler.update_from_output(step)
         prompt_computed = sum(max(0, min(c.end, seq.prompt_len) - c.start)
                               for c, seq in zip(step.chunks, seqs, strict=True))
@@ -215,14 +227,15 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         if sampled:
             sampling_seqs = [seqs[i] for i in sampled]
-            result = self.sampler(logits, sampling_seqs)
+            tokens = self.sampler(logits, sampling_seqs)
             now = time.monotonic()
             for j, seq in enumerate(sampling_seqs):
-                self._append_token(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j], now)
+                self._append_token(seq, tokens.token_ids[j], tokens.logprobs[j], tokens.top_logprobs[j], now)
                 if seq.finish_reason is not None:
                     seq.finished_time = now
                     self.scheduler.finish(seq)
                 touched[seq.request_id] = self.requests[seq.request_id]
+        self._compress_kv(step, seqs, result.attention_mass)
         outputs = rejected
         for state in touched.values():
             if state.finished:
@@ -238,6 +251,18 @@ class LLMEngine:
         self.stats.step_seconds += seconds
         self.scheduler.step_time.observe(shape, seconds)
         return outputs
+
+    def _compress_kv(self, step: SchedulerOutput, seqs: list[Sequence], mass: dict[int, torch.Tensor]) -> None:
+        """Eviction policies read what their sequences' queries observed; the compactions due run now,
+        before the next step writes."""
+        compactions = []
+        for i, (seq, chunk) in enumerate(zip(seqs, step.chunks, strict=True)):
+            if seq.eviction is not None and (c := self.compressor.plan(seq, chunk, mass.get(i))) is not None:
+                compactions.append((seq, c))
+        if compactions:
+            self.runner.compact([c for _, c in compactions])
+            for seq, c in compactions:
+                self.scheduler.evict(seq, c)
 
     def _take_rejected(self) -> list[RequestOutput]:
         """Requests a policy refused (a sequence that cannot meet its deadline): end all their sequences."""

@@ -58,7 +58,7 @@ class ParsedRequest:
 # Request fields that map one to one onto SamplingParams fields of the same name.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "seed", "n", "prompt_logprobs", "ignore_eos", "include_stop_str_in_output",
-                    "skip_special_tokens", "stop", "stop_token_ids")
+                    "skip_special_tokens", "stop", "stop_token_ids", "kv_eviction", "kv_budget", "kv_compress_at")
 
 
 def validate_body(body: Any, endpoint: str) -> CompletionRequest | ChatCompletionRequest:

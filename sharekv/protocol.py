@@ -2,7 +2,8 @@
 ranges), the 400 that names the offending parameter, and the server's `/openapi.json`. `sharekv batch`
 validates its lines with the same models. Fields follow OpenAI's API, plus vLLM's extensions (`top_k`,
 `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `priority`, `return_token_ids`,
-`prompt_logprobs`, ...) and sharekv's latency targets (`ttft_slo`, `tpot_slo`). Unknown fields are ignored,
+`prompt_logprobs`, ...) and sharekv's latency targets (`ttft_slo`, `tpot_slo`) and KV eviction (`kv_eviction`,
+`kv_budget`, `kv_compress_at`). Unknown fields are ignored,
 as vLLM does.
 """
 
@@ -52,6 +53,11 @@ class _SamplingFields(_Body):
     ttft_slo: float | None = Field(None, gt=0, description="seconds to the first token (the slo schedule's target)")
     tpot_slo: float | None = Field(None, gt=0, description="seconds per output token after the first (slo "
                                                            "schedule)")
+    kv_eviction: str | None = Field(None, description="KV eviction policy: streaming_llm, snapkv, h2o, or none")
+    kv_budget: int | float | None = Field(None, gt=0, description="KV kept under eviction: tokens, or the "
+                                                                   "fraction kept (0.5)")
+    kv_compress_at: int | None = Field(None, ge=1, description="compress once this many prompt tokens are "
+                                                               "computed; the rest reads the compressed KV")
     cache_category: str | None = Field(None, description="the semantic cache's category for this request "
                                                          "(default: the nearest by its examples)")
     semantic_cache: bool | None = Field(None, description="false: never answer from, nor store in, the "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sharekv.kv.eviction import POLICIES, KVBudget
+
 # A request's seed seeds a torch generator, which takes 64 bits (vLLM checks the same range).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 TOP_K_ALL = 2**31 - 1
@@ -38,6 +40,13 @@ class SamplingParams:
     # computed in full, not read from the prefix cache, as in vLLM
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # KV eviction for this request (sharekv's extension): a policy of kv/eviction.py or "none", and the KV
+    # it keeps (tokens, or the fraction kept); unset, the engine's --kv-eviction and --kv-budget apply
+    kv_eviction: str | None = None
+    kv_budget: int | float | str | None = None
+    # compress once this many prompt tokens are computed; the rest of the prompt then reads the compressed
+    # KV (kvpress's context and question); unset: when the prompt is done
+    kv_compress_at: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,11 +75,21 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "prompt_logprobs must be in [0, 20]"),
+            ("kv_compress_at", self.kv_compress_at is None or self.kv_compress_at >= 1,
+             "kv_compress_at must be at least 1"),
             ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
              "seed must fit in a signed 64-bit integer"),
         ]
         for param, ok, message in checks:
             if not ok:
                 raise InvalidParameter(param, f"{message}, got {getattr(self, param)!r}")
+        if self.kv_eviction not in (None, "none", *POLICIES):
+            raise InvalidParameter("kv_eviction", f"kv_eviction must be none or one of {', '.join(POLICIES)}, "
+                                                  f"got {self.kv_eviction!r}")
+        if self.kv_budget is not None:
+            try:
+                KVBudget.parse(self.kv_budget)
+            except ValueError as e:
+                raise InvalidParameter("kv_budget", str(e)) from None
         if any(not s for s in self.stop):
             raise InvalidParameter("stop", "stop strings must be non-empty")

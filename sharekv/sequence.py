@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sharekv.kv.eviction import EvictionState
 from sharekv.sampling_params import SamplingParams
 
 
@@ -30,12 +31,17 @@ class Sequence:
     # Tokens whose KV is in the cache. Decode is the case of one uncomputed token; a preempted sequence
     # drops back to 0 and recomputes prompt and output as one long prefill.
     num_computed_tokens: int = 0
+    # Computed positions whose KV an eviction policy removed; token p's KV (p after them) sits in slot
+    # p - num_evicted_tokens. Blocks before `kv_intact_blocks` still hold what their prefix-cache keys say.
+    num_evicted_tokens: int = 0
+    kv_intact_blocks: int | None = None  # None: nothing evicted
+    eviction: EvictionState | None = None  # the request's eviction policy and what it has observed
     block_table: list[int] = field(default_factory=list)
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
     swap_slots: list[int] | None = None  # host slots holding its KV while preempted by swap
-    num_swapped_tokens: int = 0  # tokens of KV in those slots
+    num_swapped_tokens: int = 0  # cache slots of KV in those host slots (tokens, less those evicted)
     user: str | None = None  # who sent it, for per-user fairness
     priority: int = 0  # lower runs earlier
     ttft_slo: float = float("inf")  # seconds from arrival to the first token (the `slo` schedule's targets)
@@ -66,6 +72,17 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Cache slots its KV fills (the computed tokens, less those evicted)."""
+        return self.num_computed_tokens - self.num_evicted_tokens
+
+    def forget_evictions(self) -> None:
+        """Its KV is gone (preempted to recompute): it will be computed in full, and evicted afresh."""
+        self.num_evicted_tokens, self.kv_intact_blocks = 0, None
+        if self.eviction is not None:
+            self.eviction.reset()
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -19,8 +19,8 @@ PARAMS = SamplingParams()
 
 
 class KVManagerMachine(RuleBasedStateMachine):
-    """Random interleavings of admit (with prefix-cache hits), compute, grow, and free of sequences over
-    a small token alphabet, so prefixes collide often."""
+    """Random interleavings of admit (with prefix-cache hits), compute, grow, evict and free of sequences
+    over a small token alphabet, so prefixes collide often."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,6 +66,26 @@ class KVManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
+    def evict(self, data):
+        """An eviction policy keeps some of a sequence's slots: shared leading blocks always among them."""
+        seq = data.draw(st.sampled_from(self.live))
+        blocks = self.kv.pool.blocks
+        shared = 0
+        while shared < len(seq.block_table) and blocks[seq.block_table[shared]].ref_count > 1:
+            shared += 1
+        protected = min(shared * BLOCK, seq.num_kv_slots)
+        if protected >= seq.num_kv_slots:
+            return
+        kept = data.draw(st.integers(protected, seq.num_kv_slots - 1))
+        before = seq.num_evicted_tokens + seq.num_kv_slots
+        self.kv.evict(seq, kept, protected)
+        assert seq.num_kv_slots == kept and seq.num_evicted_tokens + kept == before
+        assert len(seq.block_table) == -(-kept // BLOCK)
+        for block_id in seq.block_table[protected // BLOCK:]:  # rewritten: out of the prefix index
+            assert blocks[block_id].key is None
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
     def free(self, data):
         seq = data.draw(st.sampled_from(self.live))
         self.live.remove(seq)
@@ -80,7 +100,7 @@ class KVManagerMachine(RuleBasedStateMachine):
             assert block.ref_count == held.get(block.block_id, 0)
         for seq in self.live:  # a sequence never holds one block twice
             assert len(set(seq.block_table)) == len(seq.block_table)
-        written = Counter(b for seq in self.live for b in seq.block_table[seq.num_computed_tokens // BLOCK:])
+        written = Counter(b for seq in self.live for b in seq.block_table[seq.num_kv_slots // BLOCK:])
         for block_id, owners in written.items():  # a block still being written belongs to one sequence
             assert owners == 1, f"partial block {block_id} handed out twice"
 

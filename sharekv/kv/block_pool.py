@@ -48,8 +48,7 @@ class BlockPool:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
         if block.key is not None:
-            del self._cached[block.key]
-            block.key = None
+            self.unregister(block)
             self.num_evictions += 1
         block.ref_count = 1
         return block
@@ -77,6 +76,12 @@ class BlockPool:
         if block.key is None and key not in self._cached:
             block.key = key
             self._cached[key] = block
+
+    def unregister(self, block: Block) -> None:
+        """Take a block out of the prefix index: its contents are about to change."""
+        if block.key is not None:
+            del self._cached[block.key]
+            block.key = None
 
     def is_free(self, block: Block) -> bool:
         return block.block_id in self._free

@@ -43,6 +43,8 @@ class KVCacheManager:
             return []
         self._update_keys(seq)
         usable = (seq.num_tokens - 1) // self.block_size
+        if seq.kv_intact_blocks is not None:  # swapped out after eviction: later blocks hold other KV
+            usable = min(usable, seq.kv_intact_blocks)
         hits = []
         for key in seq.block_keys[:usable]:
             block = self.pool.lookup(key)
@@ -53,7 +55,7 @@ class KVCacheManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
         cached = cached or []
-        needed = cdiv(seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens, self.block_size)
+        needed = cdiv(seq.num_kv_slots + len(cached) * self.block_size + num_new_tokens, self.block_size)
         new_blocks = needed - len(seq.block_table) - len(cached)
         revived = sum(1 for b in cached if b.ref_count == 0)  # cached-but-free blocks leave the free list
         return new_blocks + revived <= self.pool.num_free_blocks
@@ -68,7 +70,7 @@ class KVCacheManager:
                 self.pool.share(block)
                 seq.block_table.append(block.block_id)
             seq.num_computed_tokens += len(cached) * self.block_size
-        needed = cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size)
+        needed = cdiv(seq.num_kv_slots + num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
             seq.block_table.append(self.pool.allocate().block_id)
         return True
@@ -86,12 +88,29 @@ class KVCacheManager:
             return
         self._update_keys(seq)
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_keys))
+        if seq.kv_intact_blocks is not None:
+            full = min(full, seq.kv_intact_blocks)
         blocks = self.pool.blocks
         for i in range(full - 1, -1, -1):
             block = blocks[seq.block_table[i]]
             if block.key is not None or self.pool.lookup(seq.block_keys[i]) is not None:
                 break  # everything before this block was indexed by an earlier step or request
             self.pool.register(block, seq.block_keys[i])
+
+    def evict(self, seq: Sequence, kept: int, first: int) -> None:
+        """An eviction policy kept the sequence's first `kept` slots, rewriting those from slot `first` on:
+        blocks rewritten leave the prefix index (their keys no longer describe them), blocks past the kept
+        slots go back to the pool, still indexed (their KV is as it was)."""
+        bs = self.block_size
+        blocks = self.pool.blocks
+        for block_id in seq.block_table[first // bs:cdiv(kept, bs)]:
+            self.pool.unregister(blocks[block_id])
+        for block_id in reversed(seq.block_table[cdiv(kept, bs):]):
+            self.pool.release(blocks[block_id])
+        del seq.block_table[cdiv(kept, bs):]
+        seq.num_evicted_tokens += seq.num_kv_slots - kept
+        intact = first // bs
+        seq.kv_intact_blocks = intact if seq.kv_intact_blocks is None else min(intact, seq.kv_intact_blocks)
 
     def pin_prefix(self, seq: Sequence, num_blocks: int) -> list[Block]:
         """Take a reference on the first `num_blocks` of a sequence's prefix, so the KV outlives it. The copy

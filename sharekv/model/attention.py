@@ -45,6 +45,20 @@ class SharedPrefixes:
 
 
 @dataclass
+class ObservedQueries:
+    """The last `rows` tokens of a chunk, whose attention over all of their sequence's KV an eviction policy
+    reads (`kv/eviction.py`). Each layer appends what it saw."""
+
+    first: int  # offset of the first observed token among the step's tokens
+    rows: int
+    context_len: int  # slots of the sequence's KV after this step
+    block_ids: torch.Tensor  # blocks covering context_len slots
+    # per layer: [kv_heads, context_len], the attention each slot got, summed over the rows and averaged
+    # over the query heads of each KV head
+    mass: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens go in the cache and what each one attends to.
 
@@ -61,6 +75,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # per row: its position among the step's tokens, if not simply i
     shared_prefixes: SharedPrefixes | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    observed: list[ObservedQueries] = field(default_factory=list)
 
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
@@ -134,7 +149,20 @@ class PagedAttention:
             out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
         if shared is not None:
             self._merge_shared_prefixes(q, k_cache, v_cache, shared, out, lse)
+        for observed in meta.observed:
+            observed.mass.append(self.attention_mass(q, k_cache, observed))
         return out
+
+    def attention_mass(self, q: torch.Tensor, k_cache: torch.Tensor, observed: ObservedQueries) -> torch.Tensor:
+        """What each KV slot of a sequence got of its observed queries' attention: [kv_heads, context_len].
+        Computed apart from the step's attention, so sequences without an eviction policy pay nothing."""
+        kvh, g, d, ctx, rows = self.num_kv_heads, self.group, self.head_dim, observed.context_len, observed.rows
+        keys = k_cache[observed.block_ids].view(-1, kvh, d)[:ctx].float()
+        queries = q[observed.first:observed.first + rows].float().view(rows, kvh, g, d)
+        scores = torch.einsum("rkgd,ckd->kgrc", queries, keys) * self.scale
+        query_slots = torch.arange(ctx - rows, ctx, device=q.device)[:, None]
+        scores.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > query_slots, float("-inf"))
+        return scores.softmax(dim=-1).sum(dim=2).mean(dim=1)
 
     def _window_mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """True where a key is hidden from a query: in the future, or outside the sliding window."""

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sharekv.model.attention import AttentionMetadata, PrefillChunk, SharedPrefixes
+from sharekv.kv.compressor import Compaction
+from sharekv.model.attention import AttentionMetadata, ObservedQueries, PrefillChunk, SharedPrefixes
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.output import SchedulerOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    """What a step returns. `logits`: rows of the chunks that reach their sequence's end (they sample a
+    token), whose indices in `step.chunks` are `sampled`; then rows of the prompt positions the chunks ask
+    for (`prompt_logits`), as spans (chunk index, first position, rows). `attention_mass`: per chunk that
+    observes queries, [layers, kv_heads, slots] (`ObservedQueries`)."""
+
+    logits: torch.Tensor
+    sampled: list[int]
+    prompt_spans: list[tuple[int, int, int]]
+    attention_mass: dict[int, torch.Tensor]
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -170,10 +185,9 @@ class ModelRunner:
             self.kv_cache.index_copy_(2, torch.tensor(blocks, device=self.device), data)
         self.swap_seconds += time.perf_counter() - t0
 
-    def execute(self, step: SchedulerOutput) -> tuple[torch.Tensor, list[int], list[tuple[int, int, int]]]:
-        """Run the step. Returns logits for the chunks that reach their sequence's end (they sample a
-        token), and those chunks' positions in `step.chunks`; then logits of the prompt positions the chunks
-        ask for (`prompt_logits`), as spans (chunk index, first position, rows) after the sampling rows."""
+    def execute(self, step: SchedulerOutput) -> StepResult:
+        """Run the step: the logits of the chunks that sample and of the prompt positions asked for, and the
+        attention of the observed queries."""
         bs = self.block_size
         chunks = step.chunks
         input_ids: list[int] = []
@@ -183,13 +197,18 @@ class ModelRunner:
         sampled: list[int] = []
         prompt_rows: list[np.ndarray] = []
         prompt_spans: list[tuple[int, int, int]] = []
+        observed: dict[int, ObservedQueries] = {}
         offset = 0
         for i, chunk in enumerate(chunks):
             n = len(chunk.token_ids)
             input_ids.extend(chunk.token_ids)
-            pos = np.arange(chunk.start, chunk.start + n)
-            positions.append(pos)
-            slots.append(np.asarray(chunk.block_table)[pos // bs] * bs + pos % bs)
+            positions.append(np.arange(chunk.start, chunk.start + n))
+            kv_pos = np.arange(chunk.kv_start, chunk.kv_start + n)  # apart from positions after an eviction
+            slots.append(np.asarray(chunk.block_table)[kv_pos // bs] * bs + kv_pos % bs)
+            if chunk.observe:
+                end = chunk.kv_start + n
+                ids = torch.as_tensor(chunk.block_table[:-(-end // bs)], device=self.device)
+                observed[i] = ObservedQueries(offset + n - chunk.observe, chunk.observe, end, ids)
             if chunk.prompt_logits is not None:
                 first, count = chunk.prompt_logits
                 prompt_rows.append(np.arange(offset + first - chunk.start, offset + first - chunk.start + count))
@@ -198,9 +217,10 @@ class ModelRunner:
             if chunk.samples:
                 logit_rows.append(offset - 1)
                 sampled.append(i)
-        meta = step_metadata([c.block_table for c in chunks], [c.start for c in chunks],
+        meta = step_metadata([c.block_table for c in chunks], [c.kv_start for c in chunks],
                              [len(c.token_ids) for c in chunks], bs, self.share_prefixes, self.device,
                              self.max_shared_chunk)
+        meta.observed = list(observed.values())
         meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
@@ -210,4 +230,19 @@ class ModelRunner:
             logit_rows = logit_rows + np.concatenate(prompt_rows).tolist()
         logits = self.model.logits(hidden[logit_rows]) if logit_rows else hidden.new_empty((0, 0))
         self.forward_seconds += time.perf_counter() - t0
-        return logits, sampled, prompt_spans
+        return StepResult(logits, sampled, prompt_spans, {i: torch.stack(o.mass) for i, o in observed.items()})
+
+    def compact(self, compactions: list[Compaction]) -> None:
+        """Move each sequence's kept KV to the front of its slots, per layer and KV head, in one gather and
+        one scatter per sequence (an eviction)."""
+        layers, _, num_blocks, bs, kv_heads, d = self.kv_cache.shape
+        flat = self.kv_cache.view(layers, 2, num_blocks * bs, kv_heads, d)
+        layer = torch.arange(layers, device=self.device)[:, None, None]
+        head = torch.arange(kv_heads, device=self.device)[None, :, None]
+        for c in compactions:
+            table = torch.as_tensor(c.block_table, device=self.device)
+            pos = torch.arange(int(c.keep.max()) + 1, device=self.device)
+            slot_of = table[pos // bs] * bs + pos % bs
+            keep = c.keep[..., c.first:].to(self.device)
+            moved = flat[layer, :, slot_of[keep], head]  # [layers, kv_heads, n, k|v, d]
+            flat[layer, :, slot_of[c.first:c.kept][None, None, :], head] = moved

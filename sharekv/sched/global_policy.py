@@ -114,7 +114,7 @@ class GlobalPolicy(Policy):
 
     def _blocks_to_finish(self, seq: Sequence, held: int) -> int:
         """New blocks a sequence may still need to finish (prompt and max_tokens), beyond `held` blocks."""
-        total = cdiv(seq.num_tokens + seq.max_new_tokens(self.sched.max_model_len), self.sched.kv.block_size)
+        total = cdiv(self.sched.slots_to_finish(seq), self.sched.kv.block_size)
         return max(0, total - held)
 
     def begin_admission(self) -> None:

@@ -21,10 +21,20 @@ class ScheduledChunk:
     samples: bool  # the chunk reaches the sequence's last token, so its last logits give the next token
     # Prompt positions in this chunk whose logits the request wants (vLLM's prompt_logprobs): first, count.
     prompt_logits: tuple[int, int] | None = None
+    # Positions before start whose KV an eviction policy removed: token p's KV sits in slot p - evicted.
+    evicted: int = 0
+    # Observe the attention of the chunk's last `observe` queries over all of its KV (an eviction policy's
+    # input): the runner returns it per layer and KV head.
+    observe: int = 0
 
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+    @property
+    def kv_start(self) -> int:
+        """The cache slot of token_ids[0]: slots, not positions, are what blocks hold and attention reads."""
+        return self.start - self.evicted
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sharekv.kv.block_pool import Block
+from sharekv.kv.compressor import Compaction, KVCompressor
 from sharekv.kv.manager import KVCacheManager, cdiv
 from sharekv.kv.swap import SwapSpace
 from sharekv.sched.output import ScheduledChunk, SchedulerOutput
@@ -72,8 +73,10 @@ class _Budget:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
                  swap: SwapSpace | None = None, policies: Iterable[type[Policy]] = (),
-                 policy_options: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 policy_options: Mapping[str, dict[str, Any]] | None = None,
+                 compressor: KVCompressor | None = None) -> None:
         self.kv = kv
+        self.compressor = compressor  # the KV eviction policies' needs: observed queries, whole last chunks
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -184,8 +187,7 @@ class Scheduler:
             self.kv.cache_full_blocks(seq)
         return seqs
 
-    @staticmethod
-    def _chunk(seq: Sequence, n: int) -> ScheduledChunk:
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         prompt_logits = None
         if seq.wants_prompt_logits:
@@ -193,8 +195,31 @@ class Scheduler:
             first, last = max(start, len(seq.prompt_logprobs)), min(end, seq.prompt_len - 1)
             if last > first:
                 prompt_logits = (first, last - first)
+        observe = self.compressor.observed_rows(seq, start, n) if self.compressor is not None else 0
         return ScheduledChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, end == seq.num_tokens,
-                              prompt_logits)
+                              prompt_logits, seq.num_evicted_tokens, observe)
+
+    def _grant(self, budget: _Budget, seq: Sequence, start: int) -> int:
+        """How many of the sequence's tokens from `start` run now. With an eviction policy, a prefill stops
+        where the policy compresses, and the chunk that ends there holds the policy's whole observation
+        window (the window's queries attend to each other, so they run together)."""
+        if self.compressor is None or seq.eviction is None:
+            return budget.grant(seq.num_tokens - start)
+        wanted = self.compressor.prefill_end(seq) - start
+        n = budget.grant(wanted)
+        window = self.compressor.last_chunk_tokens(seq)
+        if n < wanted and wanted - n < window <= self.max_num_batched_tokens:
+            n = max(0, wanted - window)
+        return n
+
+    def slots_to_finish(self, seq: Sequence) -> int:
+        """The most cache slots the sequence holds by its end (prompt and max_tokens), after any eviction."""
+        total = seq.num_tokens + seq.max_new_tokens(self.max_model_len)
+        return total if self.compressor is None else self.compressor.peak_slots(seq, total)
+
+    def evict(self, seq: Sequence, compaction: Compaction) -> None:
+        """The runner moved the kept KV of a sequence (an eviction): free what it no longer needs."""
+        self.kv.evict(seq, compaction.kept, compaction.first)
 
     def _fill(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]]) -> None:
         """Running sequences, then (unless keeping them running needed a preemption) waiting ones."""
@@ -209,7 +234,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget.tokens > 0:
             seq = self.running[i]
-            n = budget.grant(seq.num_uncomputed_tokens)
+            n = self._grant(budget, seq, seq.num_computed_tokens)
             if n == 0:  # a prefill past the policies' prefill budget waits for a later step
                 i += 1
                 continue
@@ -230,7 +255,7 @@ class Scheduler:
             if seq is None:
                 break
             admission = self._admission(seq, budget.tokens)
-            admission.num_tokens = budget.grant(seq.num_tokens - admission.restored)
+            admission.num_tokens = self._grant(budget, seq, admission.restored)
             if (not admission.num_tokens or not all(p.may_admit(seq, admission) for p in self.policies)
                     or not self._admit(seq, admission, out)):
                 break
@@ -247,9 +272,11 @@ class Scheduler:
     def _admission(self, seq: Sequence, budget: int) -> Admission:
         bs = self.kv.block_size
         cached = self.kv.find_cached_prefix(seq)
+        if self.compressor is not None and seq.eviction is not None:
+            cached = cached[:self.compressor.cacheable_blocks(seq)]
         if seq.swap_slots is not None:
             host = seq.swap_slots[len(cached):cdiv(seq.num_swapped_tokens, bs)]
-            restored = max(len(cached) * bs, seq.num_swapped_tokens)
+            restored = max(len(cached) * bs, seq.num_swapped_tokens + seq.num_evicted_tokens)
         else:
             host = []
             for key in seq.block_keys[len(cached):(seq.num_tokens - 1) // bs]:
@@ -291,6 +318,8 @@ class Scheduler:
     def _swapped_keys(self, seq: Sequence) -> list:
         """Prefix-cache keys of a swapped-out sequence's slots (None for a slot whose block is not full)."""
         full = min(seq.num_swapped_tokens // self.kv.block_size, len(seq.block_keys))
+        if seq.kv_intact_blocks is not None:
+            full = min(full, seq.kv_intact_blocks)
         return [seq.block_keys[i] if i < full else None for i in range(len(seq.swap_slots))]
 
     # -- preemption, pins, teardown --------------------------------------------------------------------
@@ -308,17 +337,19 @@ class Scheduler:
             if self.kv.pool.blocks[block_id].ref_count < 2:
                 break
             held_by_others += 1
-        return (cdiv(seq.num_computed_tokens, self.kv.block_size) - held_by_others) > 1
+        return (cdiv(seq.num_kv_slots, self.kv.block_size) - held_by_others) > 1
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         slots = None
         if seq.num_computed_tokens and self._swap_saves_work(seq):
-            slots = self.swap.take(cdiv(seq.num_computed_tokens, self.kv.block_size))
-        if slots is not None:
+            slots = self.swap.take(cdiv(seq.num_kv_slots, self.kv.block_size))
+        if slots is not None:  # the KV goes out as it is, evicted or not
             out.swap_out.extend(zip(seq.block_table, slots, strict=False))
-            seq.swap_slots, seq.num_swapped_tokens = slots, seq.num_computed_tokens
+            seq.swap_slots, seq.num_swapped_tokens = slots, seq.num_kv_slots
             self.num_swapped_out += 1
             self.num_swapped += 1
+        else:
+            seq.forget_evictions()  # recomputed in full; its policy runs again when the recompute ends
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1

@@ -109,7 +109,7 @@ class SloPolicy(Policy):
         self.sched.reject(seq)
 
     def _final_context(self, seq: Sequence) -> int:
-        return seq.num_tokens + seq.max_new_tokens(self.sched.max_model_len)
+        return self.sched.slots_to_finish(seq)
 
     def _all_running_shape(self) -> StepShape:
         """Every running sequence as a decode at the longest context it may reach."""
@@ -136,10 +136,10 @@ class SloPolicy(Policy):
         for seq in self.sched.running:
             self._step_target = min(self._step_target, seq.tpot_slo * TARGET_SHARE)
             if seq.num_uncomputed_tokens == 1:
-                decodes = decodes.add(seq.num_computed_tokens, 1)
+                decodes = decodes.add(seq.num_kv_slots, 1)
                 allowed = min(allowed, self._allowed_step(seq, now))
             else:
-                prefill_start = max(prefill_start, seq.num_computed_tokens)
+                prefill_start = max(prefill_start, seq.num_kv_slots)
         if not decodes.tokens:
             return None  # no decode to keep on time
         limit = self.sched.max_num_batched_tokens - decodes.tokens

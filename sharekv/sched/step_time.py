@@ -61,7 +61,7 @@ class StepShape:
     def of(cls, step: SchedulerOutput) -> StepShape:
         shape = cls()
         for c in step.chunks:  # in place: this runs every step
-            shape._include(c.start, len(c.token_ids), c.samples)
+            shape._include(c.kv_start, len(c.token_ids), c.samples)
         return shape
 
     def vector(self) -> np.ndarray:

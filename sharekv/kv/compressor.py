@@ -1,0 +1,154 @@
+"""When and how far each sequence's KV is compressed by its eviction policy (`kv/eviction.py`).
+
+A policy runs once when a sequence's prefill ends (its prompt, or a recompute after preemption), and, for
+the policies that keep a budget while decoding, whenever the sequence has a block's worth of slots over
+its budget: compacting a block at a time costs one copy of the kept KV per `block_size` decode steps, not
+one per step. Only the sequence's private blocks change: its leading blocks that others share (a group's
+pinned prefix, a cached prefix another sequence reads) are kept as they are and always count as kept.
+
+The compressor decides and returns a plain `Compaction`; the model runner moves the data and the
+scheduler's KV manager frees the blocks left empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sharekv.kv.block_pool import BlockPool
+from sharekv.kv.eviction import EvictionState, KVBudget, make_policy
+from sharekv.sched.output import ScheduledChunk
+from sharekv.sequence import Sequence
+
+NONE = "none"  # a request's way to turn off the engine's default policy
+
+
+@dataclass
+class Compaction:
+    """Move slot keep[l, h, i] of the sequence to slot i, in layer l and KV head h, for i >= first."""
+
+    block_table: list[int]
+    keep: torch.Tensor  # [layers, kv_heads, kept], ascending
+    first: int  # slots before it are already where they belong
+
+    @property
+    def kept(self) -> int:
+        return self.keep.shape[-1]
+
+
+class KVCompressor:
+    def __init__(self, pool: BlockPool, block_size: int, shape: tuple[int, int], policy: str | None = None,
+                 budget: str | None = None, **options: int) -> None:
+        """`shape` is (layers, kv_heads); `policy` and `budget` are the defaults of requests that set none;
+        `options` (window_size, kernel_size, n_sink) configure every policy."""
+        self.pool = pool
+        self.block_size = block_size
+        self.shape = shape
+        self.options = options
+        self.default_policy = policy if policy != NONE else None
+        self.default_budget = KVBudget.parse(budget) if budget is not None else None
+        if self.default_policy is not None:
+            make_policy(self.default_policy, **options)  # an unknown name fails at start-up
+            if self.default_budget is None:
+                raise ValueError("--kv-eviction needs --kv-budget (tokens, or the fraction kept)")
+        self.num_compactions = 0
+        self.num_evicted_tokens = 0
+        # set to a list to keep (request id, kept slots) of every compaction (benchmarks compare them)
+        self.history: list[tuple[str, torch.Tensor]] | None = None
+
+    def state_for(self, policy: str | None, budget: int | float | str | None,
+                  compress_at: int | None = None) -> EvictionState | None:
+        """A new sequence's eviction state from its request's settings, else the engine's defaults."""
+        name = policy or self.default_policy
+        if name is None or name == NONE:
+            return None
+        parsed = KVBudget.parse(budget) if budget is not None else self.default_budget
+        if parsed is None:
+            raise ValueError("kv_eviction needs kv_budget (tokens, or the fraction kept)")
+        return EvictionState(make_policy(name, **self.options), parsed, compress_at=compress_at)
+
+    def observed_rows(self, seq: Sequence, start: int, num_tokens: int) -> int:
+        """How many of a chunk's last queries the sequence's policy reads the attention of."""
+        state = seq.eviction
+        if state is None:
+            return 0
+        end = start + num_tokens
+        if state.settled:
+            return 1 if state.policy.observes_decode and end == seq.num_tokens else 0
+        if not state.policy.observes_prompt or end != state.prefill_end(seq.num_tokens):
+            return 0
+        return min(state.policy.window_size, num_tokens, end - 1)
+
+    def prefill_end(self, seq: Sequence) -> int:
+        """Where the sequence's next prefill chunks must stop: where its policy compresses, if still due."""
+        state = seq.eviction
+        if state is None or state.settled or seq.num_computed_tokens >= state.prefill_end(seq.num_tokens):
+            return seq.num_tokens
+        return state.prefill_end(seq.num_tokens)
+
+    def last_chunk_tokens(self, seq: Sequence) -> int:
+        """The fewest tokens the chunk before a compression may have: the policy's whole observation window
+        (those queries attend to each other, so they run together)."""
+        state = seq.eviction
+        if state is None or state.settled or not state.policy.observes_prompt:
+            return 1
+        return state.policy.window_size
+
+    def cacheable_blocks(self, seq: Sequence) -> int:
+        """Most prefix-cache blocks a starting sequence may take: its policy's window must be computed."""
+        end = self.prefill_end(seq)
+        return max(0, end - self.last_chunk_tokens(seq)) // self.block_size
+
+    def peak_slots(self, seq: Sequence, total: int) -> int:
+        """The most cache slots the sequence holds until it has `total` tokens: its prefill in full, then
+        what its policy keeps (admission control sizes by this, so eviction lets more sequences in)."""
+        state = seq.eviction
+        if state is None:
+            return total
+        cap = state.budget.tokens_for(total) + self.block_size if state.policy.during_decode else total
+        if state.settled:
+            slots = seq.num_kv_slots
+            return min(slots + total - seq.num_computed_tokens, max(slots, cap))
+        end = state.prefill_end(seq.num_tokens)
+        return max(end, min(state.budget.tokens_for(end) + total - end, cap))
+
+    def plan(self, seq: Sequence, chunk: ScheduledChunk, mass: torch.Tensor | None) -> Compaction | None:
+        """After a step ran `chunk` of the sequence: record what its policy observed, and the compaction
+        due now, if any."""
+        state = seq.eviction
+        if state is None or seq.is_finished:
+            return None
+        if mass is not None:
+            state.observe(mass, chunk.observe)
+        slots = seq.num_kv_slots
+        target = state.budget.tokens_for(seq.num_computed_tokens)
+        if state.settled:
+            due = chunk.samples and state.policy.during_decode and slots >= target + self.block_size
+        elif seq.num_computed_tokens == state.prefill_end(chunk.end if chunk.samples else seq.num_tokens):
+            state.settled, due = True, True
+        else:
+            return None
+        protected = min(slots, self._shared_blocks(seq) * self.block_size)
+        kept = max(target, protected)
+        compaction = None
+        if due and kept < slots:
+            keep = state.keep(slots, kept, protected, self.shape)
+            in_place = (keep == torch.arange(kept)).all(dim=0).all(dim=0)
+            first = int(in_place.long().cumprod(0).sum())
+            compaction = Compaction(seq.block_table, keep, first)
+            if self.history is not None:
+                self.history.append((seq.request_id, keep))
+            self.num_compactions += 1
+            self.num_evicted_tokens += slots - kept
+        if not state.policy.observes_decode:
+            state.mass = None  # read once, after the prefill
+        return compaction
+
+    def _shared_blocks(self, seq: Sequence) -> int:
+        """Leading blocks of the sequence that another sequence or a pin also holds."""
+        blocks = self.pool.blocks
+        n = 0
+        while n < len(seq.block_table) and blocks[seq.block_table[n]].ref_count > 1:
+            n += 1
+        return n
