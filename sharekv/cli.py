@@ -235,6 +235,30 @@ def _cmd_bench_quality(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_kv_fidelity(ns: argparse.Namespace) -> int:
+    from sharekv.bench.kv_fidelity import run_kv_fidelity_bench
+
+    budgets = tuple(float(b) for b in ns.budgets.split(","))
+    result = run_kv_fidelity_bench(engine_args_from(ns), ns.output, ns.kvpress_python, budgets, ns.needles,
+                                   ns.batch_max_tokens)
+    tf, needles = result["teacher_forced"]["runs"], result["needles"]
+    for name, fid in tf.items():
+        accuracy = needles["accuracy"][name]
+        print(f"{name:>20}: top-1 agreement {fid['top1_agreement']:.3f}, mean KL {fid['mean_kl']:.3f}, "
+              f"p99 KL {fid['p99_kl']:.2f}, NLL {fid['nll_delta']:+.3f}; needles "
+              f"{'-' if accuracy is None else f'{accuracy:.2f}'} (full cache: {needles['full_cache_correct']}/"
+              f"{needles['needles']} right)")
+    for name, run in result["memory_bound"]["runs"].items():
+        print(f"memory-bound batch {name:>14}: {run['wall_seconds']:.1f} s, {run['output_tokens_per_second']:.1f} "
+              f"tok/s ({run['speedup_vs_none']:.2f}x), peak blocks {run['peak_kv_blocks']}, "
+              f"preemptions {run['preemptions']}")
+    for name, cmp in result.get("kvpress", {}).get("results", {}).items():
+        print(f"vs kvpress {name}: kept sets equal {cmp['kept_sets_equal']}/{cmp['kept_sets']}, max |delta logprob| "
+              f"{cmp['max_abs_logprob_delta']:.1e}, greedy answers identical {cmp['greedy_answers']['identical']}/"
+              f"{cmp['cases']}")
+    return 0
+
+
 def _add_soak_args(parser: argparse.ArgumentParser, schedules: str, output: str) -> None:
     """What both soaks take: model, schedules, how many requests, the workload's seed, the result file."""
     parser.add_argument("--model", default=None, help="model (default: the default model)")
@@ -387,6 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--output", default="results/quality.json", help="JSON result file (and a .png plot)")
     add_engine_args(qu, kv_cache_memory="1GiB")
     qu.set_defaults(func=_cmd_bench_quality)
+
+    kf = bench.add_parser("kv-fidelity", help="KV eviction policies on a real model: teacher-forced fidelity and "
+                                              "needle answers per budget, and speed on a memory-bound batch")
+    kf.add_argument("--output", default="results/kv_fidelity.json", help="JSON result file (and a .png plot)")
+    kf.add_argument("--kvpress-python", default=None, help="Python of a venv with kvpress: compare snapkv and "
+                                                          "streaming_llm with its presses on the same token ids")
+    kf.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of the context's KV kept, comma-separated")
+    kf.add_argument("--needles", type=int, default=8, help="needle facts to ask about (each at three depths)")
+    kf.add_argument("--batch-max-tokens", type=int, default=96, help="output tokens per request of the "
+                                                                    "memory-bound batch")
+    add_engine_args(kf, kv_cache_memory="1GiB")
+    kf.set_defaults(func=_cmd_bench_kv_fidelity)
 
     sk = bench.add_parser("soak", help="the engine under churn: aborts anywhere, preemption, invalid requests; "
                                        "then leaks and greedy outputs against a quiet run")

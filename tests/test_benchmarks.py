@@ -137,3 +137,23 @@ def test_bench_semantic_cache(tmp_path):
     plain, cached = result["trace"]
     assert plain["cache_hits"] == 0 and cached["repeats_served"] == 2  # exact repeats always hit
     assert cached["engine_generated_tokens"] < plain["engine_generated_tokens"]
+
+
+def test_bench_kv_fidelity(tmp_path):
+    """stories260K at toy scale: every policy's fidelity and needle figures, and the memory-bound batch, where
+    every policy evicts, runs to the end and moves memory the way it should."""
+    out = tmp_path / "kv_fidelity.json"
+    assert main(["bench", "kv-fidelity", "--model", STORIES_DIR, "--kv-cache-memory", "16MiB", "--budgets", "0.5",
+                 "--needles", "2", "--batch-max-tokens", "16", "--kv-eviction-window", "16",
+                 "--output", str(out)]) == 0
+    result = _result(out)
+    runs = result["teacher_forced"]["runs"]
+    assert set(runs) == {"streaming_llm@0.5", "snapkv@0.5", "h2o@0.5"}
+    assert result["teacher_forced"]["positions"] > 200
+    for fid in runs.values():  # compressed: close to the full cache, not equal to it
+        assert 0.3 < fid["top1_agreement"] < 1.0 and fid["mean_kl"] > 0
+    assert result["needles"]["needles"] == 6 and set(result["needles"]["accuracy"]) == set(runs)
+    batch = result["memory_bound"]["runs"]
+    assert batch["none"]["evicted_tokens"] == 0
+    for name in ("streaming_llm", "snapkv", "h2o"):
+        assert batch[name]["evicted_tokens"] > 0 and batch[name]["compactions"] >= result["memory_bound"]["requests"]

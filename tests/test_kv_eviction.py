@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sharekv import LLM, SamplingParams
 from sharekv.kv.eviction import KVBudget
+from sharekv.openai_api import COMPLETIONS, APIError, sampling_params, validate_body
 from sharekv.sampling_params import InvalidParameter
 from tests.conftest import assert_engine_clean, build_llama
 
@@ -239,8 +240,6 @@ def test_settings_are_checked(model_dir, tiny_models):
 
 def test_request_body_fields():
     """The OpenAI-shaped body carries the eviction settings; a bad one is a 400 naming the parameter."""
-    from sharekv.openai_api import APIError, COMPLETIONS, sampling_params, validate_body
-
     body = {"prompt": "hi", "kv_eviction": "snapkv", "kv_budget": 0.5, "kv_compress_at": 40}
     params = sampling_params(validate_body(body, COMPLETIONS))
     assert (params.kv_eviction, params.kv_budget, params.kv_compress_at) == ("snapkv", 0.5, 40)
@@ -250,3 +249,31 @@ def test_request_body_fields():
     with pytest.raises(APIError) as bad:
         validate_body(body | {"kv_budget": -1}, COMPLETIONS)
     assert bad.value.param == "kv_budget"
+
+
+def test_protected_slots_survive_a_policys_forced_picks():
+    """h2o forces its recent half; with a long shared prefix the forced picks and the protected slots
+    together exceed the budget: the shared slots still all stay (they are another sequence's KV)."""
+    from sharekv.kv.eviction import EvictionState, make_policy
+
+    state = EvictionState(make_policy("h2o"), KVBudget(tokens=20))
+    state.observe(torch.rand(2, 2, 40), 1)
+    kept = state.keep(40, 20, 16, (2, 2))
+    assert (kept[..., :16] == torch.arange(16)).all()
+    assert (kept[..., 16:] >= 16).all() and kept.shape == (2, 2, 20)
+
+
+def test_prefix_cache_is_intact_after_evicting_groups(model_dir):
+    """Prefix groups (the global schedule pins a shared prefix) that evict down to a quarter and keep
+    evicting while decoding leave the prefix cache as they found it: a plain run afterwards gives the
+    plain run's tokens."""
+    shared = prompt(80, 32)  # 2 blocks shared, 200 private tokens: h2o's forced half + them > a quarter
+    prompts = [{"prompt_token_ids": shared + prompt(81 + i, 200)} for i in range(4)]
+    plain = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = make_llm(model_dir)
+    before = [o.outputs[0].token_ids for o in llm.generate(prompts, plain)]
+    for policy in ("h2o", "streaming_llm", "snapkv"):
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_eviction=policy,
+                                             kv_budget=0.25))
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, plain)] == before, policy
+    assert_engine_clean(llm.engine)

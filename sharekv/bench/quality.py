@@ -45,14 +45,16 @@ class TeacherForced:
         return float(torch.exp(-self.target_logprobs().double().mean()))
 
 
-def teacher_forced(llm: LLM, sequences: list[list[int]]) -> list[TeacherForced]:
+def teacher_forced(llm: LLM, sequences: list[list[int]], params: SamplingParams | None = None
+                   ) -> list[TeacherForced]:
     """Distributions at every position, computed through the engine as prompts (chunked prefill over the
-    paged KV cache; the prompt is computed, never read from the prefix cache)."""
+    paged KV cache; the prompt is computed, never read from the prefix cache). `params` may set the
+    request's KV eviction (e.g. compress after a context, then read the rest of the text over it)."""
     engine = llm.engine
+    params = params or SamplingParams(temperature=0.0, max_tokens=1)
     ids = [f"teacher-forced-{i}-{time.monotonic_ns()}" for i in range(len(sequences))]
     for request_id, tokens in zip(ids, sequences, strict=True):
-        engine.add_request(request_id, tokens, SamplingParams(temperature=0.0, max_tokens=1),
-                           keep_prompt_distributions=True)
+        engine.add_request(request_id, tokens, params, keep_prompt_distributions=True)
     done = {}
     while any(r not in done for r in ids):
         for out in engine.step():
@@ -89,7 +91,9 @@ class Fidelity:
     positions: int
     top1_agreement: float  # share of positions whose most likely next token is the same
     mean_kl: float  # KL(reference || candidate) per position, nats
+    p99_kl: float
     max_abs_logprob_delta: float  # over the texts' actual next tokens
+    nll_delta: float  # mean negative log-likelihood of the texts' tokens, candidate minus reference
     reference_perplexity: float
     candidate_perplexity: float
 
@@ -112,7 +116,9 @@ def compare(reference: list[TeacherForced], candidate: list[TeacherForced]) -> F
         positions=len(ref),
         top1_agreement=float((ref.argmax(-1) == cand.argmax(-1)).double().mean()),
         mean_kl=float(kl.mean()),
+        p99_kl=float(kl.quantile(0.99)),
         max_abs_logprob_delta=float((targets_ref - targets_cand).abs().max()),
+        nll_delta=float((targets_ref - targets_cand).double().mean()),
         reference_perplexity=perplexity(targets_ref),
         candidate_perplexity=perplexity(targets_cand),
     )

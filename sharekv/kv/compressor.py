@@ -12,29 +12,14 @@ scheduler's KV manager frees the blocks left empty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from sharekv.kv.block_pool import BlockPool
 from sharekv.kv.eviction import EvictionState, KVBudget, make_policy
-from sharekv.sched.output import ScheduledChunk
+from sharekv.sched.output import Compaction, ScheduledChunk
 from sharekv.sequence import Sequence
 
 NONE = "none"  # a request's way to turn off the engine's default policy
-
-
-@dataclass
-class Compaction:
-    """Move slot keep[l, h, i] of the sequence to slot i, in layer l and KV head h, for i >= first."""
-
-    block_table: list[int]
-    keep: torch.Tensor  # [layers, kv_heads, kept], ascending
-    first: int  # slots before it are already where they belong
-
-    @property
-    def kept(self) -> int:
-        return self.keep.shape[-1]
 
 
 class KVCompressor:

@@ -145,9 +145,10 @@ class EvictionState:
     def keep(self, slots: int, n_keep: int, protected: int, shape: tuple[int, int]) -> torch.Tensor:
         """Which of `slots` slots stay: [layers, kv_heads, n_keep], ascending; the first `protected`
         (shared blocks, never edited) always among them."""
-        scores = self.policy.scores(self, slots, n_keep, shape)
-        scores[..., :protected] = float("inf")
-        kept = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
+        scores = self.policy.scores(self, slots, n_keep, shape)[..., protected:]
+        # the protected slots stay whatever the policy scores (its own forced picks may outnumber the room)
+        chosen = scores.topk(n_keep - protected, dim=-1).indices.sort(dim=-1).values + protected
+        kept = torch.cat([torch.arange(protected).expand(*shape, protected), chosen], dim=-1)
         if self.mass is not None:
             self.mass = self.mass[..., :slots].gather(-1, kept)
         return kept

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sharekv.kv.compressor import Compaction
 from sharekv.model.attention import AttentionMetadata, ObservedQueries, PrefillChunk, SharedPrefixes
 from sharekv.model.config import ModelConfig
 from sharekv.model.llama import LlamaModel
-from sharekv.sched.output import SchedulerOutput
+from sharekv.sched.output import Compaction, SchedulerOutput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
@@ -35,6 +37,20 @@ class ScheduledChunk:
     def kv_start(self) -> int:
         """The cache slot of token_ids[0]: slots, not positions, are what blocks hold and attention reads."""
         return self.start - self.evicted
+
+
+@dataclass
+class Compaction:
+    """An eviction's data move, done between steps: slot keep[l, h, i] of the sequence goes to slot i, in
+    layer l and KV head h, for every i >= first."""
+
+    block_table: list[int]
+    keep: torch.Tensor  # [layers, kv_heads, kept], ascending
+    first: int  # slots before it are already where they belong
+
+    @property
+    def kept(self) -> int:
+        return self.keep.shape[-1]
 
 
 @dataclass

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sharekv.kv.block_pool import Block
-from sharekv.kv.compressor import Compaction, KVCompressor
+from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.manager import KVCacheManager, cdiv
 from sharekv.kv.swap import SwapSpace
-from sharekv.sched.output import ScheduledChunk, SchedulerOutput
+from sharekv.sched.output import Compaction, ScheduledChunk, SchedulerOutput
 from sharekv.sched.policy import Policy
 from sharekv.sched.step_time import StepTimeModel
 from sharekv.sequence import Sequence, SequenceStatus
@@ -58,6 +58,7 @@ class _Budget:
 
     tokens: int
     prefill: int
+    prefill_cap: int = 0  # the step's whole prefill budget (what `prefill` started at)
 
     def grant(self, wanted: int) -> int:
         """How many of `wanted` uncomputed tokens a sequence may run now."""
@@ -208,7 +209,7 @@ class Scheduler:
         wanted = self.compressor.prefill_end(seq) - start
         n = budget.grant(wanted)
         window = self.compressor.last_chunk_tokens(seq)
-        if n < wanted and wanted - n < window <= self.max_num_batched_tokens:
+        if n < wanted and wanted - n < window <= budget.prefill_cap:  # else no step could run the window whole
             n = max(0, wanted - window)
         return n
 
@@ -225,7 +226,8 @@ class Scheduler:
         """Running sequences, then (unless keeping them running needed a preemption) waiting ones."""
         preempted = len(out.preempted)
         caps = [b for p in self.policies if (b := p.prefill_budget()) is not None]
-        budget = _Budget(self.max_num_batched_tokens, min(caps, default=self.max_num_batched_tokens))
+        cap = min(caps, default=self.max_num_batched_tokens)
+        budget = _Budget(self.max_num_batched_tokens, cap, cap)
         self._schedule_running(out, scheduled, budget)
         if len(out.preempted) == preempted:
             self._schedule_waiting(out, scheduled, budget)

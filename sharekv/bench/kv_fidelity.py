@@ -1,0 +1,257 @@
+"""`sharekv bench kv-fidelity`: what each KV eviction policy costs in fidelity and buys in memory and speed,
+on a real model (SmolLM2-135M-Instruct by default).
+
+Three parts, every policy at every budget (the fraction of the context's KV kept):
+- teacher-forced: two held texts; the first two thirds are the context, compressed once computed
+  (`kv_compress_at`), the last third is read over the compressed KV. Its next-token distributions against
+  the full cache's: top-1 agreement, mean and p99 KL, mean NLL change.
+- needles: short needle-in-a-haystack questions (a fact inserted into the held texts at three depths, the
+  question after the compressed document, kvpress's protocol); accuracy over the needles the full cache
+  answers correctly.
+- a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool that holds a third of the
+  batch's tokens; wall time and output tokens/s with each policy at the middle budget against none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from sharekv.bench.quality import HELD_TEXTS, TeacherForced, compare, greedy_agreement, held_text, teacher_forced
+from sharekv.bench.report import pyplot, save_figure, write_result
+from sharekv.config import EngineArgs
+from sharekv.kv.eviction import POLICIES
+from sharekv.llm import LLM
+from sharekv.model.config import ModelConfig
+from sharekv.model.runner import DTYPES, kv_bytes_for_tokens
+from sharekv.sampling_params import SamplingParams
+
+BUDGETS = (0.25, 0.5, 0.75)
+# (fact, question, answer): written for this benchmark; the answer must appear in the greedy reply
+NEEDLES = (
+    ("The secret password is blue harbor.", "What is the secret password?", "blue harbor"),
+    ("Maria's favourite fruit is the mango.", "What is Maria's favourite fruit?", "mango"),
+    ("The meeting was moved to Thursday.", "Which day was the meeting moved to?", "thursday"),
+    ("The red box holds 42 marbles.", "How many marbles does the red box hold?", "42"),
+    ("Dr. Okafor lives in Lisbon.", "Where does Dr. Okafor live?", "lisbon"),
+    ("The train to Oslo leaves at 7 pm.", "When does the train to Oslo leave?", "7 pm"),
+    ("The capital of the island of Veld is Marrow.", "What is the capital of the island of Veld?", "marrow"),
+    ("The dog's name is Biscuit.", "What is the dog's name?", "biscuit"),
+)
+DEPTHS = (0.1, 0.5, 0.9)
+
+
+@dataclasses.dataclass
+class Needle:
+    context: list[int]  # the chat prompt up to the end of the document (compressed)
+    question: list[int]  # the question and the assistant's turn, read over the compressed KV
+    answer: str
+
+
+def needle_prompts(tokenizer, max_context: int, facts: int = len(NEEDLES)) -> list[Needle]:
+    """Each fact at each depth of the held texts (cut to `max_context` tokens), asked about after the
+    document: in a chat turn when the model has a chat template, else as a plain question."""
+    sentences = "\n\n".join(held_text(name) for name in HELD_TEXTS).split(". ")
+    while len(sentences) > 2 and len(tokenizer.encode(". ".join(sentences))) > max_context:
+        sentences = sentences[:-1]
+    needles = []
+    for fact, question, answer in NEEDLES[:facts]:
+        for depth in DEPTHS:
+            k = int(len(sentences) * depth)
+            document = ". ".join(sentences[:k]) + ". " + fact + " " + ". ".join(sentences[k:])
+            ask = "\n\nAnswer in a few words from the text above. " + question
+            if tokenizer.chat_template is None:
+                text = document + ask + "\nAnswer:"
+            else:
+                text = tokenizer.apply_chat_template([{"role": "user", "content": document + ask}],
+                                                     add_generation_prompt=True)
+            cut = text.index(ask)
+            needles.append(Needle(tokenizer.encode(text[:cut], add_special_tokens=False),
+                                  tokenizer.encode(text[cut:], add_special_tokens=False), answer))
+    return needles
+
+
+def _eviction(policy: str | None, budget: float, **more) -> dict:
+    return {} if policy is None else {"kv_eviction": policy, "kv_budget": budget, **more}
+
+
+def _teacher_forced_part(llm: LLM, texts: list[list[int]], contexts: list[int], budgets: list[float]) -> dict:
+    def run(policy: str | None, budget: float) -> list[TeacherForced]:
+        runs = []
+        for tokens, ctx in zip(texts, contexts, strict=True):
+            params = SamplingParams(temperature=0.0, max_tokens=1, **_eviction(policy, budget, kv_compress_at=ctx))
+            full = teacher_forced(llm, [tokens], params)[0]
+            runs.append(TeacherForced(tokens[ctx:], full.logprobs[ctx:]))  # the rows read over compressed KV
+        return runs
+
+    reference = run(None, 1.0)
+    results = {}
+    for policy in POLICIES:
+        for budget in budgets:
+            results[f"{policy}@{budget}"] = dataclasses.asdict(compare(reference, run(policy, budget)))
+    return {"positions": sum(len(r.logprobs) for r in reference), "runs": results}
+
+
+def _needle_part(llm: LLM, needles: list[Needle], budgets: list[float], max_tokens: int = 16) -> dict:
+    def answers(policy: str | None, budget: float) -> list[bool]:
+        prompts = [{"prompt_token_ids": n.context + n.question} for n in needles]
+        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                 **_eviction(policy, budget, kv_compress_at=len(n.context))) for n in needles]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [n.answer in o.outputs[0].text.lower() for n, o in zip(needles, outs, strict=True)]
+
+    full = answers(None, 1.0)
+    scored = [i for i, ok in enumerate(full) if ok]
+    results = {}
+    for policy in POLICIES:
+        for budget in budgets:
+            ok = answers(policy, budget)
+            results[f"{policy}@{budget}"] = sum(ok[i] for i in scored) / len(scored) if scored else None
+    return {"needles": len(needles), "full_cache_correct": len(scored),
+            "context_tokens_mean": sum(len(n.context) for n in needles) / len(needles), "accuracy": results}
+
+
+def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Needle], budget: float,
+                       max_tokens: int) -> dict:
+    prompts = [{"prompt_token_ids": n.context + n.question} for n in needles]
+    tokens = sum(len(p["prompt_token_ids"]) + max_tokens for p in prompts)
+    pool_bytes = kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens // 3)
+    runs = {}
+    for policy in (None, *POLICIES):
+        llm = LLM(**dataclasses.asdict(args) | {"kv_cache_memory": str(pool_bytes)})
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **_eviction(policy, budget))
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        engine = llm.engine
+        runs[policy or "none"] = {
+            "wall_seconds": seconds,
+            "output_tokens_per_second": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
+            "peak_kv_blocks": engine.stats.peak_blocks_used,
+            "preemptions": engine.scheduler.num_preemptions,
+            "evicted_tokens": engine.compressor.num_evicted_tokens,
+            "compactions": engine.compressor.num_compactions,
+        }
+        del llm
+    for run in runs.values():
+        run["speedup_vs_none"] = runs["none"]["wall_seconds"] / run["wall_seconds"]
+    return {"requests": len(prompts), "max_tokens": max_tokens, "batch_tokens": tokens,
+            "pool_tokens": tokens // 3, "budget": budget, "runs": runs}
+
+
+def _kvpress_part(args: EngineArgs, needles: list[Needle], kvpress_python: str, ratio: float = 0.5,
+                  max_new_tokens: int = 16) -> dict:
+    """Our snapkv and streaming_llm beside kvpress's presses on the same token ids, in kvpress's protocol:
+    kept (layer, KV head, position) sets, the question's log-probabilities, the greedy answers."""
+    cases = needles[DEPTHS.index(0.5)::len(DEPTHS)]  # each fact in the middle of the document
+    presses = [{"name": "none"},
+               {"name": "snapkv", "compression_ratio": 1 - ratio, "window_size": args.kv_eviction_window,
+                "kernel_size": args.kv_eviction_kernel},
+               {"name": "streaming_llm", "compression_ratio": 1 - ratio, "n_sink": args.kv_eviction_sinks}]
+    llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})
+    with tempfile.TemporaryDirectory() as tmp:
+        workload, result_path = os.path.join(tmp, "workload.json"), os.path.join(tmp, "result.json")
+        with open(workload, "w") as f:
+            json.dump({"model": llm.engine.model_dir, "presses": presses, "max_new_tokens": max_new_tokens,
+                       "cases": [{"context": n.context, "question": n.question} for n in cases]}, f)
+        script = os.path.join(os.path.dirname(__file__), "peer_kvpress.py")
+        subprocess.run([kvpress_python, script, workload, result_path], check=True)
+        with open(result_path) as f:
+            theirs = json.load(f)["runs"]
+        their_logprobs = torch.load(os.path.splitext(result_path)[0] + ".pt")
+    compressor = llm.engine.compressor
+    report = {}
+    for press, their_runs, their_rows in zip(presses, theirs, their_logprobs, strict=True):
+        equal_sets = total_sets = differing = 0
+        max_delta, seconds, answers = 0.0, 0.0, []
+        for case, run, rows in zip(cases, their_runs, their_rows, strict=True):
+            eviction = _eviction(None if press["name"] == "none" else press["name"], ratio,
+                                 kv_compress_at=len(case.context))
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, **eviction)
+            compressor.history = []
+            ours = teacher_forced(llm, [case.context + case.question], params)[0]
+            kept = compressor.history[0][1] if eviction else None
+            for layer, heads in enumerate(run["kept"] or []):
+                for head, positions in enumerate(heads):
+                    mine = set(kept[layer, head].tolist())
+                    equal_sets += mine == set(positions)
+                    differing += len(mine ^ set(positions)) // 2
+                    total_sets += 1
+            max_delta = max(max_delta, float((ours.logprobs[len(case.context):] - rows).abs().max()))
+            start = time.perf_counter()
+            answer = llm.generate([{"prompt_token_ids": case.context + case.question}],
+                                  dataclasses.replace(params, max_tokens=max_new_tokens), use_tqdm=False)[0]
+            seconds += time.perf_counter() - start
+            answers.append(answer.outputs[0].token_ids)
+        report[press["name"]] = {
+            "kept_sets_equal": equal_sets, "kept_sets": total_sets, "positions_differing": differing,
+            "max_abs_logprob_delta": max_delta, "cases": len(cases),
+            "greedy_answers": greedy_agreement([r["answer"] for r in their_runs], answers),
+            "seconds_sharekv": seconds, "seconds_kvpress": sum(r["seconds"] for r in their_runs),
+        }
+    compressor.history = None
+    return {"ratio_kept": ratio, "presses": presses, "results": report}
+
+
+def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str | None = None,
+                          budgets: tuple[float, ...] = BUDGETS, facts: int = len(NEEDLES),
+                          batch_max_tokens: int = 96) -> dict:
+    llm = LLM(**dataclasses.asdict(args))
+    tok = llm.get_tokenizer()
+    if tok is None:
+        raise ValueError("bench kv-fidelity needs a model with a tokenizer (default: SmolLM2-135M-Instruct)")
+    room = llm.engine.max_model_len - max(batch_max_tokens, 64)  # what a prompt may take
+    texts = [tok.encode(held_text(a) + "\n\n" + held_text(b))[:room] for a, b in (HELD_TEXTS, HELD_TEXTS[::-1])]
+    contexts = [2 * len(t) // 3 for t in texts]
+    needles = needle_prompts(tok, room - 48, facts)
+    start = time.perf_counter()
+    result = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "model": llm.engine.model_dir,
+        "dtype": args.dtype,
+        "budgets": list(budgets),
+        "policies": list(POLICIES),
+        "window_size": args.kv_eviction_window, "kernel_size": args.kv_eviction_kernel,
+        "n_sink": args.kv_eviction_sinks,
+        "teacher_forced": _teacher_forced_part(llm, texts, contexts, budgets),
+        "needles": _needle_part(llm, needles, budgets),
+    }
+    config = llm.engine.model_config
+    del llm
+    if kvpress_python:
+        result["kvpress"] = _kvpress_part(args, needles, kvpress_python)
+    result["memory_bound"] = _memory_bound_part(args, config, needles, 0.5, batch_max_tokens)
+    result["seconds"] = time.perf_counter() - start
+    return write_result(result, out_path, _plot)
+
+
+def _plot(result: dict, path: str) -> None:
+    plt = pyplot()
+    fig, (agree, needle, speed) = plt.subplots(1, 3, figsize=(13, 3.8))
+    budgets = result["budgets"]
+    for policy in result["policies"]:
+        runs = result["teacher_forced"]["runs"]
+        agree.plot(budgets, [runs[f"{policy}@{b}"]["top1_agreement"] for b in budgets], marker="o", label=policy)
+        acc = result["needles"]["accuracy"]
+        needle.plot(budgets, [acc[f"{policy}@{b}"] or 0.0 for b in budgets], marker="o", label=policy)
+    agree.set_xlabel("KV budget (fraction of the context kept)")
+    agree.set_ylabel("top-1 agreement with the full cache")
+    agree.legend()
+    needle.set_xlabel("KV budget (fraction of the context kept)")
+    needle.set_ylabel(f"needle accuracy (of {result['needles']['full_cache_correct']} the full cache answers)")
+    runs = result["memory_bound"]["runs"]
+    names = list(runs)
+    speed.bar(names, [runs[n]["output_tokens_per_second"] for n in names],
+              color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+    speed.set_ylabel("output tokens/s")
+    mb = result["memory_bound"]
+    speed.set_title(f"{mb['requests']} requests, pool = 1/3 of their tokens, budget {mb['budget']}", fontsize=9)
+    fig.suptitle(f"KV eviction on {os.path.basename(result['model'])}")
+    save_figure(fig, path)
