@@ -258,6 +258,7 @@ class LLMEngine:
         compactions = []
         for i, (seq, chunk) in enumerate(zip(seqs, step.chunks, strict=True)):
             if seq.eviction is not None and (c := self.compressor.plan(seq, chunk, mass.get(i))) is not None:
+                self.scheduler.prepare_eviction(seq, c)
                 compactions.append((seq, c))
         if compactions:
             self.runner.compact([c for _, c in compactions])

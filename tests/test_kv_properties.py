@@ -78,11 +78,17 @@ class KVManagerMachine(RuleBasedStateMachine):
             return
         kept = data.draw(st.integers(protected, seq.num_kv_slots - 1))
         before = seq.num_evicted_tokens + seq.num_kv_slots
-        self.kv.evict(seq, kept, protected)
+        old = list(seq.block_table)
+        keys = {b: blocks[b].key for b in old}
+        target = self.kv.compaction_target(seq, kept, protected) if data.draw(st.booleans()) else None
+        first = protected - protected % BLOCK if target is not None else protected
+        self.kv.evict(seq, kept, first, target)
         assert seq.num_kv_slots == kept and seq.num_evicted_tokens + kept == before
         assert len(seq.block_table) == -(-kept // BLOCK)
-        for block_id in seq.block_table[protected // BLOCK:]:  # rewritten: out of the prefix index
+        for block_id in seq.block_table[first // BLOCK:]:  # written: never in the prefix index
             assert blocks[block_id].key is None
+        if target is not None:  # copied from: the old blocks keep what the index says they hold
+            assert all(blocks[b].key == keys[b] for b in old[first // BLOCK:])
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())

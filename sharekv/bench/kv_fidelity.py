@@ -135,6 +135,8 @@ def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Need
             "wall_seconds": seconds,
             "output_tokens_per_second": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
             "peak_kv_blocks": engine.stats.peak_blocks_used,
+            "prompt_tokens_computed": engine.stats.prompt_tokens_computed,
+            "steps": engine.stats.steps,
             "preemptions": engine.scheduler.num_preemptions,
             "evicted_tokens": engine.compressor.num_evicted_tokens,
             "compactions": engine.compressor.num_compactions,

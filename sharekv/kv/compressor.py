@@ -107,15 +107,14 @@ class KVCompressor:
         if mass is not None:
             state.observe(mass, chunk.observe)
         slots = seq.num_kv_slots
-        target = state.budget.tokens_for(seq.num_computed_tokens)
-        if state.settled:
-            due = chunk.samples and state.policy.during_decode and slots >= target + self.block_size
+        protected = min(slots, self._shared_blocks(seq) * self.block_size)
+        kept = max(state.budget.tokens_for(seq.num_computed_tokens), protected)
+        if state.settled:  # while decoding: once a whole block can go
+            due = chunk.samples and state.policy.during_decode and slots - kept >= self.block_size
         elif seq.num_computed_tokens == state.prefill_end(chunk.end if chunk.samples else seq.num_tokens):
             state.settled, due = True, True
         else:
             return None
-        protected = min(slots, self._shared_blocks(seq) * self.block_size)
-        kept = max(target, protected)
         compaction = None
         if due and kept < slots:
             keep = state.keep(slots, kept, protected, self.shape)

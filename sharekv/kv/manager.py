@@ -97,17 +97,32 @@ class KVCacheManager:
                 break  # everything before this block was indexed by an earlier step or request
             self.pool.register(block, seq.block_keys[i])
 
-    def evict(self, seq: Sequence, kept: int, first: int) -> None:
-        """An eviction policy kept the sequence's first `kept` slots, rewriting those from slot `first` on:
-        blocks rewritten leave the prefix index (their keys no longer describe them), blocks past the kept
-        slots go back to the pool, still indexed (their KV is as it was)."""
+    def compaction_target(self, seq: Sequence, kept: int, first: int) -> list[int] | None:
+        """Fresh blocks for an eviction to write the sequence's kept slots from slot `first` into (copy-on-
+        write: the blocks it had keep their KV, and their prefix-cache entries stay true). The table it will
+        have, or None when the pool cannot hold the copy (the eviction then rewrites in place)."""
+        bs = self.block_size
+        needed = cdiv(kept, bs) - first // bs
+        if needed > self.pool.num_free_blocks:
+            return None
+        return seq.block_table[:first // bs] + [self.pool.allocate().block_id for _ in range(needed)]
+
+    def evict(self, seq: Sequence, kept: int, first: int, target_table: list[int] | None) -> None:
+        """An eviction kept the sequence's first `kept` slots, moving those from slot `first` on, into
+        `target_table` or in place. Copied from, the old blocks go back to the pool as they are (still
+        indexed); rewritten in place, they leave the prefix index, and those past the kept slots go back."""
         bs = self.block_size
         blocks = self.pool.blocks
-        for block_id in seq.block_table[first // bs:cdiv(kept, bs)]:
-            self.pool.unregister(blocks[block_id])
-        for block_id in reversed(seq.block_table[cdiv(kept, bs):]):
+        if target_table is None:
+            for block_id in seq.block_table[first // bs:cdiv(kept, bs)]:
+                self.pool.unregister(blocks[block_id])
+            target_table = seq.block_table[:cdiv(kept, bs)]
+            released = seq.block_table[cdiv(kept, bs):]
+        else:
+            released = seq.block_table[first // bs:]
+        for block_id in reversed(released):
             self.pool.release(blocks[block_id])
-        del seq.block_table[cdiv(kept, bs):]
+        seq.block_table[:] = target_table
         seq.num_evicted_tokens += seq.num_kv_slots - kept
         intact = first // bs
         seq.kv_intact_blocks = intact if seq.kv_intact_blocks is None else min(intact, seq.kv_intact_blocks)

@@ -232,16 +232,18 @@ class ModelRunner:
         return StepResult(logits, sampled, prompt_spans, {i: torch.stack(o.mass) for i, o in observed.items()})
 
     def compact(self, compactions: list[Compaction]) -> None:
-        """Move each sequence's kept KV to the front of its slots, per layer and KV head, in one gather and
-        one scatter per sequence (an eviction)."""
+        """Move each sequence's kept KV to the front of its slots (in its target blocks), per layer and KV
+        head, in one gather and one scatter per sequence (an eviction)."""
         layers, _, num_blocks, bs, kv_heads, d = self.kv_cache.shape
         flat = self.kv_cache.view(layers, 2, num_blocks * bs, kv_heads, d)
         layer = torch.arange(layers, device=self.device)[:, None, None]
         head = torch.arange(kv_heads, device=self.device)[None, :, None]
+
+        def slots(table: list[int], pos: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(table, device=self.device)[pos // bs] * bs + pos % bs
+
         for c in compactions:
-            table = torch.as_tensor(c.block_table, device=self.device)
-            pos = torch.arange(int(c.keep.max()) + 1, device=self.device)
-            slot_of = table[pos // bs] * bs + pos % bs
-            keep = c.keep[..., c.first:].to(self.device)
-            moved = flat[layer, :, slot_of[keep], head]  # [layers, kv_heads, n, k|v, d]
-            flat[layer, :, slot_of[c.first:c.kept][None, None, :], head] = moved
+            source = slots(c.block_table, c.keep[..., c.first:].to(self.device))
+            moved = flat[layer, :, source, head]  # [layers, kv_heads, n, k|v, d]
+            target = slots(c.target_table or c.block_table, torch.arange(c.first, c.kept, device=self.device))
+            flat[layer, :, target[None, None, :], head] = moved

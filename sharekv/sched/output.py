@@ -42,11 +42,15 @@ class ScheduledChunk:
 @dataclass
 class Compaction:
     """An eviction's data move, done between steps: slot keep[l, h, i] of the sequence goes to slot i, in
-    layer l and KV head h, for every i >= first."""
+    layer l and KV head h, for every i >= first. The slots are read through `block_table` and written
+    through `target_table`: fresh blocks after the first `first // block_size` (copy-on-write, so no
+    block another request may find in the prefix cache is ever rewritten), or the same table (in place,
+    when the pool has no room for the copy)."""
 
     block_table: list[int]
     keep: torch.Tensor  # [layers, kv_heads, kept], ascending
     first: int  # slots before it are already where they belong
+    target_table: list[int] | None = None  # None: block_table (in place)
 
     @property
     def kept(self) -> int:

@@ -218,9 +218,17 @@ class Scheduler:
         total = seq.num_tokens + seq.max_new_tokens(self.max_model_len)
         return total if self.compressor is None else self.compressor.peak_slots(seq, total)
 
+    def prepare_eviction(self, seq: Sequence, compaction: Compaction) -> None:
+        """Give an eviction fresh blocks to write the kept KV into, when the pool has room (copy-on-write
+        from the first block that changes)."""
+        target = self.kv.compaction_target(seq, compaction.kept, compaction.first)
+        if target is not None:
+            compaction.first -= compaction.first % self.kv.block_size  # whole blocks are copied
+            compaction.target_table = target
+
     def evict(self, seq: Sequence, compaction: Compaction) -> None:
         """The runner moved the kept KV of a sequence (an eviction): free what it no longer needs."""
-        self.kv.evict(seq, compaction.kept, compaction.first)
+        self.kv.evict(seq, compaction.kept, compaction.first, compaction.target_table)
 
     def _fill(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]]) -> None:
         """Running sequences, then (unless keeping them running needed a preemption) waiting ones."""
