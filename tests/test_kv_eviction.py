@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from sharekv import LLM, SamplingParams
 from sharekv.kv.eviction import KVBudget
+from sharekv.model.attention import ObservedQueries, PagedAttention
+from sharekv.model.native import cpu_kernels
+from sharekv.model.runner import step_metadata
 from sharekv.openai_api import COMPLETIONS, APIError, sampling_params, validate_body
 from sharekv.sampling_params import InvalidParameter
 from tests.conftest import assert_engine_clean, build_llama
@@ -277,3 +280,30 @@ def test_prefix_cache_is_intact_after_evicting_groups(model_dir):
                                              kv_budget=0.25))
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, plain)] == before, policy
     assert_engine_clean(llm.engine)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler here")
+def test_native_decode_kernel_returns_the_attention_mass():
+    """The native decode kernel writes the observed rows' attention probabilities as it attends them; they
+    equal the torch computation, and rows not observed are untouched."""
+    torch.manual_seed(0)
+    heads, kv_heads, d, bs, blocks = 4, 2, 16, 4, 16
+    attention = PagedAttention(heads, kv_heads, d, None)
+    k_cache = torch.randn(blocks, bs, kv_heads, d)
+    v_cache = torch.randn(blocks, bs, kv_heads, d)
+    tables, starts = [[0, 1, 2], [3, 4], [5, 6, 7, 8]], [9, 6, 13]  # three decodes
+    q = torch.randn(3, heads, d)
+    meta = step_metadata(tables, starts, [1, 1, 1], bs, share_prefixes=False, alone=[0, 2])
+    observed = [ObservedQueries(i, 1, starts[i] + 1, torch.tensor(tables[i]), mass_row=row)
+                for row, i in enumerate((0, 2))]
+    meta.observed = observed
+    meta.decode_mass_rows = torch.tensor([0, -1, 1])
+    attention.native = cpu_kernels()
+    out = attention.attend(q, None, None, k_cache, v_cache, meta)
+    attention.native = None
+    assert torch.allclose(out, attention.attend(q, None, None, k_cache, v_cache, step_metadata(
+        tables, starts, [1, 1, 1], bs, share_prefixes=False)), atol=1e-5)
+    for o in observed:
+        assert len(o.mass) == 1
+        torch.testing.assert_close(o.mass[0], attention.attention_mass(q, k_cache, o), atol=1e-6, rtol=1e-5)
+        assert torch.allclose(o.mass[0].sum(-1), torch.ones(kv_heads))

@@ -85,18 +85,25 @@ class KVCompressor:
         end = self.prefill_end(seq)
         return max(0, end - self.last_chunk_tokens(seq)) // self.block_size
 
+    @staticmethod
+    def _kept(state: EvictionState, shared: int, computed: int) -> int:
+        """Slots a sequence keeps with `computed` tokens: the budget bounds its own KV; KV it shares with
+        other sequences (never edited) is kept on top."""
+        return shared + state.budget.tokens_for(max(1, computed - shared))
+
     def peak_slots(self, seq: Sequence, total: int) -> int:
         """The most cache slots the sequence holds until it has `total` tokens: its prefill in full, then
         what its policy keeps (admission control sizes by this, so eviction lets more sequences in)."""
         state = seq.eviction
         if state is None:
             return total
-        cap = state.budget.tokens_for(total) + self.block_size if state.policy.during_decode else total
+        shared = min(total, self._shared_blocks(seq) * self.block_size)
+        cap = self._kept(state, shared, total) + self.block_size if state.policy.during_decode else total
         if state.settled:
             slots = seq.num_kv_slots
             return min(slots + total - seq.num_computed_tokens, max(slots, cap))
         end = state.prefill_end(seq.num_tokens)
-        return max(end, min(state.budget.tokens_for(end) + total - end, cap))
+        return max(end, min(self._kept(state, shared, end) + total - end, cap))
 
     def plan(self, seq: Sequence, chunk: ScheduledChunk, mass: torch.Tensor | None) -> Compaction | None:
         """After a step ran `chunk` of the sequence: record what its policy observed, and the compaction
@@ -108,7 +115,7 @@ class KVCompressor:
             state.observe(mass, chunk.observe)
         slots = seq.num_kv_slots
         protected = min(slots, self._shared_blocks(seq) * self.block_size)
-        kept = max(state.budget.tokens_for(seq.num_computed_tokens), protected)
+        kept = min(slots, self._kept(state, protected, seq.num_computed_tokens))
         if state.settled:  # while decoding: once a whole block can go
             due = chunk.samples and state.policy.during_decode and slots - kept >= self.block_size
         elif seq.num_computed_tokens == state.prefill_end(chunk.end if chunk.samples else seq.num_tokens):

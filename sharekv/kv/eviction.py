@@ -46,7 +46,7 @@ class KVBudget:
         return cls(tokens=int(number))
 
     def tokens_for(self, length: int) -> int:
-        """Slots to keep of a sequence of `length` computed tokens (kvpress: at least one)."""
+        """Slots to keep of `length` computed tokens of a sequence's own KV (kvpress: at least one)."""
         if self.tokens is not None:
             return min(length, self.tokens)
         return max(1, int(length * self.ratio))
@@ -146,8 +146,11 @@ class EvictionState:
         """Which of `slots` slots stay: [layers, kv_heads, n_keep], ascending; the first `protected`
         (shared blocks, never edited) always among them."""
         scores = self.policy.scores(self, slots, n_keep, shape)[..., protected:]
-        # the protected slots stay whatever the policy scores (its own forced picks may outnumber the room)
-        chosen = scores.topk(n_keep - protected, dim=-1).indices.sort(dim=-1).values + protected
+        # The protected slots stay whatever the policy scores. When its own forced picks (sinks, a recent
+        # window) outnumber the room left, equal scores go to the most recent slots first: a stable sort
+        # of the slots in reverse order.
+        newest_first = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+        chosen = (slots - 1 - newest_first[..., :n_keep - protected]).sort(dim=-1).values
         kept = torch.cat([torch.arange(protected).expand(*shape, protected), chosen], dim=-1)
         if self.mass is not None:
             self.mass = self.mass[..., :slots].gather(-1, kept)

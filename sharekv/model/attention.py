@@ -53,6 +53,8 @@ class ObservedQueries:
     rows: int
     context_len: int  # slots of the sequence's KV after this step
     block_ids: torch.Tensor  # blocks covering context_len slots
+    # a decode the native kernel observes as it attends: its row among the kernel's mass rows
+    mass_row: int | None = None
     # per layer: [kv_heads, context_len], the attention each slot got, summed over the rows and averaged
     # over the query heads of each KV head
     mass: list[torch.Tensor] = field(default_factory=list)
@@ -76,6 +78,7 @@ class AttentionMetadata:
     shared_prefixes: SharedPrefixes | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     observed: list[ObservedQueries] = field(default_factory=list)
+    decode_mass_rows: torch.Tensor | None = None  # per paged-kernel row: its observed mass row, or -1
 
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
@@ -150,7 +153,8 @@ class PagedAttention:
         if shared is not None:
             self._merge_shared_prefixes(q, k_cache, v_cache, shared, out, lse)
         for observed in meta.observed:
-            observed.mass.append(self.attention_mass(q, k_cache, observed))
+            if observed.mass_row is None:
+                observed.mass.append(self.attention_mass(q, k_cache, observed))
         return out
 
     def attention_mass(self, q: torch.Tensor, k_cache: torch.Tensor, observed: ObservedQueries) -> torch.Tensor:
@@ -202,9 +206,17 @@ class PagedAttention:
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
         if self.native is not None:
+            mass = torch.empty(0)
+            if meta.decode_mass_rows is not None:  # observed decodes: their probabilities come out too
+                kernel_observed = [o for o in meta.observed if o.mass_row is not None]
+                width = max(o.context_len for o in kernel_observed)
+                mass = torch.zeros(len(kernel_observed), self.num_kv_heads, width, device=q.device)
+                for o in kernel_observed:
+                    o.mass.append(mass[o.mass_row, :, :o.context_len])
             return self.native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
                                                       meta.decode_context_lens, starts, self.scale,
-                                                      self.sliding_window or 0)
+                                                      self.sliding_window or 0, mass, meta.decode_mass_rows
+                                                      if meta.decode_mass_rows is not None else mass)
         return self._decode_tiles(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, starts,
                                   block_size)
 

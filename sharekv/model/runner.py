@@ -105,20 +105,22 @@ SHARED_CHUNK_MAX_TOKENS = 128
 
 def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
                   share_prefixes: bool, device: torch.device | str = "cpu",
-                  max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS) -> AttentionMetadata:
+                  max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS, alone: list[int] = ()) -> AttentionMetadata:
     """What each token of a step attends to: sequence i (block table tables[i]) runs counts[i] tokens from
     position starts[i]. Sequences of one token (decodes) come first.
 
     With share_prefixes, sequences that start with the same cached blocks form groups whose tokens read that
     prefix together; prefill chunks join them up to max_shared_chunk tokens. Each token's own part (its keys
     after the prefix) runs in the paged per-row kernel, decode tokens and group members' prefill tokens
-    alike; other prefill chunks run as chunks."""
+    alike; other prefill chunks run as chunks. Sequences in `alone` join no group (their decode attention is
+    computed whole in one place, where an eviction policy reads its probabilities)."""
     nd = sum(1 for n in counts if n == 1)
     offsets = np.cumsum([0, *counts])
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device), num_decode_tokens=nd)
     own_starts = np.zeros(len(counts), dtype=np.int64)
     in_group = np.zeros(len(counts), dtype=bool)
     usable = np.asarray(starts) // block_size * (np.asarray(counts) <= max_shared_chunk)
+    usable[list(alone)] = 0
     if share_prefixes and np.count_nonzero(usable) >= 2:
         padded = padded_tables(tables)
         groups = shared_block_prefixes(padded, usable)
@@ -216,10 +218,20 @@ class ModelRunner:
             if chunk.samples:
                 logit_rows.append(offset - 1)
                 sampled.append(i)
+        # the native kernel observes decodes as it attends them, whole (outside prefix groups)
+        num_decodes = sum(1 for c in chunks if len(c.token_ids) == 1)
+        kernel_observed = [i for i, o in observed.items() if o.rows == 1 and i < num_decodes
+                           and self.model.attention.native is not None]
         meta = step_metadata([c.block_table for c in chunks], [c.kv_start for c in chunks],
                              [len(c.token_ids) for c in chunks], bs, self.share_prefixes, self.device,
-                             self.max_shared_chunk)
+                             self.max_shared_chunk, kernel_observed)
         meta.observed = list(observed.values())
+        if kernel_observed:
+            mass_rows = np.full(meta.decode_context_lens.numel(), -1, dtype=np.int64)
+            for row, i in enumerate(kernel_observed):
+                observed[i].mass_row = row
+                mass_rows[i] = row  # decodes come first among the kernel's rows
+            meta.decode_mass_rows = torch.from_numpy(mass_rows).to(self.device)
         meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)

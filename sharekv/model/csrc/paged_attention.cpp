@@ -4,7 +4,9 @@
 // (sequence, kv head): every key and value row is loaded once for all the query heads that share it (GQA),
 // scores stay in a small per-task buffer, and nothing of the cache is copied. Each sequence attends to
 // positions [start, context_len); the log-sum-exp of its scores is returned too, so a part computed
-// elsewhere (a group's shared prefix) can be merged in exactly.
+// elsewhere (a group's shared prefix) can be merged in exactly. Rows given a `mass_rows` entry also write
+// their attention probabilities per key slot, averaged over the query heads of each KV head (what an
+// eviction policy such as H2O accumulates), at no extra pass over the cache.
 //
 // prefix_attention_merge_: every query row of a group (decode tokens and prefill tokens of all members)
 // against the group's shared prefix, whose keys and values are read once per step for the whole group.
@@ -49,7 +51,8 @@ static inline const float* as_float(const T* row, float* buf, int64_t dim) {
 template <typename T>
 static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
                           const int64_t* context_lens, const int64_t* starts, T* out, float* lse, int64_t batch, int64_t heads, int64_t kv_heads,
-                          int64_t dim, int64_t block_size, int64_t table_width, float scale, int64_t window) {
+                          int64_t dim, int64_t block_size, int64_t table_width, float scale, int64_t window,
+                          float* mass, const int64_t* mass_rows, int64_t mass_width) {
   const int64_t group = heads / kv_heads;
   const int64_t row = kv_heads * dim;  // stride between consecutive tokens of one block
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -93,6 +96,14 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
         const float inv = 1.f / sum;
         for (int64_t i = 0; i < n; ++i) s[i] *= inv;
         lse[b * heads + h * group + g] = m + std::log(sum);
+      }
+      if (mass != nullptr && mass_rows[b] >= 0) {
+        float* row_mass = mass + (mass_rows[b] * kv_heads + h) * mass_width + first;
+        for (int64_t i = 0; i < n; ++i) {
+          float p = 0.f;
+          for (int64_t g = 0; g < group; ++g) p += scores[g * n + i];
+          row_mass[i] = p / static_cast<float>(group);
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = first; t0 < ctx;) {
@@ -378,7 +389,8 @@ void prefix_attention_merge_(torch::Tensor q, torch::Tensor k_cache, torch::Tens
 
 std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                                   torch::Tensor block_tables, torch::Tensor context_lens,
-                                                  torch::Tensor starts, double scale, int64_t window) {
+                                                  torch::Tensor starts, double scale, int64_t window,
+                                                  torch::Tensor mass, torch::Tensor mass_rows) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
@@ -391,11 +403,22 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  float* mass_ptr = nullptr;
+  const int64_t* mass_rows_ptr = nullptr;
+  if (mass.numel() > 0) {  // [observed rows, kv_heads, width], zero beyond each row's context
+    TORCH_CHECK(mass.is_contiguous() && mass.scalar_type() == torch::kFloat32 && mass.size(1) == kv_heads,
+                "mass must be contiguous float32 [rows, kv_heads, width]");
+    mass_rows = mass_rows.to(torch::kInt64).contiguous();
+    TORCH_CHECK(mass_rows.numel() == q.size(0), "one mass row (or -1) per sequence");
+    mass_ptr = mass.data_ptr<float>();
+    mass_rows_ptr = mass_rows.data_ptr<int64_t>();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                             block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
                             starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size,
-                            block_tables.size(1), static_cast<float>(scale), window);
+                            block_tables.size(1), static_cast<float>(scale), window, mass_ptr, mass_rows_ptr,
+                            mass_ptr ? mass.size(2) : 0);
   });
   return {out, lse};
 }
