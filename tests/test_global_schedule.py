@@ -87,7 +87,7 @@ def test_global_preemption_fallback(tiny_models, monkeypatch):
     are preempted and recomputed: same tokens as fcfs, pinned prefixes intact, nothing leaked."""
     requests = _batch()
     _, expected = _run(tiny_models["llama"], "fcfs", requests, kv_cache_memory="4MiB")
-    monkeypatch.setattr(GlobalPolicy, "_blocks_to_finish", lambda self, seq, held: 0)
+    monkeypatch.setattr(GlobalPolicy, "_blocks_to_finish", lambda self, seq, held, shared=0: 0)
     llm, got = _run(tiny_models["llama"], "global", requests, kv_cache_memory="96KiB", max_num_batched_tokens=48)
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == expected

@@ -7,7 +7,7 @@ Three parts, every policy at every budget (the fraction of the context's KV kept
   the full cache's: top-1 agreement, mean and p99 KL, mean NLL change.
 - needles: short needle-in-a-haystack questions (a fact inserted into the held texts at three depths, the
   question after the compressed document, kvpress's protocol); accuracy over the needles the full cache
-  answers correctly.
+  answers correctly. Both run each request on its own KV (no prefix cache), as kvpress does.
 - a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool that holds a third of the
   batch's tokens; wall time and output tokens/s with each policy at the middle budget against none.
 """
@@ -205,7 +205,9 @@ def _kvpress_part(args: EngineArgs, needles: list[Needle], kvpress_python: str, 
 def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str | None = None,
                           budgets: tuple[float, ...] = BUDGETS, facts: int = len(NEEDLES),
                           batch_max_tokens: int = 96) -> dict:
-    llm = LLM(**dataclasses.asdict(args))
+    # Fidelity is each request alone, as kvpress runs it: no prefix cache, so no KV is shared and every
+    # budget applies to the whole context (the memory-bound batch below shares, as a real job would).
+    llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})
     tok = llm.get_tokenizer()
     if tok is None:
         raise ValueError("bench kv-fidelity needs a model with a tokenizer (default: SmolLM2-135M-Instruct)")

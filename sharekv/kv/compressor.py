@@ -91,13 +91,14 @@ class KVCompressor:
         other sequences (never edited) is kept on top."""
         return shared + state.budget.tokens_for(max(1, computed - shared))
 
-    def peak_slots(self, seq: Sequence, total: int) -> int:
+    def peak_slots(self, seq: Sequence, total: int, shared: int = 0) -> int:
         """The most cache slots the sequence holds until it has `total` tokens: its prefill in full, then
-        what its policy keeps (admission control sizes by this, so eviction lets more sequences in)."""
+        what its policy keeps (admission control sizes by this, so eviction lets more sequences in).
+        `shared`: slots it will share with others beyond those it shares now."""
         state = seq.eviction
         if state is None:
             return total
-        shared = min(total, self._shared_blocks(seq) * self.block_size)
+        shared = min(total, max(shared, self._shared_blocks(seq) * self.block_size))
         cap = self._kept(state, shared, total) + self.block_size if state.policy.during_decode else total
         if state.settled:
             slots = seq.num_kv_slots

@@ -112,9 +112,11 @@ class GlobalPolicy(Policy):
                 self.leading.remove(group)
                 self._release(group)
 
-    def _blocks_to_finish(self, seq: Sequence, held: int) -> int:
-        """New blocks a sequence may still need to finish (prompt and max_tokens), beyond `held` blocks."""
-        total = cdiv(self.sched.slots_to_finish(seq), self.sched.kv.block_size)
+    def _blocks_to_finish(self, seq: Sequence, held: int, shared: int = 0) -> int:
+        """New blocks a sequence may still need to finish (prompt and max_tokens), beyond `held` blocks, of
+        which `shared` it shares with others (under eviction, kept whatever its budget)."""
+        bs = self.sched.kv.block_size
+        total = cdiv(self.sched.slots_to_finish(seq, shared * bs), bs)
         return max(0, total - held)
 
     def begin_admission(self) -> None:
@@ -130,9 +132,10 @@ class GlobalPolicy(Policy):
             # pinned: their room is kept, so later groups cannot stretch this prefix's lifetime.
             self._headroom = (sched.num_free_blocks
                               - sum(self._blocks_to_finish(s, len(s.block_table)) for s in sched.running)
-                              - sum(self._blocks_to_finish(m, g.pin_blocks) for g in self.leading
+                              - sum(self._blocks_to_finish(m, g.pin_blocks, g.pin_blocks) for g in self.leading
                                     if g.leader.first_scheduled_time is not None for m in g.held))
-        self._need = self._blocks_to_finish(seq, admission.cached_blocks) + admission.revived_blocks
+        self._need = (self._blocks_to_finish(seq, admission.cached_blocks, admission.cached_blocks)
+                      + admission.revived_blocks)
         # memory decides how many run: wait for running requests to finish
         return self._need <= self._headroom or not self.sched.running
 

@@ -213,10 +213,11 @@ class Scheduler:
             n = max(0, wanted - window)
         return n
 
-    def slots_to_finish(self, seq: Sequence) -> int:
-        """The most cache slots the sequence holds by its end (prompt and max_tokens), after any eviction."""
+    def slots_to_finish(self, seq: Sequence, shared: int = 0) -> int:
+        """The most cache slots the sequence holds by its end (prompt and max_tokens), after any eviction;
+        `shared`: slots it will share with other sequences (a waiting one's prefix-cache hits)."""
         total = seq.num_tokens + seq.max_new_tokens(self.max_model_len)
-        return total if self.compressor is None else self.compressor.peak_slots(seq, total)
+        return total if self.compressor is None else self.compressor.peak_slots(seq, total, shared)
 
     def prepare_eviction(self, seq: Sequence, compaction: Compaction) -> None:
         """Give an eviction fresh blocks to write the kept KV into, when the pool has room (copy-on-write
