@@ -128,7 +128,7 @@ class KVCompressor:
             keep = state.keep(slots, kept, protected, self.shape)
             in_place = (keep == torch.arange(kept)).all(dim=0).all(dim=0)
             first = int(in_place.long().cumprod(0).sum())
-            compaction = Compaction(seq.block_table, keep, first)
+            compaction = Compaction(list(seq.block_table), keep, first)
             if self.history is not None:
                 self.history.append((seq.request_id, keep))
             self.num_compactions += 1
