@@ -11,6 +11,7 @@ import torch
 
 from sharekv.config import EngineArgs, parse_bytes
 from sharekv.kv.compressor import KVCompressor
+from sharekv.kv.eviction import NONE
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
@@ -142,7 +143,7 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise InvalidParameter("prompt", f"the prompt has {n} tokens; this model's context is "
                                              f"{self.max_model_len} tokens, which must also hold the output")
-        if (params.kv_eviction or self.args.kv_eviction) not in (None, "none"):
+        if (params.kv_eviction or self.args.kv_eviction) not in (None, NONE):
             if self.model_config.sliding_window is not None:
                 raise InvalidParameter("kv_eviction", "KV eviction needs full attention; this model uses a "
                                                       "sliding window")

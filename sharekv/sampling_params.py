@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sharekv.kv.eviction import POLICIES, KVBudget
+from sharekv.kv.eviction import NONE, POLICIES, KVBudget
 
 # A request's seed seeds a torch generator, which takes 64 bits (vLLM checks the same range).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -83,7 +83,7 @@ class SamplingParams:
         for param, ok, message in checks:
             if not ok:
                 raise InvalidParameter(param, f"{message}, got {getattr(self, param)!r}")
-        if self.kv_eviction not in (None, "none", *POLICIES):
+        if self.kv_eviction not in (None, NONE, *POLICIES):
             raise InvalidParameter("kv_eviction", f"kv_eviction must be none or one of {', '.join(POLICIES)}, "
                                                   f"got {self.kv_eviction!r}")
         if self.kv_budget is not None:

@@ -6,8 +6,9 @@ its budget: compacting a block at a time costs one copy of the kept KV per `bloc
 one per step. Only the sequence's private blocks change: its leading blocks that others share (a group's
 pinned prefix, a cached prefix another sequence reads) are kept as they are and always count as kept.
 
-The compressor decides and returns a plain `Compaction`; the model runner moves the data and the
-scheduler's KV manager frees the blocks left empty.
+The compressor decides and returns a plain `Compaction`; the scheduler gives it fresh blocks to write into
+when the pool has room (copy-on-write: blocks the prefix index names keep their KV), the model runner moves
+the data, and the scheduler's KV manager frees what is left over.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from __future__ import annotations
 import torch
 
 from sharekv.kv.block_pool import BlockPool
-from sharekv.kv.eviction import EvictionState, KVBudget, make_policy
+from sharekv.kv.eviction import NONE, EvictionState, KVBudget, make_policy
 from sharekv.sched.output import Compaction, ScheduledChunk
 from sharekv.sequence import Sequence
-
-NONE = "none"  # a request's way to turn off the engine's default policy
 
 
 class KVCompressor:

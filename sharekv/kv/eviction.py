@@ -107,6 +107,7 @@ class H2O(EvictionPolicy):
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (StreamingLLM, SnapKV, H2O)}
+NONE = "none"  # a request's way to turn off the engine's default policy
 
 
 def make_policy(name: str, **options) -> EvictionPolicy:
