@@ -147,8 +147,10 @@ class LLMEngine:
             if self.model_config.sliding_window is not None:
                 raise InvalidParameter("kv_eviction", "KV eviction needs full attention; this model uses a "
                                                       "sliding window")
-            if params.kv_budget is None and self.args.kv_budget is None:
-                raise InvalidParameter("kv_budget", "kv_eviction needs kv_budget (tokens, or the fraction kept)")
+            try:  # the compressor's own check: a policy needs a budget
+                self.compressor.state_for(params.kv_eviction, params.kv_budget, params.kv_compress_at)
+            except ValueError as e:
+                raise InvalidParameter("kv_budget", str(e)) from None
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise InvalidParameter("max_tokens", f"max_tokens {params.max_tokens} plus the prompt's {n} tokens "
                                                  f"exceeds the context length {self.max_model_len}")

@@ -73,8 +73,11 @@ def hf_compressed_greedy(model_dir: str, context: list[int], question: list[int]
             kept.append(keep.sort(dim=-1).values)
             index = keep[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
-        pos = torch.arange(len(context), len(context) + len(question))[None]
-        logits = model(torch.tensor([question]), cache=cache, position_ids=pos).logits
+        if question:
+            pos = torch.arange(len(context), len(context) + len(question))[None]
+            logits = model(torch.tensor([question]), cache=cache, position_ids=pos).logits
+        else:  # compressed after the whole prompt: its first token comes from the full prompt
+            logits = out.logits
         tokens = [int(logits[0, -1].argmax())]
         for step in range(max_new_tokens - 1):
             logits = model(torch.tensor([[tokens[-1]]]), cache=cache,
@@ -118,17 +121,15 @@ def test_kept_sets_and_tokens_equal_transformers_reference(model_dir, policy, ch
 
 def test_compression_after_prompt_equals_reference(model_dir):
     """Without kv_compress_at the whole prompt is compressed once its last chunk ran: the first token comes
-    from the full prompt, the next ones read the kept KV."""
+    from the full prompt, the next ones read the kept KV, as a transformers cache pruned after the prompt."""
     context = prompt(3, CONTEXT)
-    ref_kept, ref_tokens = hf_compressed_greedy(model_dir, context[:-1], context[-1:], "snapkv", 0.5, 6)
-    llm = make_llm(model_dir, enable_prefix_caching=False)
+    ref_kept, ref_tokens = hf_compressed_greedy(model_dir, context, [], "snapkv", 0.5, 6)
+    llm = make_llm(model_dir, enable_prefix_caching=False, max_num_batched_tokens=40)
+    seen = recorded_compactions(llm)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, kv_eviction="snapkv", kv_budget=0.5)
-    # the reference compresses context[:-1] and feeds the last token as the question; ours compresses the
-    # whole prompt, so compare the kept sets only where both rules agree: the generated tokens' first one
     out = llm.generate([{"prompt_token_ids": context}], params)[0]
-    full = make_llm(model_dir).generate([{"prompt_token_ids": context}], SamplingParams(temperature=0, max_tokens=1,
-                                                                                          ignore_eos=True))[0]
-    assert out.outputs[0].token_ids[0] == full.outputs[0].token_ids[0]
+    assert len(seen) == 1 and all(torch.equal(k, r) for k, r in zip(seen[0], ref_kept, strict=True))
+    assert out.outputs[0].token_ids == ref_tokens
     assert llm.engine.compressor.num_evicted_tokens == CONTEXT - CONTEXT // 2
     assert_engine_clean(llm.engine)
 

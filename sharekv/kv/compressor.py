@@ -64,7 +64,7 @@ class KVCompressor:
             return 0
         return min(state.policy.window_size, num_tokens, end - 1)
 
-    def prefill_end(self, seq: Sequence) -> int:
+    def prefill_stop(self, seq: Sequence) -> int:
         """Where the sequence's next prefill chunks must stop: where its policy compresses, if still due."""
         state = seq.eviction
         if state is None or state.settled or seq.num_computed_tokens >= state.prefill_end(seq.num_tokens):
@@ -81,7 +81,7 @@ class KVCompressor:
 
     def cacheable_blocks(self, seq: Sequence) -> int:
         """Most prefix-cache blocks a starting sequence may take: its policy's window must be computed."""
-        end = self.prefill_end(seq)
+        end = self.prefill_stop(seq)
         return max(0, end - self.last_chunk_tokens(seq)) // self.block_size
 
     @staticmethod
@@ -125,8 +125,8 @@ class KVCompressor:
         compaction = None
         if due and kept < slots:
             keep = state.keep(slots, kept, protected, self.shape)
-            in_place = (keep == torch.arange(kept)).all(dim=0).all(dim=0)
-            first = int(in_place.long().cumprod(0).sum())
+            unmoved = (keep == torch.arange(kept)).all(dim=0).all(dim=0)
+            first = int(unmoved.long().cumprod(0).sum())
             compaction = Compaction(list(seq.block_table), keep, first)
             if self.history is not None:
                 self.history.append((seq.request_id, keep))

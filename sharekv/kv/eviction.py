@@ -51,9 +51,6 @@ class KVBudget:
             return min(length, self.tokens)
         return max(1, int(length * self.ratio))
 
-    def __str__(self) -> str:
-        return str(self.tokens) if self.tokens is not None else str(self.ratio)
-
 
 class EvictionPolicy:
     """Scores slots; the highest `n_keep` of each (layer, KV head) stay."""

@@ -206,7 +206,7 @@ class Scheduler:
         window (the window's queries attend to each other, so they run together)."""
         if self.compressor is None or seq.eviction is None:
             return budget.grant(seq.num_tokens - start)
-        wanted = self.compressor.prefill_end(seq) - start
+        wanted = self.compressor.prefill_stop(seq) - start
         n = budget.grant(wanted)
         window = self.compressor.last_chunk_tokens(seq)
         if n < wanted and wanted - n < window <= budget.prefill_cap:  # else no step could run the window whole
