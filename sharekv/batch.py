@@ -22,7 +22,8 @@ from sharekv.config import EngineArgs, SemanticCacheArgs
 from sharekv.engine import LLMEngine
 from sharekv.kv.prefix_forest import PrefixForest
 from sharekv.model.checkpoint import Checkpoint
-from sharekv.model.runner import DTYPES, kv_bytes_for_tokens
+from sharekv.model.kv_cache import kv_bytes_for_tokens
+from sharekv.model.runner import DTYPES
 from sharekv.openai_api import APIError, ParsedRequest, parse_and_check, parse_request, response_body, usage
 from sharekv.outputs import RequestOutput
 
@@ -80,7 +81,8 @@ def engine_for_job(args: EngineArgs, input_path: str) -> LLMEngine:
         context = min(args.max_model_len or checkpoint.config.max_position_embeddings,
                       checkpoint.config.max_position_embeddings)
         tokens = job_kv_tokens(input_path, checkpoint, context, args.block_size)
-        job_bytes = kv_bytes_for_tokens(checkpoint.config, args.block_size, DTYPES[args.dtype], tokens)
+        job_bytes = kv_bytes_for_tokens(checkpoint.config, args.block_size, DTYPES[args.dtype], tokens,
+                                        args.kv_cache_dtype)
         args = dataclasses.replace(args, kv_cache_memory=str(min(args.kv_cache_bytes(), job_bytes)))
     return LLMEngine(args, checkpoint)
 

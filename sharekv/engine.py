@@ -15,8 +15,9 @@ from sharekv.kv.eviction import NONE
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
+from sharekv.model.kv_cache import kv_bytes_per_block
 from sharekv.model.llama import LlamaModel
-from sharekv.model.runner import DTYPES, ModelRunner, kv_bytes_per_block
+from sharekv.model.runner import DTYPES, ModelRunner
 from sharekv.model.sampler import Sampler
 from sharekv.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from sharekv.sampling_params import InvalidParameter, SamplingParams
@@ -70,7 +71,7 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         dtype = DTYPES[args.dtype]
         device = torch.device(args.device)
-        per_block = kv_bytes_per_block(config, args.block_size, dtype)
+        per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype)
         num_blocks = args.kv_cache_bytes() // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {args.kv_cache_memory} holds no block of {per_block} bytes")
@@ -80,9 +81,10 @@ class LLMEngine:
         model = LlamaModel.from_checkpoint(checkpoint, self.max_model_len, dtype, device, args.native_kernels)
         self.load_seconds = time.perf_counter() - t0
         num_swap_slots = parse_bytes(args.swap_space) // per_block
-        self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots)
+        self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots,
+                                  args.kv_cache_dtype)
         # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
-        namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.block_size}"
+        namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_cache_dtype}|{args.block_size}"
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace)
         self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),
                                        args.kv_eviction, args.kv_budget, window_size=args.kv_eviction_window,
@@ -97,9 +99,9 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
         self._next_seq_id = 0
-        logger.info("%s loaded in %.1f s; KV pool: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d",
-                    checkpoint.name, self.load_seconds, num_blocks, args.block_size, num_blocks * args.block_size,
-                    num_blocks * per_block / 2**20, self.max_model_len)
+        logger.info("%s loaded in %.1f s; KV pool (%s): %d blocks of %d tokens = %d tokens (%.1f MiB); "
+                    "max_model_len %d", checkpoint.name, self.load_seconds, args.kv_cache_dtype, num_blocks,
+                    args.block_size, num_blocks * args.block_size, num_blocks * per_block / 2**20, self.max_model_len)
         if self.scheduler.policy("slo") is not None:
             self.calibrate_step_time()
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from sharekv import LLM, SamplingParams
 from sharekv.kv.eviction import KVBudget
 from sharekv.model.attention import ObservedQueries, PagedAttention
+from sharekv.model.kv_cache import LayerKV
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import step_metadata
 from sharekv.openai_api import COMPLETIONS, APIError, sampling_params, validate_body
@@ -292,6 +293,7 @@ def test_native_decode_kernel_returns_the_attention_mass():
     attention = PagedAttention(heads, kv_heads, d, None)
     k_cache = torch.randn(blocks, bs, kv_heads, d)
     v_cache = torch.randn(blocks, bs, kv_heads, d)
+    cache = LayerKV(k_cache, v_cache, torch.float32)
     tables, starts = [[0, 1, 2], [3, 4], [5, 6, 7, 8]], [9, 6, 13]  # three decodes
     q = torch.randn(3, heads, d)
     meta = step_metadata(tables, starts, [1, 1, 1], bs, share_prefixes=False, alone=[0, 2])
@@ -300,11 +302,11 @@ def test_native_decode_kernel_returns_the_attention_mass():
     meta.observed = observed
     meta.decode_mass_rows = torch.tensor([0, -1, 1])
     attention.native = cpu_kernels()
-    out = attention.attend(q, None, None, k_cache, v_cache, meta)
+    out = attention.attend(q, None, None, cache, meta)
     attention.native = None
-    assert torch.allclose(out, attention.attend(q, None, None, k_cache, v_cache, step_metadata(
+    assert torch.allclose(out, attention.attend(q, None, None, cache, step_metadata(
         tables, starts, [1, 1, 1], bs, share_prefixes=False)), atol=1e-5)
     for o in observed:
         assert len(o.mass) == 1
-        torch.testing.assert_close(o.mass[0], attention.attention_mass(q, k_cache, o), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(o.mass[0], attention.attention_mass(q, cache, o), atol=1e-6, rtol=1e-5)
         assert torch.allclose(o.mass[0].sum(-1), torch.ones(kv_heads))

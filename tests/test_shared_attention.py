@@ -11,6 +11,7 @@ from hypothesis import given, settings
 
 from sharekv import LLM, SamplingParams
 from sharekv.model.attention import AttentionMetadata, PagedAttention
+from sharekv.model.kv_cache import LayerKV
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes, step_metadata
 from tests.conftest import assert_engine_clean
@@ -88,10 +89,10 @@ def test_shared_equals_unshared(native, members, prefix_len):
     attn.native = cpu_kernels() if native else None
     if native:
         assert attn.native is not None, "the native kernel must build on the CI machine"
-    plain = attn.attend(q, None, None, k, v, _metadata(padded, lens, 16, shared=False))
+    plain = attn.attend(q, None, None, LayerKV(k, v, k.dtype), _metadata(padded, lens, 16, shared=False))
     meta = _metadata(padded, lens, 16, shared=True)
     assert meta.shared_prefixes is not None and meta.shared_prefixes.prefix_lens.tolist() == [prefix_len]
-    shared = attn.attend(q, None, None, k, v, meta)
+    shared = attn.attend(q, None, None, LayerKV(k, v, k.dtype), meta)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
 
 
@@ -145,8 +146,8 @@ def test_shared_prefill_and_decode_equal_unshared(native, seed):
     assert any(t >= nd for t in grouped)  # prefill tokens read a shared prefix too
     long_chunk = next(c for c in meta.prefills if c.query_len == 200)  # too long to join a group
     assert not grouped & set(range(long_chunk.query_start, long_chunk.query_start + 200))
-    plain = attn.attend(q, k, v, k_cache, v_cache, plain_meta)
-    shared = attn.attend(q, k, v, k_cache, v_cache, meta)
+    plain = attn.attend(q, k, v, LayerKV(k_cache, v_cache, k_cache.dtype), plain_meta)
+    shared = attn.attend(q, k, v, LayerKV(k_cache, v_cache, k_cache.dtype), meta)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.model.attention import PagedAttention
+from sharekv.model.kv_cache import LayerKV
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import SHARED_CHUNK_MAX_TOKENS, step_metadata
 
@@ -69,13 +70,14 @@ def run_attention_bench(group_sizes: list[int], prefix_len: int, suffix_len: int
             q = torch.randn(tokens, heads, dim, generator=gen)
             k, v = torch.randn(tokens, kv_heads, dim, generator=gen), torch.randn(tokens, kv_heads, dim, generator=gen)
             plain = step_metadata(tables, starts, counts, bs, share_prefixes=False)
+            cache = LayerKV(k_cache, v_cache, k_cache.dtype)
             row = {"phase": phase, "group_size": g, "query_tokens": tokens}
             for backend in backends:
                 attn.native = native if backend == "native" else None
                 # as the runner does: on the torch path only decodes join prefix groups
                 shared = step_metadata(tables, starts, counts, bs, share_prefixes=True,
                                        max_shared_chunk=SHARED_CHUNK_MAX_TOKENS if attn.native else 1)
-                calls = [functools.partial(attn.attend, q, k, v, k_cache, v_cache, m) for m in (plain, shared)]
+                calls = [functools.partial(attn.attend, q, k, v, cache, m) for m in (plain, shared)]
                 torch.testing.assert_close(calls[1](), calls[0](), atol=1e-4, rtol=1e-4)
                 t_plain, t_shared = _median_times(calls, repeats)
                 row |= {f"{backend}_per_request_ms": 1e3 * t_plain, f"{backend}_prefix_shared_ms": 1e3 * t_shared,

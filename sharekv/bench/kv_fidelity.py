@@ -30,7 +30,8 @@ from sharekv.config import EngineArgs
 from sharekv.kv.eviction import POLICIES
 from sharekv.llm import LLM
 from sharekv.model.config import ModelConfig
-from sharekv.model.runner import DTYPES, kv_bytes_for_tokens
+from sharekv.model.kv_cache import kv_bytes_for_tokens
+from sharekv.model.runner import DTYPES
 from sharekv.sampling_params import SamplingParams
 
 BUDGETS = (0.25, 0.5, 0.75)

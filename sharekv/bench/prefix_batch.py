@@ -23,7 +23,8 @@ from sharekv.kv.prefix_forest import PrefixForest, group_prompts
 from sharekv.llm import LLM
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig
-from sharekv.model.runner import DTYPES, kv_bytes_for_tokens
+from sharekv.model.kv_cache import kv_bytes_for_tokens
+from sharekv.model.runner import DTYPES
 
 
 @dataclasses.dataclass
@@ -58,7 +59,7 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
         "peak_kv_blocks": stats.peak_blocks_used,
         "preemptions": engine.scheduler.num_preemptions,
         "swapped_out": engine.scheduler.num_swapped_out,
-        "swap_seconds": engine.runner.swap_seconds,
+        "swap_seconds": engine.runner.kv_cache.swap_seconds,
     }
     del llm, engine
     gc.collect()
@@ -67,7 +68,7 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
 
 def kv_memory_for_tokens(config: ModelConfig, args: EngineArgs, tokens: int) -> str:
     """The `kv_cache_memory` value of a pool holding `tokens` tokens of this model."""
-    return str(kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens))
+    return str(kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens, args.kv_cache_dtype))
 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],

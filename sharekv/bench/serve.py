@@ -210,13 +210,15 @@ def vllm_server(vllm_python: str, engine_args: EngineArgs, log_path: str,
     prefix caching on."""
     from sharekv.bench.throughput import hf_dir_for, vllm_env
     from sharekv.model.checkpoint import Checkpoint
-    from sharekv.model.runner import DTYPES, kv_bytes_per_block
+    from sharekv.model.kv_cache import kv_bytes_per_block
+    from sharekv.model.runner import DTYPES
 
     checkpoint = Checkpoint.open(engine_args.model)
     model_dir = hf_dir_for(checkpoint)
     config = checkpoint.config
     block_tokens = 128  # vLLM-CPU's block size
-    blocks = engine_args.kv_cache_bytes() // kv_bytes_per_block(config, block_tokens, DTYPES[engine_args.dtype])
+    block_bytes = kv_bytes_per_block(config, block_tokens, DTYPES[engine_args.dtype])  # vLLM stores its dtype
+    blocks = engine_args.kv_cache_bytes() // block_bytes
     port = free_port()
     command = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                "--host", "127.0.0.1", "--port", str(port), "--dtype", engine_args.dtype, "--seed", "0",
@@ -226,7 +228,7 @@ def vllm_server(vllm_python: str, engine_args: EngineArgs, log_path: str,
                "--max-num-seqs", str(engine_args.max_num_seqs)]
     if checkpoint.tokenizer is None:
         command.append("--skip-tokenizer-init")
-    gib = -(-blocks * kv_bytes_per_block(config, block_tokens, DTYPES[engine_args.dtype]) // 2**30)
+    gib = -(-blocks * block_bytes // 2**30)
     return _server_process("vllm serve", command, log_path, port, timeout, vllm_env(vllm_python, gib))
 
 

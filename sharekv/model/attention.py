@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sharekv.model.kv_cache import LayerKV
+
 # Tokens of context gathered per tile in decode attention: bounds the temporary buffer per step.
 DECODE_TILE_TOKENS = 1024
 
@@ -123,18 +125,17 @@ class PagedAttention:
         self.sliding_window = sliding_window
         self.native = None  # compiled CPU decode kernel, set by the model when it runs on the CPU
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
+                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Writes k, v to the cache, returns [tokens, heads*d]."""
-        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
-        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
-        return self.attend(q, k, v, k_cache, v_cache, meta).view(q.shape[0], -1)
+        k, v = cache.write(meta.slot_mapping, k, v)
+        return self.attend(q, k, v, cache, meta).view(q.shape[0], -1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, cache: LayerKV,
+               meta: AttentionMetadata) -> torch.Tensor:
         """The step's attention over a cache that already holds its keys and values: [tokens, heads, d].
-        k, v (the step's fresh keys and values) are read only by prefill chunks with nothing cached."""
-        block_size = k_cache.shape[1]
+        k, v (the step's keys and values as the cache holds them) are read only by prefill chunks with
+        nothing cached."""
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         shared = meta.shared_prefixes
         # log-sum-exp of each token's own part, for the merge with its group's prefix
@@ -143,25 +144,25 @@ class PagedAttention:
             rows = meta.decode_rows
             if rows is None:  # just the decodes, which come first
                 rows = slice(0, meta.num_decode_tokens)
-            o, lse_rows = self._decode(q[rows], k_cache, v_cache, meta, block_size)
+            o, lse_rows = self._decode(q[rows], cache, meta)
             out[rows] = o
             if lse is not None:
                 lse[rows] = lse_rows
         for chunk in meta.prefills:
             s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[s] = self._prefill(q[s], k[s], v[s], k_cache, v_cache, chunk)
+            out[s] = self._prefill(q[s], k[s], v[s], cache, chunk)
         if shared is not None:
-            self._merge_shared_prefixes(q, k_cache, v_cache, shared, out, lse)
+            self._merge_shared_prefixes(q, cache, shared, out, lse)
         for observed in meta.observed:
             if observed.mass_row is None:
-                observed.mass.append(self.attention_mass(q, k_cache, observed))
+                observed.mass.append(self.attention_mass(q, cache, observed))
         return out
 
-    def attention_mass(self, q: torch.Tensor, k_cache: torch.Tensor, observed: ObservedQueries) -> torch.Tensor:
+    def attention_mass(self, q: torch.Tensor, cache: LayerKV, observed: ObservedQueries) -> torch.Tensor:
         """What each KV slot of a sequence got of its observed queries' attention: [kv_heads, context_len].
         Computed apart from the step's attention, so sequences without an eviction policy pay nothing."""
         kvh, g, d, ctx, rows = self.num_kv_heads, self.group, self.head_dim, observed.context_len, observed.rows
-        keys = k_cache[observed.block_ids].view(-1, kvh, d)[:ctx].float()
+        keys = cache.keys(observed.block_ids).view(-1, kvh, d)[:ctx].float()
         queries = q[observed.first:observed.first + rows].float().view(rows, kvh, g, d)
         scores = torch.einsum("rkgd,ckd->kgrc", queries, keys) * self.scale
         query_slots = torch.arange(ctx - rows, ctx, device=q.device)[:, None]
@@ -175,7 +176,7 @@ class PagedAttention:
             hidden |= key_pos <= query_pos - self.sliding_window
         return hidden
 
-    def _prefill(self, q, k, v, k_cache, v_cache, chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(self, q, k, v, cache: LayerKV, chunk: PrefillChunk) -> torch.Tensor:
         qlen, ctx = chunk.query_len, chunk.context_len
         if ctx == qlen and self.sliding_window is None:
             # nothing cached before this chunk: plain causal attention over the fresh k, v
@@ -183,8 +184,8 @@ class PagedAttention:
         if ctx == qlen:
             keys, values = k, v
         else:
-            keys = k_cache[chunk.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
-            values = v_cache[chunk.block_ids].view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+            keys = cache.keys(chunk.block_ids).view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+            values = cache.values(chunk.block_ids).view(-1, self.num_kv_heads, self.head_dim)[:ctx]
         device = q.device
         query_pos = torch.arange(ctx - qlen, ctx, device=device)[:, None]
         visible = ~self._window_mask(torch.arange(ctx, device=device)[None, :], query_pos)
@@ -198,8 +199,7 @@ class PagedAttention:
                                            enable_gqa=self.group > 1, **mask)
         return o[0].transpose(0, 1)
 
-    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, block_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, q, cache: LayerKV, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row (one query token) over its own blocks up to its position, from its start position (after
         its group's prefix). Returns o, lse."""
         starts = meta.decode_starts
@@ -213,28 +213,27 @@ class PagedAttention:
                 mass = torch.zeros(len(kernel_observed), self.num_kv_heads, width, device=q.device)
                 for o in kernel_observed:
                     o.mass.append(mass[o.mass_row, :, :o.context_len])
-            return self.native.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+            return self.native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
                                                       meta.decode_context_lens, starts, self.scale,
                                                       self.sliding_window or 0, mass, meta.decode_mass_rows
                                                       if meta.decode_mass_rows is not None else mass)
-        return self._decode_tiles(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, starts,
-                                  block_size)
+        return self._decode_tiles(q, cache, meta.decode_block_tables, meta.decode_context_lens, starts)
 
-    def _merge_shared_prefixes(self, q, k_cache, v_cache, shared: SharedPrefixes, out: torch.Tensor,
+    def _merge_shared_prefixes(self, q, cache: LayerKV, shared: SharedPrefixes, out: torch.Tensor,
                                lse: torch.Tensor) -> None:
         """Merge each group's attention over its shared prefix into its tokens' own attention, in place."""
         if self.native is not None:
-            self.native.prefix_attention_merge_(q, k_cache, v_cache, shared.rows, shared.prefix_lens,
+            self.native.prefix_attention_merge_(q, *cache.native_args(), shared.rows, shared.prefix_lens,
                                                 shared.block_ids, out, lse, self.scale)
             return
-        o_p, lse_p = self.shared_prefix_attention(q, k_cache, v_cache, shared)
+        o_p, lse_p = self.shared_prefix_attention(q, cache, shared)
         member = shared.rows >= 0
         rows = shared.rows[member]
         merged, lse[rows] = merge_attention(o_p[member], lse_p[member], out[rows].float(), lse[rows])
         out[rows] = merged.to(out.dtype)
 
-    def shared_prefix_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                shared: SharedPrefixes) -> tuple[torch.Tensor, torch.Tensor]:
+    def shared_prefix_attention(self, q: torch.Tensor, cache: LayerKV, shared: SharedPrefixes
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of each group's tokens over the group's prefix (the portable path). The tokens' queries
         are stacked per KV head, so each prefix is read once, in one matrix product, instead of once per token.
         Returns o [groups, members, heads, d] and lse [groups, members, heads] (padding rows are junk)."""
@@ -242,9 +241,9 @@ class PagedAttention:
         kvh, g, d = self.num_kv_heads, self.group, self.head_dim
         stacked = q[shared.rows.clamp(min=0)].view(groups, members, kvh, g, d).permute(0, 2, 1, 3, 4)
         stacked = stacked.reshape(groups, kvh, members * g, d)
-        n = shared.block_ids.shape[1] * k_cache.shape[1]
-        keys = k_cache[shared.block_ids].view(groups, n, kvh, d).transpose(1, 2)
-        values = v_cache[shared.block_ids].view(groups, n, kvh, d).transpose(1, 2)
+        n = shared.block_ids.shape[1] * cache.block_size
+        keys = cache.keys(shared.block_ids).view(groups, n, kvh, d).transpose(1, 2)
+        values = cache.values(shared.block_ids).view(groups, n, kvh, d).transpose(1, 2)
         visible = (torch.arange(n, device=q.device)[None, :] < shared.prefix_lens[:, None])[:, None, None, :]
         junk = ~visible.transpose(-1, -2)  # padding blocks may hold anything, even NaN
         keys = keys.masked_fill(junk, 0.0)
@@ -254,9 +253,9 @@ class PagedAttention:
         lse = lse.view(groups, kvh, members, g).permute(0, 2, 1, 3).reshape(groups, members, self.num_heads)
         return o.float(), lse
 
-    def _decode_tiles(self, q, k_cache, v_cache, block_tables, context_lens, starts, block_size):
+    def _decode_tiles(self, q, cache: LayerKV, block_tables, context_lens, starts):
         """Portable decode: gather a bounded tile of blocks at a time and merge tiles by log-sum-exp."""
-        b = q.shape[0]
+        b, block_size = q.shape[0], cache.block_size
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)
         tile_blocks = max(1, DECODE_TILE_TOKENS // block_size)
         query_pos = (context_lens - 1)[:, None]
@@ -265,8 +264,8 @@ class PagedAttention:
         for start in range(first, block_tables.shape[1], tile_blocks):
             ids = block_tables[:, start:start + tile_blocks]
             n = ids.shape[1] * block_size
-            keys = k_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            values = v_cache[ids].view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            keys = cache.keys(ids).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            values = cache.values(ids).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
             key_pos = torch.arange(start * block_size, start * block_size + n, device=q.device)[None, :]
             hidden = self._window_mask(key_pos, query_pos) | (key_pos < starts[:, None])
             mask = hidden[:, None, None, :]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig, ModelLoadError
+from sharekv.model.kv_cache import KVCache
 from sharekv.model.linear import Linear
 from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
@@ -86,9 +87,9 @@ class LlamaModel:
         return cls(checkpoint.config, weights, max_positions, dtype, device, native_kernels)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [tokens, hidden] for flattened tokens; kv_cache is [layers, 2, blocks, bs, kv, d]."""
+        """Hidden states [tokens, hidden] for flattened tokens."""
         c = self.config
         n = input_ids.shape[0]
         h = self.embed[input_ids]
@@ -97,7 +98,7 @@ class LlamaModel:
             qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = self.rotary(positions, q.view(n, c.num_heads, c.head_dim), k.view(n, c.num_kv_heads, c.head_dim))
-            attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), kv_cache[i, 0], kv_cache[i, 1], meta)
+            attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), kv_cache.layer(i), meta)
             h = h + layer.o_proj(attn)
             x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from sharekv.model.attention import AttentionMetadata, ObservedQueries, PrefillChunk, SharedPrefixes
-from sharekv.model.config import ModelConfig
+from sharekv.model.kv_cache import KVCache
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.output import Compaction, SchedulerOutput
 
@@ -27,16 +27,6 @@ class StepResult:
     sampled: list[int]
     prompt_spans: list[tuple[int, int, int]]
     attention_mass: dict[int, torch.Tensor]
-
-
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * elem
-
-
-def kv_bytes_for_tokens(config: ModelConfig, block_size: int, dtype: torch.dtype, tokens: int) -> int:
-    """Bytes of a KV pool of whole blocks holding at least `tokens` tokens (at least one block)."""
-    return max(1, -(-tokens // block_size)) * kv_bytes_per_block(config, block_size, dtype)
 
 
 def shared_block_prefixes(tables: np.ndarray, usable: np.ndarray) -> list[tuple[np.ndarray, int]]:
@@ -150,7 +140,7 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool = True,
-                 num_swap_slots: int = 0) -> None:
+                 num_swap_slots: int = 0, kv_cache_dtype: str = "auto") -> None:
         c = model.config
         # Sliding-window attention does not see a whole prefix, so it never shares one.
         self.share_prefixes = share_prefixes and c.sliding_window is None
@@ -160,31 +150,12 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        # One preallocated pool for all layers: [layer, k|v, block, slot, kv_head, head_dim]. Left
-        # uninitialised: the OS maps pages as they are first written, and attention reads only written slots.
-        self.kv_cache = torch.empty(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                                    dtype=model.dtype, device=self.device)
-        # Host RAM for preempted sequences' blocks, same layout; pinned on an accelerator for fast copies.
-        self.swap_cache = torch.empty(c.num_layers, 2, num_swap_slots, block_size, c.num_kv_heads, c.head_dim,
-                                      dtype=model.dtype, device="cpu", pin_memory=self.device.type == "cuda")
+        self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots)
         self.forward_seconds = 0.0
-        self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
 
     def copy_swapped_blocks(self, step: SchedulerOutput) -> None:
-        """Do the step's block copies: out to host first (those blocks may be reused in this very step),
-        then back in. All blocks in one direction move in one gathered copy, not block by block."""
-        if not (step.swap_out or step.swap_in):
-            return
-        t0 = time.perf_counter()
-        if step.swap_out:
-            blocks, slots = zip(*step.swap_out, strict=True)
-            src = torch.tensor(blocks, device=self.device)
-            self.swap_cache.index_copy_(2, torch.tensor(slots), self.kv_cache.index_select(2, src).to("cpu"))
-        if step.swap_in:
-            slots, blocks = zip(*step.swap_in, strict=True)
-            data = self.swap_cache.index_select(2, torch.tensor(slots)).to(self.device, non_blocking=True)
-            self.kv_cache.index_copy_(2, torch.tensor(blocks, device=self.device), data)
-        self.swap_seconds += time.perf_counter() - t0
+        """Do the step's block copies to and from host RAM (`KVCache.swap`)."""
+        self.kv_cache.swap(step.swap_out, step.swap_in)
 
     def execute(self, step: SchedulerOutput) -> StepResult:
         """Run the step: the logits of the chunks that sample and of the prompt positions asked for, and the
@@ -244,18 +215,4 @@ class ModelRunner:
         return StepResult(logits, sampled, prompt_spans, {i: torch.stack(o.mass) for i, o in observed.items()})
 
     def compact(self, compactions: list[Compaction]) -> None:
-        """Move each sequence's kept KV to the front of its slots (in its target blocks), per layer and KV
-        head, in one gather and one scatter per sequence (an eviction)."""
-        layers, _, num_blocks, bs, kv_heads, d = self.kv_cache.shape
-        flat = self.kv_cache.view(layers, 2, num_blocks * bs, kv_heads, d)
-        layer = torch.arange(layers, device=self.device)[:, None, None]
-        head = torch.arange(kv_heads, device=self.device)[None, :, None]
-
-        def slots(table: list[int], pos: torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(table, device=self.device)[pos // bs] * bs + pos % bs
-
-        for c in compactions:
-            source = slots(c.block_table, c.keep[..., c.first:].to(self.device))
-            moved = flat[layer, :, source, head]  # [layers, kv_heads, n, k|v, d]
-            target = slots(c.target_table or c.block_table, torch.arange(c.first, c.kept, device=self.device))
-            flat[layer, :, target[None, None, :], head] = moved
+        self.kv_cache.compact(compactions)

@@ -12,6 +12,10 @@
 // against the group's shared prefix, whose keys and values are read once per step for the whole group.
 // The rows are stacked into a matrix, so the work is register-tiled matrix products instead of one dot
 // product per row and key; the result is merged into each row's own attention by log-sum-exp.
+//
+// Both read a cache in the model's dtype, or an int8 cache with one scale per slot and KV head, an fp8
+// e5m2 byte beside the blocks (sharekv/kv/quant.py): each row is dequantized into a small buffer as it is
+// read, so no full-precision copy of the cache is ever made.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -37,19 +41,28 @@ static inline void axpy16(float* y, float a, const float* x, int64_t dim) {
     for (int j = 0; j < 16; ++j) y[d + j] += a * x[d + j];
 }
 
-// A row of the cache as floats: the row itself for fp32, else converted into `buf`.
-template <typename T>
-static inline const float* as_float(const T* row, float* buf, int64_t dim) {
-  if constexpr (std::is_same_v<T, float>) {
+// The scale of an int8 row, stored as the byte of an fp8 e5m2 number.
+static inline float scale_of(uint8_t bits) { return static_cast<float>(c10::Float8_e5m2(bits, c10::Float8_e5m2::from_bits())); }
+
+// A row of the cache as floats: the row itself for fp32, else converted (and for int8 scaled by the row's
+// scale) into `buf`.
+template <typename C>
+static inline const float* as_float(const C* row, const uint8_t* scale_bits, float* buf, int64_t dim) {
+  if constexpr (std::is_same_v<C, float>) {
     return row;
+  } else if constexpr (std::is_same_v<C, int8_t>) {
+    const float scale = scale_of(*scale_bits);
+    for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(row[d]) * scale;
+    return buf;
   } else {
     for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
     return buf;
   }
 }
 
-template <typename T>
-static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_tables,
+template <typename T, typename C>
+static void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const uint8_t* k_scale, const uint8_t* v_scale,
+                          const int64_t* block_tables,
                           const int64_t* context_lens, const int64_t* starts, T* out, float* lse, int64_t batch, int64_t heads, int64_t kv_heads,
                           int64_t dim, int64_t block_size, int64_t table_width, float scale, int64_t window,
                           float* mass, const int64_t* mass_rows, int64_t mass_width) {
@@ -77,9 +90,11 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       // Walk the blocks that hold [first, ctx): a block's tokens sit `row` elements apart.
       for (int64_t t0 = first; t0 < ctx;) {
         const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-        const T* k = k_cache + (table[t0 / block_size] * block_size + in_block) * row + h * dim;
-        for (int64_t i = 0; i < count; ++i, k += row) {
-          const float* kf = as_float(k, row_buf.data(), dim);
+        const int64_t slot = table[t0 / block_size] * block_size + in_block;
+        const C* k = k_cache + slot * row + h * dim;
+        const uint8_t* ke = k_scale + slot * kv_heads + h;  // read only for an int8 cache
+        for (int64_t i = 0; i < count; ++i, k += row, ke += kv_heads) {
+          const float* kf = as_float(k, ke, row_buf.data(), dim);
           for (int64_t g = 0; g < group; ++g) scores[g * n + (t0 - first) + i] = dot16(qf.data() + g * dim, kf, dim);
         }
         t0 += count;
@@ -108,9 +123,11 @@ static void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const 
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = first; t0 < ctx;) {
         const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-        const T* v = v_cache + (table[t0 / block_size] * block_size + in_block) * row + h * dim;
-        for (int64_t i = 0; i < count; ++i, v += row) {
-          const float* vf = as_float(v, row_buf.data(), dim);
+        const int64_t slot = table[t0 / block_size] * block_size + in_block;
+        const C* v = v_cache + slot * row + h * dim;
+        const uint8_t* ve = v_scale + slot * kv_heads + h;
+        for (int64_t i = 0; i < count; ++i, v += row, ve += kv_heads) {
+          const float* vf = as_float(v, ve, row_buf.data(), dim);
           for (int64_t g = 0; g < group; ++g) axpy16(acc.data() + g * dim, scores[g * n + (t0 - first) + i], vf, dim);
         }
         t0 += count;
@@ -242,8 +259,9 @@ struct GroupPlan {
   int64_t q_off = 0, part_off = 0, stat_off = 0;  // offsets into packed queries, partial outputs, m/l
 };
 
-template <typename T>
-static void prefix_attention_impl(const T* q, const T* k_cache, const T* v_cache, const int64_t* rows,
+template <typename T, typename C>
+static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache, const uint8_t* k_scale,
+                                  const uint8_t* v_scale, const int64_t* rows,
                                   const int64_t* block_ids, std::vector<GroupPlan>& plan, T* out, float* lse,
                                   int64_t heads, int64_t kv_heads, int64_t D, int64_t block_size,
                                   int64_t max_members, int64_t table_width, float scale) {
@@ -277,8 +295,8 @@ static void prefix_attention_impl(const T* q, const T* k_cache, const T* v_cache
       for (int64_t sp = 0; sp < plan[g].spans; ++sp) tasks.push_back({g, h, sp});
   const std::vector<float> zeros(D, 0.f);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * SPAN_KEYS), vs(std::is_same_v<T, float> ? 0 : SPAN_KEYS * D);
-    std::vector<const T*> krow(SPAN_KEYS);
+    std::vector<float> kt(D * SPAN_KEYS), vs(std::is_same_v<C, float> ? 0 : SPAN_KEYS * D), kscale(SPAN_KEYS, 1.f);
+    std::vector<const C*> krow(SPAN_KEYS);
     std::vector<const float*> vrow(SPAN_KEYS);
     for (int64_t t = begin; t < end; ++t) {
       const auto [g, h, sp] = tasks[t];
@@ -292,18 +310,19 @@ static void prefix_attention_impl(const T* q, const T* k_cache, const T* v_cache
           vrow[j] = zeros.data();
           continue;
         }
-        const int64_t pos = k0 + j, slot = (table[pos / block_size] * block_size + pos % block_size) * row + h * D;
+        const int64_t pos = k0 + j, cached = table[pos / block_size] * block_size + pos % block_size;
+        const int64_t slot = cached * row + h * D;
         krow[j] = k_cache + slot;
-        if constexpr (std::is_same_v<T, float>) {
+        if constexpr (std::is_same_v<C, int8_t>) kscale[j] = scale_of(k_scale[cached * kv_heads + h]);
+        if constexpr (std::is_same_v<C, float>) {
           vrow[j] = v_cache + slot;
         } else {
-          for (int64_t d = 0; d < D; ++d) vs[j * D + d] = static_cast<float>(v_cache[slot + d]);
-          vrow[j] = vs.data() + j * D;
+          vrow[j] = as_float(v_cache + slot, v_scale + cached * kv_heads + h, vs.data() + j * D, D);
         }
       }
       for (int64_t d = 0; d < D; ++d) {  // rows of kt are contiguous writes
         float* dst = kt.data() + d * span_pad;
-        for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) : 0.f;
+        for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) * kscale[j] : 0.f;
       }
       const float* qh = qp.data() + p.q_off + h * p.rows_pad * D;
       const int64_t slice = (h * p.spans + sp) * p.rows_pad;
@@ -342,9 +361,25 @@ static void prefix_attention_impl(const T* q, const T* k_cache, const T* v_cache
   });
 }
 
+// Whether the cache is int8 with scales [blocks, block_size, kv_heads] (else it holds q's dtype).
+static bool check_cache(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                        const torch::Tensor& k_scale, const torch::Tensor& v_scale) {
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "keys and values must share a dtype");
+  if (k_cache.scalar_type() != torch::kChar) {
+    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must hold the queries' dtype, or int8");
+    return false;
+  }
+  TORCH_CHECK(k_scale.scalar_type() == torch::kByte && v_scale.scalar_type() == torch::kByte && k_scale.is_contiguous() &&
+                  v_scale.is_contiguous() && k_scale.numel() * k_cache.size(3) == k_cache.numel() &&
+                  v_scale.numel() * v_cache.size(3) == v_cache.numel(),
+              "an int8 cache needs contiguous scale bytes, one per slot and KV head");
+  return true;
+}
+
 // A group's rows against its prefix, merged in place into out [tokens, heads, dim] and lse [tokens, heads],
 // which hold each row's attention over its own (non-prefix) keys.
-void prefix_attention_merge_(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor rows,
+void prefix_attention_merge_(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scale,
+                             torch::Tensor v_scale, torch::Tensor rows,
                              torch::Tensor prefix_lens, torch::Tensor block_ids, torch::Tensor out, torch::Tensor lse,
                              double scale) {
   TORCH_CHECK(q.device().is_cpu(), "prefix_attention_merge_ runs on the CPU");
@@ -379,16 +414,23 @@ void prefix_attention_merge_(torch::Tensor q, torch::Tensor k_cache, torch::Tens
     p.span_len = (tiles + spans - 1) / spans * KEY_TILE;
     p.spans = std::max<int64_t>(1, (p.prefix + p.span_len - 1) / p.span_len);
   }
+  const bool quantized = check_cache(q, k_cache, v_cache, k_scale, v_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefix_attention_merge_", [&] {
-    prefix_attention_impl<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), r,
-                                    block_ids.data_ptr<int64_t>(), plan, out.data_ptr<scalar_t>(), lse.data_ptr<float>(),
-                                    heads, kv_heads, dim, block_size, max_members, block_ids.size(1),
-                                    static_cast<float>(scale));
+    auto run = [&](auto cache_type) {
+      using C = decltype(cache_type);
+      prefix_attention_impl<scalar_t, C>(q.data_ptr<scalar_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+                                         quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
+                                         quantized ? v_scale.data_ptr<uint8_t>() : nullptr, r,
+                                         block_ids.data_ptr<int64_t>(), plan, out.data_ptr<scalar_t>(),
+                                         lse.data_ptr<float>(), heads, kv_heads, dim, block_size, max_members,
+                                         block_ids.size(1), static_cast<float>(scale));
+    };
+    if (quantized) run(int8_t{}); else run(scalar_t{});
   });
 }
 
 std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                                  torch::Tensor block_tables, torch::Tensor context_lens,
+                                                  torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor block_tables, torch::Tensor context_lens,
                                                   torch::Tensor starts, double scale, int64_t window,
                                                   torch::Tensor mass, torch::Tensor mass_rows) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
@@ -413,12 +455,18 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
     mass_ptr = mass.data_ptr<float>();
     mass_rows_ptr = mass_rows.data_ptr<int64_t>();
   }
+  const bool quantized = check_cache(q, k_cache, v_cache, k_scale, v_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                            block_tables.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-                            starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size,
-                            block_tables.size(1), static_cast<float>(scale), window, mass_ptr, mass_rows_ptr,
-                            mass_ptr ? mass.size(2) : 0);
+    auto run = [&](auto cache_type) {
+      using C = decltype(cache_type);
+      decode_kernel<scalar_t, C>(q.data_ptr<scalar_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+                                 quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
+                                 quantized ? v_scale.data_ptr<uint8_t>() : nullptr, block_tables.data_ptr<int64_t>(),
+                                 context_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                                 lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size, block_tables.size(1),
+                                 static_cast<float>(scale), window, mass_ptr, mass_rows_ptr, mass_ptr ? mass.size(2) : 0);
+    };
+    if (quantized) run(int8_t{}); else run(scalar_t{});
   });
   return {out, lse};
 }
