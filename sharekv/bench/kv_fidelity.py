@@ -1,15 +1,18 @@
-"""`sharekv bench kv-fidelity`: what each KV eviction policy costs in fidelity and buys in memory and speed,
-on a real model (SmolLM2-135M-Instruct by default).
+"""`sharekv bench kv-fidelity`: what each KV eviction policy and each quantized KV format costs in fidelity
+and buys in memory and speed, on a real model (SmolLM2-135M-Instruct by default).
 
-Three parts, every policy at every budget (the fraction of the context's KV kept):
-- teacher-forced: two held texts; the first two thirds are the context, compressed once computed
-  (`kv_compress_at`), the last third is read over the compressed KV. Its next-token distributions against
-  the full cache's: top-1 agreement, mean and p99 KL, mean NLL change.
-- needles: short needle-in-a-haystack questions (a fact inserted into the held texts at three depths, the
+Every policy at every budget (the fraction of the context's KV kept):
+- teacher-forced: four texts (pairs of the held texts); the first two thirds are the context, compressed
+  once computed (`kv_compress_at`), the last third is read over the compressed KV. Its next-token
+  distributions against the full cache's: top-1 agreement, mean and p99 KL, mean NLL change.
+- needles: short needle-in-a-haystack questions (a fact inserted into two held texts at three depths, the
   question after the compressed document, kvpress's protocol); accuracy over the needles the full cache
   answers correctly. Both run each request on its own KV (no prefix cache), as kvpress does.
-- a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool that holds a third of the
-  batch's tokens; wall time and output tokens/s with each policy at the middle budget against none.
+Every quantized format (`--kv-cache-dtypes`), on the whole cache: the same teacher-forced texts over all
+their positions and the same needles, against the model's dtype; and tokens per GiB of pool.
+Then a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool of the bytes that hold a
+third of the batch's tokens in the model's dtype; wall time and output tokens/s with each policy at the
+middle budget, and each quantized format, against neither.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from sharekv.bench.quality import HELD_TEXTS, TeacherForced, compare, greedy_agr
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.config import EngineArgs
 from sharekv.kv.eviction import POLICIES
+from sharekv.kv.quant import QUANTIZED_KV_CACHE_DTYPES
 from sharekv.llm import LLM
 from sharekv.model.config import ModelConfig
-from sharekv.model.kv_cache import kv_bytes_for_tokens
+from sharekv.model.kv_cache import kv_bytes_for_tokens, kv_bytes_per_block
 from sharekv.model.runner import DTYPES
 from sharekv.sampling_params import SamplingParams
 
@@ -47,6 +51,7 @@ NEEDLES = (
     ("The dog's name is Biscuit.", "What is the dog's name?", "biscuit"),
 )
 DEPTHS = (0.1, 0.5, 0.9)
+NEEDLE_TEXTS = HELD_TEXTS[:2]  # the haystack
 
 
 @dataclasses.dataclass
@@ -59,7 +64,7 @@ class Needle:
 def needle_prompts(tokenizer, max_context: int, facts: int = len(NEEDLES)) -> list[Needle]:
     """Each fact at each depth of the held texts (cut to `max_context` tokens), asked about after the
     document: in a chat turn when the model has a chat template, else as a plain question."""
-    sentences = "\n\n".join(held_text(name) for name in HELD_TEXTS).split(". ")
+    sentences = "\n\n".join(held_text(name) for name in NEEDLE_TEXTS).split(". ")
     while len(sentences) > 2 and len(tokenizer.encode(". ".join(sentences))) > max_context:
         sentences = sentences[:-1]
     needles = []
@@ -100,40 +105,74 @@ def _teacher_forced_part(llm: LLM, texts: list[list[int]], contexts: list[int], 
     return {"positions": sum(len(r.logprobs) for r in reference), "runs": results}
 
 
-def _needle_part(llm: LLM, needles: list[Needle], budgets: list[float], max_tokens: int = 16) -> dict:
-    def answers(policy: str | None, budget: float) -> list[bool]:
-        prompts = [{"prompt_token_ids": n.context + n.question} for n in needles]
-        params = [SamplingParams(temperature=0.0, max_tokens=max_tokens,
-                                 **_eviction(policy, budget, kv_compress_at=len(n.context))) for n in needles]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return [n.answer in o.outputs[0].text.lower() for n, o in zip(needles, outs, strict=True)]
+def _needle_answers(llm: LLM, needles: list[Needle], policy: str | None = None, budget: float = 1.0,
+                    max_tokens: int = 16) -> list[bool]:
+    """Whether each needle's greedy answer names its fact."""
+    prompts = [{"prompt_token_ids": n.context + n.question} for n in needles]
+    params = [SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                             **_eviction(policy, budget, kv_compress_at=len(n.context))) for n in needles]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [n.answer in o.outputs[0].text.lower() for n, o in zip(needles, outs, strict=True)]
 
-    full = answers(None, 1.0)
+
+def _accuracy(full: list[bool], candidate: list[bool]) -> float | None:
+    """Share of the needles the full cache answers that the candidate answers too."""
     scored = [i for i, ok in enumerate(full) if ok]
+    return sum(candidate[i] for i in scored) / len(scored) if scored else None
+
+
+def _needle_part(llm: LLM, needles: list[Needle], budgets: list[float]) -> dict:
+    full = _needle_answers(llm, needles)
     results = {}
     for policy in POLICIES:
         for budget in budgets:
-            ok = answers(policy, budget)
-            results[f"{policy}@{budget}"] = sum(ok[i] for i in scored) / len(scored) if scored else None
-    return {"needles": len(needles), "full_cache_correct": len(scored),
+            results[f"{policy}@{budget}"] = _accuracy(full, _needle_answers(llm, needles, policy, budget))
+    return {"needles": len(needles), "full_cache_correct": sum(full), "full_cache_answers": full,
             "context_tokens_mean": sum(len(n.context) for n in needles) / len(needles), "accuracy": results}
 
 
+def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[int]], needles: list[Needle],
+                       full_answers: list[bool], kv_cache_dtypes: tuple[str, ...]) -> dict:
+    """Each quantized format on the whole cache against the model's dtype: every teacher-forced position,
+    the needles, and the pool's tokens per GiB."""
+    def tokens_per_gib(kv_cache_dtype: str) -> float:
+        return 2**30 / kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype], kv_cache_dtype) * args.block_size
+
+    plain = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})
+    reference = teacher_forced(plain, texts)
+    del plain
+    results = {}
+    for kv_cache_dtype in kv_cache_dtypes:
+        llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype})
+        results[kv_cache_dtype] = {
+            "teacher_forced": dataclasses.asdict(compare(reference, teacher_forced(llm, texts))),
+            "needle_accuracy": _accuracy(full_answers, _needle_answers(llm, needles)),
+            "tokens_per_gib": tokens_per_gib(kv_cache_dtype),
+            "capacity_vs_model_dtype": tokens_per_gib(kv_cache_dtype) / tokens_per_gib("auto"),
+        }
+        del llm
+    return {"model_dtype_tokens_per_gib": tokens_per_gib("auto"), "formats": results}
+
+
 def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Needle], budget: float,
-                       max_tokens: int) -> dict:
+                       max_tokens: int, kv_cache_dtypes: tuple[str, ...]) -> dict:
     prompts = [{"prompt_token_ids": n.context + n.question} for n in needles]
     tokens = sum(len(p["prompt_token_ids"]) + max_tokens for p in prompts)
     pool_bytes = kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens // 3)
+    # (engine settings, request settings) of each run: eviction is per request, the KV format per engine
+    variants = {"none": ({}, {})} | {p: ({}, _eviction(p, budget)) for p in POLICIES}
+    variants |= {f"{d} KV": ({"kv_cache_dtype": d}, {}) for d in kv_cache_dtypes}
     runs = {}
-    for policy in (None, *POLICIES):
-        llm = LLM(**dataclasses.asdict(args) | {"kv_cache_memory": str(pool_bytes)})
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **_eviction(policy, budget))
+    for name, (engine_settings, eviction) in variants.items():
+        llm = LLM(**dataclasses.asdict(args) | {"kv_cache_memory": str(pool_bytes)} | engine_settings)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **eviction)
         start = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
         engine = llm.engine
-        runs[policy or "none"] = {
+        runs[name] = {
             "wall_seconds": seconds,
+            "pool_tokens": engine.num_blocks * args.block_size,
             "output_tokens_per_second": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
             "peak_kv_blocks": engine.stats.peak_blocks_used,
             "prompt_tokens_computed": engine.stats.prompt_tokens_computed,
@@ -205,7 +244,8 @@ def _kvpress_part(args: EngineArgs, needles: list[Needle], kvpress_python: str, 
 
 def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str | None = None,
                           budgets: tuple[float, ...] = BUDGETS, facts: int = len(NEEDLES),
-                          batch_max_tokens: int = 96) -> dict:
+                          batch_max_tokens: int = 96,
+                          kv_cache_dtypes: tuple[str, ...] = QUANTIZED_KV_CACHE_DTYPES) -> dict:
     # Fidelity is each request alone, as kvpress runs it: no prefix cache, so no KV is shared and every
     # budget applies to the whole context (the memory-bound batch below shares, as a real job would).
     llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})
@@ -213,7 +253,8 @@ def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str |
     if tok is None:
         raise ValueError("bench kv-fidelity needs a model with a tokenizer (default: SmolLM2-135M-Instruct)")
     room = llm.engine.max_model_len - max(batch_max_tokens, 64)  # what a prompt may take
-    texts = [tok.encode(held_text(a) + "\n\n" + held_text(b))[:room] for a, b in (HELD_TEXTS, HELD_TEXTS[::-1])]
+    pairs = [(HELD_TEXTS[i], HELD_TEXTS[i ^ 1]) for i in range(len(HELD_TEXTS))]  # (0, 1), (1, 0), (2, 3), ...
+    texts = [tok.encode(held_text(a) + "\n\n" + held_text(b))[:room] for a, b in pairs]
     contexts = [2 * len(t) // 3 for t in texts]
     needles = needle_prompts(tok, room - 48, facts)
     start = time.perf_counter()
@@ -230,9 +271,12 @@ def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str |
     }
     config = llm.engine.model_config
     del llm
+    if kv_cache_dtypes:
+        result["quantization"] = _quantization_part(args, config, texts, needles,
+                                                    result["needles"]["full_cache_answers"], kv_cache_dtypes)
     if kvpress_python:
         result["kvpress"] = _kvpress_part(args, needles, kvpress_python)
-    result["memory_bound"] = _memory_bound_part(args, config, needles, 0.5, batch_max_tokens)
+    result["memory_bound"] = _memory_bound_part(args, config, needles, 0.5, batch_max_tokens, kv_cache_dtypes)
     result["seconds"] = time.perf_counter() - start
     return write_result(result, out_path, _plot)
 
@@ -246,6 +290,11 @@ def _plot(result: dict, path: str) -> None:
         agree.plot(budgets, [runs[f"{policy}@{b}"]["top1_agreement"] for b in budgets], marker="o", label=policy)
         acc = result["needles"]["accuracy"]
         needle.plot(budgets, [acc[f"{policy}@{b}"] or 0.0 for b in budgets], marker="o", label=policy)
+    for name, fmt in result.get("quantization", {}).get("formats", {}).items():
+        label = f"{name} KV, whole cache ({fmt['capacity_vs_model_dtype']:.2f}x tokens)"
+        agree.axhline(fmt["teacher_forced"]["top1_agreement"], color="black", linestyle="--", label=label)
+        if fmt["needle_accuracy"] is not None:
+            needle.axhline(fmt["needle_accuracy"], color="black", linestyle="--", label=label)
     agree.set_xlabel("KV budget (fraction of the context kept)")
     agree.set_ylabel("top-1 agreement with the full cache")
     agree.legend()
@@ -254,7 +303,8 @@ def _plot(result: dict, path: str) -> None:
     runs = result["memory_bound"]["runs"]
     names = list(runs)
     speed.bar(names, [runs[n]["output_tokens_per_second"] for n in names],
-              color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+              color=["tab:gray" if n == "none" else "tab:green" if n.endswith(" KV") else "tab:blue" for n in names])
+    speed.tick_params(axis="x", labelsize=8)
     speed.set_ylabel("output tokens/s")
     mb = result["memory_bound"]
     speed.set_title(f"{mb['requests']} requests, pool = 1/3 of their tokens, budget {mb['budget']}", fontsize=9)

