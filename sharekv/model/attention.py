@@ -1,7 +1,8 @@
 """Attention over the paged KV cache.
 
-The cache of one layer is a pair of tensors shaped [num_blocks, block_size, kv_heads, head_dim]. A sequence
-owns a list of block ids (its block table). Keys and values are read where they lie, a tile of blocks at a
+The cache of one layer (`LayerKV`) is a pair of tensors shaped [num_blocks, block_size, kv_heads, head_dim],
+in the model's dtype or int8 with a scale per slot and KV head. A sequence owns a list of block ids (its
+block table). Keys and values are read where they lie (dequantized as they are read), a tile of blocks at a
 time; the temporary copy is bounded by the tile, never a whole batch's KV, and tiles are merged with the
 log-sum-exp rule so the result equals softmax over the full context.
 

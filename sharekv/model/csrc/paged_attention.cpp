@@ -295,7 +295,8 @@ static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache
       for (int64_t sp = 0; sp < plan[g].spans; ++sp) tasks.push_back({g, h, sp});
   const std::vector<float> zeros(D, 0.f);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * SPAN_KEYS), vs(std::is_same_v<C, float> ? 0 : SPAN_KEYS * D), kscale(SPAN_KEYS, 1.f);
+    std::vector<float> kt(D * SPAN_KEYS), vs(std::is_same_v<C, float> ? 0 : SPAN_KEYS * D);
+    std::vector<float> kscale(std::is_same_v<C, int8_t> ? SPAN_KEYS : 0);
     std::vector<const C*> krow(SPAN_KEYS);
     std::vector<const float*> vrow(SPAN_KEYS);
     for (int64_t t = begin; t < end; ++t) {
@@ -322,7 +323,11 @@ static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache
       }
       for (int64_t d = 0; d < D; ++d) {  // rows of kt are contiguous writes
         float* dst = kt.data() + d * span_pad;
-        for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) * kscale[j] : 0.f;
+        if constexpr (std::is_same_v<C, int8_t>) {
+          for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) * kscale[j] : 0.f;
+        } else {
+          for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) : 0.f;
+        }
       }
       const float* qh = qp.data() + p.q_off + h * p.rows_pad * D;
       const int64_t slice = (h * p.spans + sp) * p.rows_pad;
