@@ -92,9 +92,26 @@ def test_int8_cache_reads_as_its_dequantized_copy(native, seed):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_write_returns_what_the_cache_holds():
+@pytest.mark.skipif(cpu_kernels() is None, reason="no C++ compiler here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_write_quantizes_as_the_torch_path(dtype):
+    """The native kernel's int8 values, scale bytes and returned values equal quantize_int8's, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 3, 64, generator=g) * torch.logspace(-4, 3, 37)[:, None, None]).to(dtype)
+    x[5] = 0.0  # an all-zero row
+    slots = torch.randperm(64, generator=g)[:37]
+    data, scales = torch.zeros(16, 4, 3, 64, dtype=torch.int8), torch.zeros(16, 4, 3, dtype=torch.uint8)
+    stored = torch.empty_like(x)
+    cpu_kernels().quantize_write_(x, slots, data, scales, stored)
+    q, scale = quantize_int8(x)
+    assert torch.equal(data.view(-1, 3, 64)[slots], q) and torch.equal(scales.view(-1, 3)[slots], scale)
+    assert torch.equal(stored, dequantize_int8(q, scale, dtype))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_write_returns_what_the_cache_holds(native):
     torch.manual_seed(0)
-    cache = KVCache(_config(num_layers=1), 4, 4, torch.float32, "int8")
+    cache = KVCache(_config(num_layers=1), 4, 4, torch.float32, "int8", native=cpu_kernels() if native else None)
     layer = cache.layer(0)
     k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
     slots = torch.tensor([0, 1, 2, 9, 10])

@@ -44,7 +44,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # count up with it), so |x / scale| <= 127
     bits = scale.view(torch.uint8) + (scale.float() < wanted).to(torch.uint8)
     scale = bits.view(SCALE_DTYPE).float().unsqueeze(-1)
-    q = torch.where(scale > 0, x.float() / scale, 0.0).round_().clamp_(-INT8_MAX, INT8_MAX)
+    # times the reciprocal, as the native kernel does (a division there may become one under fast math)
+    inverse = torch.where(scale > 0, 1.0 / scale, 0.0)
+    q = (x.float() * inverse).round_().clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), bits
 
 

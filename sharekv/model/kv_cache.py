@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -40,6 +41,7 @@ class LayerKV:
     dtype: torch.dtype  # what attention computes in
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    native: ModuleType | None = None  # the compiled CPU kernels: quantize as they write
 
     @property
     def block_size(self) -> int:
@@ -59,6 +61,10 @@ class LayerKV:
             return k, v
         stored = []
         for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if self.native is not None:
+                stored.append(torch.empty_like(x))
+                self.native.quantize_write_(x, slots, data, scales, stored[-1])
+                continue
             q, scale = quantize_int8(x)
             data.view(-1, kv_heads, d)[slots] = q
             scales.view(-1, kv_heads)[slots] = scale
@@ -93,8 +99,10 @@ class KVCache:
     written slots."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 kv_cache_dtype: str = "auto", device: torch.device | str = "cpu", num_swap_slots: int = 0) -> None:
+                 kv_cache_dtype: str = "auto", device: torch.device | str = "cpu", num_swap_slots: int = 0,
+                 native: ModuleType | None = None) -> None:
         self.dtype = dtype
+        self.native = native
         self.device = torch.device(device)
         self.block_size = block_size
         quantized = is_quantized(kv_cache_dtype)
@@ -117,7 +125,8 @@ class KVCache:
     def layer(self, i: int) -> LayerKV:
         if self.scales is None:
             return LayerKV(self.data[i, 0], self.data[i, 1], self.dtype)
-        return LayerKV(self.data[i, 0], self.data[i, 1], self.dtype, self.scales[i, 0], self.scales[i, 1])
+        return LayerKV(self.data[i, 0], self.data[i, 1], self.dtype, self.scales[i, 0], self.scales[i, 1],
+                       self.native)
 
     def _parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pool, swap space) pairs that a block's move must copy: the values, and their scales if any."""

@@ -150,7 +150,8 @@ class ModelRunner:
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots)
+        self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots,
+                                model.attention.native)
         self.forward_seconds = 0.0
 
     def copy_swapped_blocks(self, step: SchedulerOutput) -> None:

@@ -476,7 +476,51 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
   return {out, lse};
 }
 
+// The write of a step's keys (or values) x [tokens, kv_heads, dim] into an int8 cache, in one pass per row:
+// the row's scale (the smallest e5m2 number >= max|x| / 127), its int8 values at the row's slot, and the
+// values as the cache now holds them into `stored` (what the step's fresh-prefill attention reads). The
+// same numbers as sharekv/kv/quant.py's quantize_int8 (tested).
+void quantize_write_(torch::Tensor x, torch::Tensor slots, torch::Tensor cache, torch::Tensor scales,
+                     torch::Tensor stored) {
+  TORCH_CHECK(x.device().is_cpu() && cache.scalar_type() == torch::kChar && scales.scalar_type() == torch::kByte,
+              "quantize_write_ writes an int8 CPU cache with uint8 scales");
+  TORCH_CHECK(cache.is_contiguous() && scales.is_contiguous() && stored.is_contiguous() &&
+                  stored.sizes() == x.sizes() && stored.scalar_type() == x.scalar_type(),
+              "cache, scales and stored must be contiguous, stored shaped like x");
+  x = x.contiguous();
+  slots = slots.to(torch::kInt64).contiguous();
+  const int64_t tokens = x.size(0), kv_heads = x.size(1), dim = x.size(2);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  int8_t* q = cache.data_ptr<int8_t>();
+  uint8_t* sc = scales.data_ptr<uint8_t>();
+  const float scale_max = static_cast<float>(std::numeric_limits<c10::Float8_e5m2>::max());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_write_", [&] {
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* out = stored.data_ptr<scalar_t>();
+    at::parallel_for(0, tokens * kv_heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* row = src + r * dim;
+        float amax = 0.f;
+        for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::abs(static_cast<float>(row[d])));
+        const float wanted = std::min(amax / 127.f, scale_max);
+        c10::Float8_e5m2 scale(wanted);
+        if (static_cast<float>(scale) < wanted) scale = c10::Float8_e5m2(scale.x + 1, c10::Float8_e5m2::from_bits());
+        const float s = static_cast<float>(scale), inv = s > 0.f ? 1.f / s : 0.f;
+        const int64_t at = slot[r / kv_heads] * kv_heads + r % kv_heads;
+        sc[at] = scale.x;
+        int8_t* dst = q + at * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          const float v = std::clamp(std::nearbyint(static_cast<float>(row[d]) * inv), -127.f, 127.f);
+          dst[d] = static_cast<int8_t>(v);
+          out[r * dim + d] = static_cast<scalar_t>(v * s);
+        }
+      }
+    });
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_write_", &quantize_write_, "quantize a step's keys or values into an int8 cache (CPU)");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU)");
   m.def("prefix_attention_merge_", &prefix_attention_merge_, "group rows over a shared prefix, merged in place");
 }
