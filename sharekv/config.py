@@ -69,8 +69,8 @@ class EngineArgs:
     model: str | None = field(default=None, metadata={"help": "HF model directory (default: built-in demo)"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "how the KV pool stores keys and values: auto (the model's dtype) | int8 (a power-of-two "
-                "scale per token and KV head; 3.9x the tokens of fp32)"})
+        "help": "how the KV pool stores keys and values: auto (the model's dtype) | int8 (a one-byte scale "
+                "per token and KV head; 3.9x the tokens of fp32)"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     kv_cache_memory: str | None = field(
         default=None, metadata={"help": "KV pool size, e.g. 512MiB (default: 40%% of free RAM, at most 8GiB, "

@@ -116,7 +116,7 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
         at = {r["schedule"]: r for r in runs[i * len(names):(i + 1) * len(names)]}
         if vllm_python:
             at["vllm-cpu"] = runs[len(pool_tokens) * len(names) + i]
-        base = at[policies[0]]
+        base = at[names[0]]
         ratios[str(tokens)] = {name: base["wall_seconds"] / r["wall_seconds"] for name, r in at.items()}
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
@@ -127,7 +127,7 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
                    "grouping_saved_tokens": grouping.saved_tokens,
                    "grouping_given_up_share": grouping.given_up_tokens / forest.total_tokens},
         "runs": runs,
-        "speedup_vs_" + policies[0]: ratios,
+        "speedup_vs_" + names[0]: ratios,
     }
     return write_result(result, out_path, _plot)
 

@@ -5,8 +5,7 @@ stored and read back.
 symmetric around zero, with one scale in a single byte: an fp8 e5m2 number (torch.float8_e5m2), rounded up
 so no value overflows. A 64-dim head then takes 65 bytes instead of 256 in fp32 (3.94x the tokens in the
 same memory). Scales reach 57344, so values beyond 7.2e6 clip (activations never come near). A scale per
-token and head, not per token, because eviction keeps different tokens in each
-KV head.
+token and head, not per token, because eviction keeps different tokens in each KV head.
 
 Why e5m2 and not a power of two (the E8M0 scales of the OCP microscaling formats): on SmolLM2, whose keys
 have outlier channels, the coarser power-of-two scale left a row only half of the int8 range at worst and
