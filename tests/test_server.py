@@ -155,6 +155,8 @@ def test_models_health_and_metrics(server, client):
                  "generation_tokens_total", "time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
                  "e2e_request_latency_seconds_count", "request_queue_time_seconds_count"):
         assert f"sharekv:{name}" in m, name
+    text = httpx.get(url + "/metrics").text
+    assert re.search(r'^sharekv:cache_config_info\{[^}]*cache_dtype="auto"[^}]*\} 1\.0$', text, re.M)
 
 
 def test_64_concurrent_streams(server, offline):

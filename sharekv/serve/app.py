@@ -91,6 +91,7 @@ def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheAr
     server.validate()
     model_name = server.served_model_name or engine.model_name
     metrics = ServerMetrics(model_name)
+    metrics.describe_cache(engine.args.block_size, engine.args.kv_cache_dtype, engine.num_blocks)
     cache_args = cache_args or SemanticCacheArgs()
     cache = frontend.open_cache(cache_args)
     if cache is not None:

@@ -70,6 +70,12 @@ class ServerMetrics:
         self._cache_evictions = Gauge("sharekv:semantic_cache_evictions_total", "Entries removed, by reason "
                                       "(ttl, quota, capacity, invalidated).", labels + ["reason"], registry=r)
 
+    def describe_cache(self, block_size: int, cache_dtype: str, num_blocks: int) -> None:
+        """The KV pool's settings as labels of a gauge set to 1 (vLLM's cache_config_info)."""
+        info = Gauge("sharekv:cache_config_info", "The KV pool's settings (labels); the value is 1.",
+                     ["model_name", "block_size", "cache_dtype", "num_blocks"], registry=self.registry)
+        info.labels(self.model_name, str(block_size), cache_dtype, str(num_blocks)).set(1)
+
     def observe_finished(self, out: RequestOutput) -> None:
         m = out.metrics
         for completion in out.outputs:
