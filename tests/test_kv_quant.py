@@ -211,3 +211,18 @@ def test_int8_with_eviction_and_prefix_sharing(model_dir):
         assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
     assert llm.engine.compressor.num_compactions > 0
     assert_engine_clean(llm.engine)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_with_a_sliding_window(tiny_models, native):
+    """Mistral's windowed attention over int8 KV: chunked and preempted runs give one prefill's tokens."""
+    prompts = mixed_prompts(22, 256)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    common = dict(block_size=4, kv_cache_dtype="int8", native_kernels=native)
+    expected = LLM(tiny_models["mistral"], kv_cache_memory="8MiB", enable_prefix_caching=False, **common).generate(
+        prompts, params, use_tqdm=False)
+    llm = LLM(tiny_models["mistral"], kv_cache_memory="40KiB", schedule="fcfs", max_num_batched_tokens=24, **common)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_engine_clean(llm.engine)
