@@ -104,7 +104,6 @@ class KVCache:
         self.dtype = dtype
         self.native = native
         self.device = torch.device(device)
-        self.block_size = block_size
         quantized = is_quantized(kv_cache_dtype)
         stored = torch.int8 if quantized else dtype
         shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
@@ -117,10 +116,6 @@ class KVCache:
             self.scales = torch.empty(shape[:-1], dtype=torch.uint8, device=self.device)
             self.swap_scales = torch.empty(swap_shape[:-1], dtype=torch.uint8, device="cpu", pin_memory=pinned)
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
-
-    @property
-    def num_blocks(self) -> int:
-        return self.data.shape[2]
 
     def layer(self, i: int) -> LayerKV:
         if self.scales is None:
