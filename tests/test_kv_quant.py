@@ -38,7 +38,8 @@ def test_int8_round_trip_bounds(rows, magnitude):
     scale = scale_bytes.view(SCALE_DTYPE).float()
     amax = x.abs().amax(-1)
     assert (q.abs() <= 127).all()
-    assert (scale * 127 >= amax).all()
+    tiny = amax / 127 == 0  # below fp32's range once divided: such a row is stored as zeros
+    assert (scale[~tiny] * 127 >= amax[~tiny]).all() and (q[tiny] == 0).all()
     normal = amax / 127 >= torch.finfo(SCALE_DTYPE).tiny  # e5m2 steps are 25% apart among normal numbers
     assert (scale[normal] <= amax[normal] / 127 * 1.25 * (1 + 1e-6)).all()
     back = dequantize_int8(q, scale_bytes, torch.float32)

@@ -131,16 +131,13 @@ def _needle_part(llm: LLM, needles: list[Needle], budgets: list[float]) -> dict:
             "context_tokens_mean": sum(len(n.context) for n in needles) / len(needles), "accuracy": results}
 
 
-def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[int]], needles: list[Needle],
-                       full_answers: list[bool], kv_cache_dtypes: tuple[str, ...]) -> dict:
-    """Each quantized format on the whole cache against the model's dtype: every teacher-forced position,
-    the needles, and the pool's tokens per GiB."""
+def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[int]], reference: list[TeacherForced],
+                       needles: list[Needle], full_answers: list[bool], kv_cache_dtypes: tuple[str, ...]) -> dict:
+    """Each quantized format on the whole cache against the reference run (the engine's own KV format, the
+    model's dtype by default): every teacher-forced position, the needles, and the pool's tokens per GiB."""
     def tokens_per_gib(kv_cache_dtype: str) -> float:
         return 2**30 / kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype], kv_cache_dtype) * args.block_size
 
-    plain = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})
-    reference = teacher_forced(plain, texts)
-    del plain
     results = {}
     for kv_cache_dtype in kv_cache_dtypes:
         llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype})
@@ -270,9 +267,10 @@ def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str |
         "needles": _needle_part(llm, needles, budgets),
     }
     config = llm.engine.model_config
+    reference = teacher_forced(llm, texts) if kv_cache_dtypes else None  # every position, on the whole cache
     del llm
     if kv_cache_dtypes:
-        result["quantization"] = _quantization_part(args, config, texts, needles,
+        result["quantization"] = _quantization_part(args, config, texts, reference, needles,
                                                     result["needles"]["full_cache_answers"], kv_cache_dtypes)
     if kvpress_python:
         result["kvpress"] = _kvpress_part(args, needles, kvpress_python)

@@ -45,6 +45,11 @@ class PrefixBatchWorkload:
                                      self.output_len, vocab, self.seed, system_len=self.system_len + self.fewshot_len)
 
 
+def run_name(schedule: str, kv_cache_dtype: str) -> str:
+    """A run's label: its schedule, and its KV format unless the model's dtype."""
+    return schedule if kv_cache_dtype == "auto" else f"{schedule}+{kv_cache_dtype} KV"
+
+
 def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
     """Greedy `LLM.generate` of the requests (ignore_eos) with these engine arguments; figures and tokens."""
     llm = LLM(**dataclasses.asdict(args))
@@ -52,7 +57,7 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
     run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests])
     stats = engine.stats
     result = {
-        "schedule": args.schedule if args.kv_cache_dtype == "auto" else f"{args.schedule}+{args.kv_cache_dtype} KV",
+        "schedule": run_name(args.schedule, args.kv_cache_dtype),
         "kv_cache_dtype": args.kv_cache_dtype,
         "kv_pool_tokens": engine.num_kv_tokens,
         **run.figures(),
@@ -84,7 +89,7 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
     grouping = group_prompts(forest, min_prefix_len=args.block_size)
     runs = []
     model_dtype = dataclasses.replace(args, kv_cache_dtype="auto")
-    names = [p if d == "auto" else f"{p}+{d} KV" for d in kv_cache_dtypes for p in policies]
+    names = [run_name(p, d) for d in kv_cache_dtypes for p in policies]
     for tokens in pool_tokens:
         for kv_cache_dtype in kv_cache_dtypes:
             for policy in policies:

@@ -30,6 +30,9 @@ def kv_bytes_for_tokens(config: ModelConfig, block_size: int, dtype: torch.dtype
     return max(1, -(-tokens // block_size)) * kv_bytes_per_block(config, block_size, dtype, kv_cache_dtype)
 
 
+_NO_SCALES = torch.empty(0, dtype=torch.uint8)
+
+
 @dataclass
 class LayerKV:
     """One layer's slice of the pool: keys and values [blocks, block_size, kv_heads, head_dim] and, when the
@@ -85,9 +88,8 @@ class LayerKV:
 
     def native_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v and their scales for the native kernels (empty scales: the cache is not quantized)."""
-        none = torch.empty(0, dtype=torch.uint8)
         if self.k_scale is None:
-            return self.k, self.v, none, none
+            return self.k, self.v, _NO_SCALES, _NO_SCALES
         return self.k, self.v, self.k_scale, self.v_scale
 
 
@@ -101,8 +103,6 @@ class KVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  kv_cache_dtype: str = "auto", device: torch.device | str = "cpu", num_swap_slots: int = 0,
                  native: ModuleType | None = None) -> None:
-        self.dtype = dtype
-        self.native = native
         self.device = torch.device(device)
         quantized = is_quantized(kv_cache_dtype)
         stored = torch.int8 if quantized else dtype
@@ -116,12 +116,13 @@ class KVCache:
             self.scales = torch.empty(shape[:-1], dtype=torch.uint8, device=self.device)
             self.swap_scales = torch.empty(swap_shape[:-1], dtype=torch.uint8, device="cpu", pin_memory=pinned)
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
+        # each layer's views, made once (the forward asks for every layer at every step)
+        self._layers = [LayerKV(self.data[i, 0], self.data[i, 1], dtype) if self.scales is None else
+                        LayerKV(self.data[i, 0], self.data[i, 1], dtype, self.scales[i, 0], self.scales[i, 1], native)
+                        for i in range(config.num_layers)]
 
     def layer(self, i: int) -> LayerKV:
-        if self.scales is None:
-            return LayerKV(self.data[i, 0], self.data[i, 1], self.dtype)
-        return LayerKV(self.data[i, 0], self.data[i, 1], self.dtype, self.scales[i, 0], self.scales[i, 1],
-                       self.native)
+        return self._layers[i]
 
     def _parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pool, swap space) pairs that a block's move must copy: the values, and their scales if any."""
