@@ -207,17 +207,17 @@ class PagedAttention:
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
         if self.native is not None:
-            mass = torch.empty(0)
+            mass = mass_rows = torch.empty(0)
             if meta.decode_mass_rows is not None:  # observed decodes: their probabilities come out too
                 kernel_observed = [o for o in meta.observed if o.mass_row is not None]
                 width = max(o.context_len for o in kernel_observed)
                 mass = torch.zeros(len(kernel_observed), self.num_kv_heads, width, device=q.device)
                 for o in kernel_observed:
                     o.mass.append(mass[o.mass_row, :, :o.context_len])
+                mass_rows = meta.decode_mass_rows
             return self.native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
                                                       meta.decode_context_lens, starts, self.scale,
-                                                      self.sliding_window or 0, mass, meta.decode_mass_rows
-                                                      if meta.decode_mass_rows is not None else mass)
+                                                      self.sliding_window or 0, mass, mass_rows)
         return self._decode_tiles(q, cache, meta.decode_block_tables, meta.decode_context_lens, starts)
 
     def _merge_shared_prefixes(self, q, cache: LayerKV, shared: SharedPrefixes, out: torch.Tensor,

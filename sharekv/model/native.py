@@ -3,6 +3,10 @@
 Decode attention in plain torch has to gather every sequence's blocks into a temporary tensor before it
 can multiply; the kernel reads the blocks where they lie. Where no compiler is available (or
 SHAREKV_NATIVE=0), the portable torch path runs instead, with the same results.
+
+The kernels are torch operators (`torch.ops.sharekv.*`, declared with their schemas in the C++ source):
+the profiler names and times them like aten ops, and the fake implementations below give their output
+shapes, so `torch.compile` traces a function that calls them without running them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import platform
 import threading
 from collections.abc import Iterator
 from types import ModuleType
+
+import torch
 
 from sharekv.config import default_cache_dir
 
@@ -67,6 +73,16 @@ def module_name(source: bytes, cpu: str) -> str:
     return "sharekv_cpu_" + hashlib.sha256(source + " ".join(_CFLAGS).encode() + cpu.encode()).hexdigest()[:16]
 
 
+def _register_fakes() -> None:
+    """Shapes of what the ops return, for tracing (the in-place ops return nothing)."""
+    @torch.library.register_fake("sharekv::paged_decode_attention")
+    def _(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, starts, scale, window, mass, mass_rows):
+        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+    for name in ("quantize_write_", "prefix_attention_merge_"):
+        torch.library.register_fake(f"sharekv::{name}", lambda *args: None)
+
+
 def _build() -> ModuleType | None:
     if os.environ.get("SHAREKV_NATIVE", "1") == "0":
         return None
@@ -80,8 +96,10 @@ def _build() -> ModuleType | None:
         if not os.path.exists(os.path.join(build_dir, name + ".so")):
             logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
         with _build_lock(build_dir):
-            return load(name=name, sources=[_SOURCE], build_directory=build_dir,
-                        extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"])
+            load(name=name, sources=[_SOURCE], build_directory=build_dir, extra_cflags=_CFLAGS,
+                 extra_ldflags=["-fopenmp"], is_python_module=False)
+        _register_fakes()
+        return torch.ops.sharekv
     except Exception as e:  # no compiler, no ninja, unsupported platform: fall back, but say so
         logger.warning("native CPU kernels unavailable (%s); using the slower torch attention path", e)
         return None

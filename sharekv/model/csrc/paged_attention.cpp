@@ -383,10 +383,10 @@ static bool check_cache(const torch::Tensor& q, const torch::Tensor& k_cache, co
 
 // A group's rows against its prefix, merged in place into out [tokens, heads, dim] and lse [tokens, heads],
 // which hold each row's attention over its own (non-prefix) keys.
-void prefix_attention_merge_(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scale,
-                             torch::Tensor v_scale, torch::Tensor rows,
-                             torch::Tensor prefix_lens, torch::Tensor block_ids, torch::Tensor out, torch::Tensor lse,
-                             double scale) {
+void prefix_attention_merge_(torch::Tensor q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                             const torch::Tensor& k_scale, const torch::Tensor& v_scale, torch::Tensor rows,
+                             const torch::Tensor& prefix_lens, torch::Tensor block_ids, const torch::Tensor& out,
+                             const torch::Tensor& lse, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "prefix_attention_merge_ runs on the CPU");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == torch::kFloat32,
@@ -434,10 +434,10 @@ void prefix_attention_merge_(torch::Tensor q, torch::Tensor k_cache, torch::Tens
   });
 }
 
-std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                                  torch::Tensor k_scale, torch::Tensor v_scale, torch::Tensor block_tables, torch::Tensor context_lens,
-                                                  torch::Tensor starts, double scale, int64_t window,
-                                                  torch::Tensor mass, torch::Tensor mass_rows) {
+std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
+    torch::Tensor q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k_scale,
+    const torch::Tensor& v_scale, torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor starts,
+    double scale, int64_t window, const torch::Tensor& mass, torch::Tensor mass_rows) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
@@ -480,8 +480,8 @@ std::vector<torch::Tensor> paged_decode_attention(torch::Tensor q, torch::Tensor
 // the row's scale (the smallest e5m2 number >= max|x| / 127), its int8 values at the row's slot, and the
 // values as the cache now holds them into `stored` (what the step's fresh-prefill attention reads). The
 // same numbers as sharekv/kv/quant.py's quantize_int8 (tested).
-void quantize_write_(torch::Tensor x, torch::Tensor slots, torch::Tensor cache, torch::Tensor scales,
-                     torch::Tensor stored) {
+void quantize_write_(torch::Tensor x, torch::Tensor slots, const torch::Tensor& cache, const torch::Tensor& scales,
+                     const torch::Tensor& stored) {
   TORCH_CHECK(x.device().is_cpu() && cache.scalar_type() == torch::kChar && scales.scalar_type() == torch::kByte,
               "quantize_write_ writes an int8 CPU cache with uint8 scales");
   TORCH_CHECK(cache.is_contiguous() && scales.is_contiguous() && stored.is_contiguous() &&
@@ -519,8 +519,20 @@ void quantize_write_(torch::Tensor x, torch::Tensor slots, torch::Tensor cache, 
   });
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quantize_write_", &quantize_write_, "quantize a step's keys or values into an int8 cache (CPU)");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU)");
-  m.def("prefix_attention_merge_", &prefix_attention_merge_, "group rows over a shared prefix, merged in place");
+// Registered as torch operators (torch.ops.sharekv.*), not a Python module: the profiler names them, their
+// time is accounted like any aten op's, and torch.compile traces around them (fake implementations in
+// sharekv/model/native.py). A trailing underscore marks the ops that write into their arguments.
+TORCH_LIBRARY(sharekv, m) {
+  m.def("quantize_write_(Tensor x, Tensor slots, Tensor(a!) cache, Tensor(b!) scales, Tensor(c!) stored) -> ()");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
+        "Tensor block_tables, Tensor context_lens, Tensor starts, float scale, int window, Tensor(a!) mass, "
+        "Tensor mass_rows) -> (Tensor, Tensor)");
+  m.def("prefix_attention_merge_(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
+        "Tensor rows, Tensor prefix_lens, Tensor block_ids, Tensor(a!) out, Tensor(b!) lse, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sharekv, CPU, m) {
+  m.impl("quantize_write_", &quantize_write_);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("prefix_attention_merge_", &prefix_attention_merge_);
 }
