@@ -98,7 +98,8 @@ def _cmd_bench_prefix_batch(ns: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     for run in result["runs"]:
         reuse = "" if run["reuse_of_maximum"] is None else f", reuse {100 * run['reuse_of_maximum']:.1f}% of max"
-        print(f"{run['schedule']:>15} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s{reuse}, "
+        floor = f" ({run['roofline']['x_of_floor']:.2f}x of the floor)" if "roofline" in run else ""
+        print(f"{run['schedule']:>15} pool {run['kv_pool_tokens']:>6}: {run['wall_seconds']:.1f} s{floor}{reuse}, "
               f"peak blocks {run.get('peak_kv_blocks', '-')}, preemptions {run.get('preemptions', '-')}, "
               f"greedy match {run['greedy_match']}")
     return 0
@@ -126,6 +127,43 @@ def _cmd_bench_throughput(ns: argparse.Namespace) -> int:
                                   hf_batch_sizes=[int(b) for b in ns.hf_batch_sizes.split(",") if b],
                                   vllm_python=ns.vllm_python, batch_file=ns.batch_file)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_bench_roofline(ns: argparse.Namespace) -> int:
+    from sharekv.bench.roofline import run_roofline_bench
+
+    result = run_roofline_bench(ns.model, tuple(ns.dtypes.split(",")), tuple(int(m) for m in ns.rows.split(",")),
+                                ns.output)
+    print(f"read bandwidth {result['bandwidth_gbs']:.1f} GB/s")
+    for dtype, table in result["gemm"].items():
+        print(f"{dtype}: peak {result['peak_gflops'][dtype]:.0f} GFLOP/s")
+        for name, per_m in table.items():
+            print(f"  {name:>8} " + "  ".join(f"M={m}: {g:6.1f}" for m, g in per_m.items()))
+        print("  forward " + "  ".join(f"M={m}: {g:6.1f}" for m, g in result["forward_linears"][dtype].items())
+              + "  (a forward's linears in order, weights streamed from memory)")
+    return 0
+
+
+def _cmd_bench_profile(ns: argparse.Namespace) -> int:
+    from sharekv.bench.profile import run_profile_bench
+
+    result = run_profile_bench(engine_args_from(ns), ns.num_docs, ns.questions, ns.doc_len, ns.question_len,
+                               ns.system_len, (ns.min_output, ns.max_output), ns.workload_seed, ns.output)
+    print(f"{result['workload']['steps']} steps, {result['wall_seconds']:.2f} s profiled "
+          f"({result['unprofiled_wall_seconds']:.2f} s without the profiler); floor "
+          f"{result['roofline']['floor_seconds']:.2f} s, {result['roofline']['x_of_floor']:.2f}x of it")
+    for name, seconds in sorted(result["phases_seconds"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<34} {seconds:7.3f} s {100 * seconds / result['wall_seconds']:5.1f}%")
+    print("  forward, by op class:")
+    for name, seconds in sorted(result["forward_seconds"].items(), key=lambda kv: -kv[1]):
+        extra = ""
+        if name in result["linear"]:
+            linear = result["linear"][name]
+            extra = f"  {linear['gflops']:6.1f} GFLOP/s ({100 * linear['of_peak']:.0f}% of peak)"
+        elif name == "attention" and result["attention"]["gbs"]:
+            extra = f"  KV read {result['attention']['gbs']:.1f} GB/s"
+        print(f"    {name:<32} {seconds:7.3f} s{extra}")
     return 0
 
 
@@ -372,6 +410,23 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--repeats", type=int, default=20, help="timed calls per path (median reported)")
     at.add_argument("--output", default="results/attention.json", help="JSON result file (and a .png plot)")
     at.set_defaults(func=_cmd_bench_attention)
+
+    rf = bench.add_parser("roofline", help="this machine's GEMM peak at the model's shapes and its memory "
+                                           "bandwidth (the floor every bench reports against)")
+    rf.add_argument("--model", default=None, help="model whose linear shapes to measure (default: the default "
+                                                  "model)")
+    rf.add_argument("--dtypes", default="float32,bfloat16", help="GEMM dtypes (bf16 only where the CPU has it)")
+    rf.add_argument("--rows", default="1,8,32,128,512", help="rows per product (M) to measure")
+    rf.add_argument("--output", default="results/roofline.json", help="JSON result file (and a .png plot)")
+    rf.set_defaults(func=_cmd_bench_roofline)
+
+    pf = bench.add_parser("profile", help="where a run's step time goes: phases, op classes, GFLOP/s per linear "
+                                          "layer, Python between ops")
+    _add_workload_args(pf, question_len=20, system_len=40)
+    pf.set_defaults(num_docs=4, doc_len=400)
+    pf.add_argument("--output", default="results/profile.json", help="JSON result file (and a .png plot)")
+    add_engine_args(pf, schedule="global")
+    pf.set_defaults(func=_cmd_bench_profile)
 
     pre = bench.add_parser("preemption", help="cost of a preempted request: swap to host RAM vs recompute")
     pre.add_argument("--num-requests", type=int, default=24)

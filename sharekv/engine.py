@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from sharekv.config import EngineArgs, parse_bytes
 from sharekv.kv.compressor import KVCompressor
@@ -203,13 +204,22 @@ class LLMEngine:
         state.finished_time = time.monotonic()
         return self._output(state)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached KV, on the device and in the swap tier (vLLM's `reset_prefix_cache`), so the next
+        requests compute everything. Only between requests: returns False while any request is in flight."""
+        if self.requests or not self.kv.pool.reset_prefix_cache():
+            return False
+        self.scheduler.swap.forget_all()
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration. Returns finished requests, and the progress of streaming ones."""
         t0 = time.perf_counter()
-        step = self.scheduler.schedule()
+        with record_function("sharekv::schedule"):
+            step = self.scheduler.schedule()
         rejected = self._take_rejected()
         self.runner.copy_swapped_blocks(step)
         if step.is_empty:
@@ -232,7 +242,8 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         if sampled:
             sampling_seqs = [seqs[i] for i in sampled]
-            tokens = self.sampler(logits, sampling_seqs)
+            with record_function("sharekv::sample"):
+                tokens = self.sampler(logits, sampling_seqs)
             now = time.monotonic()
             for j, seq in enumerate(sampling_seqs):
                 self._append_token(seq, tokens.token_ids[j], tokens.logprobs[j], tokens.top_logprobs[j], now)

@@ -63,6 +63,10 @@ class LLM:
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached KV (as vLLM's `LLM.reset_prefix_cache`); False while requests are in flight."""
+        return self.engine.reset_prefix_cache()
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,

@@ -168,3 +168,30 @@ def test_bench_kv_fidelity(tmp_path):
     assert batch["int8 KV"]["pool_tokens"] > 3 * batch["none"]["pool_tokens"]
     for name in ("streaming_llm", "snapkv", "h2o"):
         assert batch[name]["evicted_tokens"] > 0 and batch[name]["compactions"] >= result["memory_bound"]["requests"]
+
+
+def test_bench_roofline(tiny_models, tmp_path):
+    out = tmp_path / "roofline.json"
+    assert main(["bench", "roofline", "--model", tiny_models["llama"], "--dtypes", "float32", "--rows", "1,16",
+                 "--output", str(out)]) == 0
+    result = _result(out)
+    gemm = result["gemm"]["float32"]
+    assert set(gemm) == {"qkv", "o_proj", "gate_up", "down", "lm_head"}
+    assert result["peak_gflops"]["float32"] == max(gemm[name]["16"] for name in gemm)
+    assert set(result["forward_linears"]["float32"]) == {"1", "16"} and result["bandwidth_gbs"] > 0
+
+
+def test_bench_profile_linear_flops_match_the_cost_model(tiny_models, tmp_path):
+    """The profiler's linear products (2 M N K from their recorded shapes) add up to the FLOPs the step cost
+    model counts for the same run: two independent accounts of the same work."""
+    out = tmp_path / "profile.json"
+    assert main(["bench", "profile", "--model", tiny_models["llama"], "--num-docs", "2", "--questions", "3",
+                 "--doc-len", "30", "--question-len", "5", "--system-len", "8", "--min-output", "2",
+                 "--max-output", "5", "--block-size", "4", "--output", str(out)]) == 0
+    result = _result(out)
+    profiled = sum(v["gflop"] for v in result["linear"].values())
+    assert profiled == pytest.approx(result["roofline"]["gflop"]["linear"], rel=1e-9)
+    assert set(result["linear"]) == {"linear:qkv", "linear:o_proj", "linear:gate_up", "linear:down"}
+    assert {"attention", "elementwise", "between ops (Python, dispatch)"} <= set(result["forward_seconds"])
+    assert set(result["phases_seconds"]) >= {"schedule", "forward", "lm_head", "sample"}
+    assert result["roofline"]["x_of_floor"] > 1.0

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from sharekv.llm import LLM
+from sharekv.model.cost import CostLog
 from sharekv.outputs import RequestOutput
 from sharekv.sampling_params import SamplingParams
 
@@ -16,6 +17,7 @@ class GreedyRun:
     wall_seconds: float
     prompt_tokens: int
     output_tokens: int
+    costs: CostLog  # the run's steps: FLOPs and bytes, for its roofline floor
 
     def figures(self) -> dict:
         """Throughput figures and each request's tokens (the greedy-match check compares these)."""
@@ -38,7 +40,9 @@ def greedy_generate(llm: LLM, prompts: list[list[int]], max_tokens: list[int], u
     """Greedy decoding, by default with EOS ignored so every policy and engine does the same amount of work
     (with real EOS, engines whose greedy tokens agree still stop at the same places)."""
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=ignore_eos) for n in max_tokens]
+    first_step = len(llm.engine.runner.costs)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
     wall = time.perf_counter() - start
-    return GreedyRun(outputs, wall, sum(len(p) for p in prompts), sum(len(o.outputs[0].token_ids) for o in outputs))
+    return GreedyRun(outputs, wall, sum(len(p) for p in prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
+                     llm.engine.runner.costs.since(first_step))

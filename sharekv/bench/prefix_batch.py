@@ -19,6 +19,7 @@ import torch
 
 from sharekv.bench.greedy_run import greedy_generate
 from sharekv.bench.report import pyplot, save_figure, write_result
+from sharekv.bench.roofline import MachineProfile, quick_profile, roofline_figures
 from sharekv.bench.workloads import BenchRequest, documents_x_questions
 from sharekv.config import EngineArgs
 from sharekv.kv.prefix_forest import PrefixForest, group_prompts
@@ -50,8 +51,9 @@ def run_name(schedule: str, kv_cache_dtype: str) -> str:
     return schedule if kv_cache_dtype == "auto" else f"{schedule}+{kv_cache_dtype} KV"
 
 
-def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
-    """Greedy `LLM.generate` of the requests (ignore_eos) with these engine arguments; figures and tokens."""
+def run_policy(args: EngineArgs, requests: list[BenchRequest], machine: MachineProfile | None = None) -> dict:
+    """Greedy `LLM.generate` of the requests (ignore_eos) with these engine arguments; figures and tokens, and
+    the run's roofline floor on `machine`."""
     llm = LLM(**dataclasses.asdict(args))
     engine = llm.engine
     run = greedy_generate(llm, [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests])
@@ -69,6 +71,8 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest]) -> dict:
         "swapped_out": engine.scheduler.num_swapped_out,
         "swap_seconds": engine.runner.kv_cache.swap_seconds,
     }
+    if machine is not None:
+        result["roofline"] = roofline_figures(run.costs, machine, args.dtype, run.wall_seconds)
     del llm, engine
     gc.collect()
     return result
@@ -88,6 +92,7 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
     forest = PrefixForest([r.prompt_token_ids for r in requests])
     grouping = group_prompts(forest, min_prefix_len=args.block_size)
     runs = []
+    machine = quick_profile(config, args.dtype)
     model_dtype = dataclasses.replace(args, kv_cache_dtype="auto")
     names = [run_name(p, d) for d in kv_cache_dtypes for p in policies]
     for tokens in pool_tokens:
@@ -95,7 +100,7 @@ def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool
             for policy in policies:
                 run_args = dataclasses.replace(args, model=model_dir, schedule=policy, kv_cache_dtype=kv_cache_dtype,
                                                kv_cache_memory=kv_memory_for_tokens(config, model_dtype, tokens))
-                runs.append(run_policy(run_args, requests))
+                runs.append(run_policy(run_args, requests, machine))
     for run in runs:
         run["reuse_of_maximum"] = run["reused_prompt_tokens"] / forest.max_reusable_tokens
     if vllm_python:

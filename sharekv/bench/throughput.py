@@ -20,6 +20,7 @@ import torch
 
 from sharekv.bench.greedy_run import greedy_generate
 from sharekv.bench.report import pyplot, save_figure, write_result
+from sharekv.bench.roofline import MachineProfile, quick_profile, roofline_figures
 from sharekv.bench.workloads import BenchRequest, documents_x_questions, requests_from_batch_file
 from sharekv.config import EngineArgs, default_cache_dir
 from sharekv.llm import LLM
@@ -27,7 +28,8 @@ from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.convert import convert_gguf
 
 
-def _run_engine(llm: LLM, requests: list[BenchRequest], ignore_eos: bool = True) -> dict:
+def _run_engine(llm: LLM, requests: list[BenchRequest], ignore_eos: bool = True,
+                machine: MachineProfile | None = None) -> dict:
     engine = llm.engine
     step0, fwd0 = engine.stats.step_seconds, engine.runner.forward_seconds
     hit0, query0 = engine.kv.num_hit_tokens, engine.kv.num_queried_tokens
@@ -43,6 +45,7 @@ def _run_engine(llm: LLM, requests: list[BenchRequest], ignore_eos: bool = True)
         "prefix_cache_hit_rate": (engine.kv.num_hit_tokens - hit0) / queried if queried else 0.0,
         "steps": engine.stats.steps - steps0,
         "outside_forward_share": 1.0 - fwd_s / step_s if step_s else 0.0,
+        **({"roofline": roofline_figures(run.costs, machine, engine.args.dtype, run.wall_seconds)} if machine else {}),
     }
 
 
@@ -141,7 +144,8 @@ def run_throughput_bench(args: EngineArgs, num_docs: int, questions_per_doc: int
                     "seed": seed, "eos": "ignored"}
     ignore_eos = batch_file is None
     _run_engine(llm, documents_x_questions(2, 1, 16, 8, (4, 4), vocab, seed=seed + 1))  # warm-up
-    ours = _run_engine(llm, requests, ignore_eos)
+    machine = quick_profile(llm.engine.model_config, args.dtype)
+    ours = _run_engine(llm, requests, ignore_eos, machine)
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "engine_args": dataclasses.asdict(args),

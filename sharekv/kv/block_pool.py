@@ -83,6 +83,15 @@ class BlockPool:
             del self._cached[block.key]
             block.key = None
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (vLLM's `reset_prefix_cache`). Only when no block is in use, so no running
+        sequence loses the index entries of its blocks; returns whether it reset."""
+        if len(self._free) != len(self.blocks):
+            return False
+        for block in list(self._cached.values()):
+            self.unregister(block)
+        return True
+
     def is_free(self, block: Block) -> bool:
         return block.block_id in self._free
 

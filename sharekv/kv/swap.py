@@ -66,6 +66,11 @@ class SwapSpace:
             else:
                 self._free.move_to_end(slot, last=False)
 
+    def forget_all(self) -> None:
+        """Drop every indexed slot's key (the slots stay free)."""
+        for slot in list(self._key_of):
+            self._forget(slot)
+
     def check_invariants(self) -> None:
         assert all(slot in self._free for slot in self._key_of), "an indexed swap slot is in use"
         assert all(self._key_of[slot] == key for key, slot in self._slot_of.items())

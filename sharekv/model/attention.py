@@ -82,6 +82,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     observed: list[ObservedQueries] = field(default_factory=list)
     decode_mass_rows: torch.Tensor | None = None  # per paged-kernel row: its observed mass row, or -1
+    kv_tokens_read: int = 0  # cache slots the step's attention reads (a shared prefix once for its group)
 
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from sharekv.model.attention import AttentionMetadata, ObservedQueries, PrefillChunk, SharedPrefixes
-from sharekv.model.kv_cache import KVCache
+from sharekv.model.cost import CostLog, ModelShapes, step_cost
+from sharekv.model.kv_cache import KVCache, kv_bytes_per_block
 from sharekv.model.llama import LlamaModel
 from sharekv.sched.output import Compaction, SchedulerOutput
 
@@ -130,11 +132,15 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
         if len(positions) > nd:
             meta.decode_rows = torch.from_numpy(np.concatenate([offsets[i] + np.arange(counts[i])
                                                                 for i in row_seqs])).to(device)
+        meta.kv_tokens_read = int((positions + 1 - np.repeat(own_starts[row_seqs], reps)).sum())
+    if meta.shared_prefixes is not None:
+        meta.kv_tokens_read += sum(n for _, n in groups) * block_size
     for i in range(nd, len(counts)):
         if not in_group[i]:
             end = starts[i] + counts[i]
             ids = torch.as_tensor(tables[i][:-(-end // block_size)], device=device)
             meta.prefills.append(PrefillChunk(int(offsets[i]), counts[i], end, ids))
+            meta.kv_tokens_read += end
     return meta
 
 
@@ -153,6 +159,9 @@ class ModelRunner:
         self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots,
                                 model.attention.native)
         self.forward_seconds = 0.0
+        self.shapes = ModelShapes.of(c, model.dtype.itemsize,
+                                     kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype) // block_size)
+        self.costs = CostLog()  # every step's FLOPs and bytes, for the benchmarks' roofline figures
 
     def copy_swapped_blocks(self, step: SchedulerOutput) -> None:
         """Do the step's block copies to and from host RAM (`KVCache.swap`)."""
@@ -194,8 +203,9 @@ class ModelRunner:
         num_decodes = sum(1 for c in chunks if len(c.token_ids) == 1)
         kernel_observed = [i for i, o in observed.items() if o.rows == 1 and i < num_decodes
                            and self.model.attention.native is not None]
-        meta = step_metadata([c.block_table for c in chunks], [c.kv_start for c in chunks],
-                             [len(c.token_ids) for c in chunks], bs, self.share_prefixes, self.device,
+        kv_starts = [c.kv_start for c in chunks]
+        counts = [len(c.token_ids) for c in chunks]
+        meta = step_metadata([c.block_table for c in chunks], kv_starts, counts, bs, self.share_prefixes, self.device,
                              self.max_shared_chunk, kernel_observed)
         meta.observed = list(observed.values())
         if kernel_observed:
@@ -208,11 +218,15 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
-        hidden = self.model.forward(ids, pos, self.kv_cache, meta)
+        with record_function("sharekv::forward"):
+            hidden = self.model.forward(ids, pos, self.kv_cache, meta)
         if prompt_rows:
             logit_rows = logit_rows + np.concatenate(prompt_rows).tolist()
-        logits = self.model.logits(hidden[logit_rows]) if logit_rows else hidden.new_empty((0, 0))
+        with record_function("sharekv::lm_head"):
+            logits = self.model.logits(hidden[logit_rows]) if logit_rows else hidden.new_empty((0, 0))
         self.forward_seconds += time.perf_counter() - t0
+        self.costs.add(step_cost(self.shapes, np.asarray(kv_starts), np.asarray(counts), len(logit_rows),
+                                 meta.kv_tokens_read, self.model.config.sliding_window))
         return StepResult(logits, sampled, prompt_spans, {i: torch.stack(o.mass) for i, o in observed.items()})
 
     def compact(self, compactions: list[Compaction]) -> None:
