@@ -149,8 +149,7 @@ def test_native_build_survives_a_lock_left_by_a_killed_process(tmp_path):
 
     if native.cpu_kernels() is None:  # builds once here if no earlier test did
         pytest.skip("no compiler here: the torch path runs, nothing is built or locked")
-    with open(native._SOURCE, "rb") as f:
-        name = native.module_name(f.read(), native.cpu_signature())
+    name = native.module_name(native.sources_bytes(), native.cpu_signature())
     build_dir = os.path.join(native.default_cache_dir(), "torch_extensions", name)
     open(os.path.join(build_dir, "lock"), "w").close()
     code = "from sharekv.model import native; assert native._build() is not None"

@@ -1,6 +1,6 @@
 """The native kernels as torch operators: their schemas hold (opcheck: the declared mutations are the only
 ones, the fake implementations give the real shapes), the profiler names them, and torch.compile traces a
-function that calls them."""
+function that calls them. The fused element-wise operators give the portable torch chain's numbers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from sharekv.model.attention import PagedAttention
+from sharekv.model.elementwise import Elementwise
 from sharekv.model.kv_cache import LayerKV
 from sharekv.model.native import cpu_kernels
+from sharekv.model.rope import RotaryEmbedding
 from sharekv.model.runner import step_metadata
 from tests.test_shared_attention import _mixed_step
 
@@ -85,3 +87,48 @@ def test_profiler_names_the_kernels_and_compile_traces_them(ops):
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(lse, lse_ref)
     assert eager.shape == q.shape
+
+
+def _qkv(tokens: int, dtype: torch.dtype, heads: int = 4, kv_heads: int = 2, dim: int = 32):
+    """q and k as the forward has them: strided views into one fused q/k/v product."""
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    return q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+
+
+def test_opcheck_elementwise(ops):
+    gen = torch.Generator().manual_seed(0)
+    residual, x = (torch.randn(5, 64, generator=gen) for _ in range(2))
+    weight = torch.randn(64, generator=gen)
+    torch.library.opcheck(ops.add_rms_norm_.default, (residual, x, weight, 1e-5))
+    torch.library.opcheck(ops.add_rms_norm_.default, (residual, None, weight, 1e-5))
+    torch.library.opcheck(ops.silu_mul.default, (torch.randn(5, 64, generator=gen),))
+    rotary = RotaryEmbedding(32, 64, 10000.0, {}, torch.float32, torch.device("cpu"))
+    q, k = _qkv(5, torch.float32)
+    torch.library.opcheck(ops.rope_.default, (q, k, torch.tensor([0, 3, 9, 17, 63]), rotary.cos, rotary.sin))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_equals_torch(ops, dtype):
+    """The fused native chain and the portable torch ops give the same numbers (to fp32 rounding; in bf16
+    both round at the same steps, so at most one bf16 step apart)."""
+    fused, portable = Elementwise(ops), Elementwise(None)
+    tol = {"atol": 2e-6, "rtol": 2e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    gen = torch.Generator().manual_seed(1)
+    residual, x = (torch.randn(7, 96, generator=gen).to(dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
+    for added in (x, None):
+        h_ref, n_ref = portable.add_rms_norm(residual, added, weight, 1e-5)
+        h, n = fused.add_rms_norm(residual.clone(), added, weight, 1e-5)
+        torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+        torch.testing.assert_close(n, n_ref, **tol)
+    gate_up = (3 * torch.randn(7, 2 * 80, generator=gen)).to(dtype)
+    torch.testing.assert_close(fused.silu_mul(gate_up), portable.silu_mul(gate_up), **tol)
+    rotary = RotaryEmbedding(32, 128, 10000.0, {}, dtype, torch.device("cpu"))
+    positions = torch.tensor([0, 1, 5, 40, 77, 100, 127])
+    q_ref, k_ref = portable.rope(rotary, positions, *_qkv(7, dtype))
+    q, k = _qkv(7, dtype)
+    q_out, k_out = fused.rope(rotary, positions, q, k)
+    assert q_out.data_ptr() == q.data_ptr()  # rotated where it lies, in the fused product
+    torch.testing.assert_close(q_out, q_ref, **tol)
+    torch.testing.assert_close(k_out, k_ref, **tol)

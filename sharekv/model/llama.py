@@ -9,21 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig, ModelLoadError
+from sharekv.model.elementwise import Elementwise
 from sharekv.model.kv_cache import KVCache
 from sharekv.model.linear import Linear
 from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 @dataclass
@@ -77,8 +71,9 @@ class LlamaModel:
         self.lm_head = Linear(self.embed if tied else take("lm_head.weight"), pack=native_kernels)
         self.rotary = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype, device)
         self.attention = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window)
-        if device.type == "cpu" and c.head_dim % 16 == 0 and native_kernels:
-            self.attention.native = cpu_kernels()
+        self.elementwise = Elementwise(cpu_kernels() if device.type == "cpu" and native_kernels else None)
+        if c.head_dim % 16 == 0:
+            self.attention.native = self.elementwise.native
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Checkpoint, max_positions: int, dtype: torch.dtype,
@@ -90,20 +85,20 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [tokens, hidden] for flattened tokens."""
-        c = self.config
+        c, ops = self.config, self.elementwise
         n = input_ids.shape[0]
         h = self.embed[input_ids]
+        mlp_out = None  # each layer's MLP output joins the residual stream in the next norm
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, c.rms_norm_eps)
+            h, x = ops.add_rms_norm(h, mlp_out, layer.input_norm, c.rms_norm_eps)
             qkv = layer.qkv(x)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q, k = self.rotary(positions, q.view(n, c.num_heads, c.head_dim), k.view(n, c.num_kv_heads, c.head_dim))
+            q, k = ops.rope(self.rotary, positions, q.view(n, c.num_heads, c.head_dim),
+                            k.view(n, c.num_kv_heads, c.head_dim))
             attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), kv_cache.layer(i), meta)
-            h = h + layer.o_proj(attn)
-            x = rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
-        return rms_norm(h, self.norm, c.rms_norm_eps)
+            h, x = ops.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, c.rms_norm_eps)
+            mlp_out = layer.down(ops.silu_mul(layer.gate_up(x)))
+        return ops.add_rms_norm(h, mlp_out, self.norm, c.rms_norm_eps)[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ import torch
 from sharekv.config import default_cache_dir
 
 logger = logging.getLogger("sharekv")
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "paged_attention.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
+            for name in ("paged_attention.cpp", "elementwise.cpp")]
 # fast math, but keep infinities: a row with nothing to attend to has a log-sum-exp of -inf
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 _lock = threading.Lock()
@@ -67,6 +68,15 @@ def cpu_signature() -> str:
     return platform.machine() + " " + platform.processor()
 
 
+def sources_bytes() -> bytes:
+    """Every kernel source, in order: what a build is made of."""
+    parts = []
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            parts.append(f.read())
+    return b"\0".join(parts)
+
+
 def module_name(source: bytes, cpu: str) -> str:
     """The build's name: a changed source, flag set or CPU builds anew, so a cache directory shared by two
     machines never loads an AVX-512 build on an AVX2 CPU."""
@@ -79,7 +89,15 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, starts, scale, window, mass, mass_rows):
         return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
-    for name in ("quantize_write_", "prefix_attention_merge_"):
+    @torch.library.register_fake("sharekv::add_rms_norm_")
+    def _(residual, x, weight, eps):
+        return torch.empty_like(residual)
+
+    @torch.library.register_fake("sharekv::silu_mul")
+    def _(gate_up):
+        return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+    for name in ("quantize_write_", "prefix_attention_merge_", "rope_"):
         torch.library.register_fake(f"sharekv::{name}", lambda *args: None)
 
 
@@ -89,14 +107,13 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        with open(_SOURCE, "rb") as f:
-            name = module_name(f.read(), cpu_signature())
+        name = module_name(sources_bytes(), cpu_signature())
         build_dir = os.path.join(default_cache_dir(), "torch_extensions", name)
         os.makedirs(build_dir, exist_ok=True)
         if not os.path.exists(os.path.join(build_dir, name + ".so")):
             logger.info("building native CPU kernels in %s (first use only, about a minute)", build_dir)
         with _build_lock(build_dir):
-            load(name=name, sources=[_SOURCE], build_directory=build_dir, extra_cflags=_CFLAGS,
+            load(name=name, sources=_SOURCES, build_directory=build_dir, extra_cflags=_CFLAGS,
                  extra_ldflags=["-fopenmp"], is_python_module=False)
         _register_fakes()
         return torch.ops.sharekv
