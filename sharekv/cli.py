@@ -167,6 +167,26 @@ def _cmd_bench_profile(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_latency(ns: argparse.Namespace) -> int:
+    from sharekv.bench.latency import run_latency_bench
+
+    result = run_latency_bench(engine_args_from(ns), ns.prompt_len, ns.output_len, ns.repeats, ns.output,
+                               llama_server=ns.llama_server, llama_gguf=ns.llama_gguf)
+    print(f"decode floor (weights at {result['bandwidth_gbs']:.1f} GB/s): {result['decode_step_floor_ms']:.2f} ms "
+          "a token")
+    for name in ("sharekv", "llama.cpp"):
+        if name in result:
+            r = result[name]
+            print(f"{name:>10}: prefill {r['prefill_tokens_per_second']:7.1f} tokens/s, decode "
+                  f"{r['decode_tokens_per_second']:6.1f} tokens/s ({r['decode_step_ms_median']:.2f} ms a token, "
+                  f"{r['decode_x_of_floor']:.2f}x of the floor)")
+    if "llama.cpp" in result:
+        print(f"llama.cpp / sharekv: decode {result['decode_ratio_llama_cpp_over_sharekv']:.2f}x, prefill "
+              f"{result['prefill_ratio_llama_cpp_over_sharekv']:.2f}x; greedy tokens equal: "
+              f"{result['llama.cpp']['greedy_match']} (first {result['llama.cpp']['matching_prefix_tokens']})")
+    return 0
+
+
 def _cmd_bench_preemption(ns: argparse.Namespace) -> int:
     from sharekv.bench.preemption import PreemptionWorkload, run_preemption_bench
 
@@ -349,9 +369,12 @@ def _cmd_bench_soak(ns: argparse.Namespace) -> int:
 
 
 def _cmd_convert(ns: argparse.Namespace) -> int:
-    from sharekv.model.convert import convert_gguf
+    from sharekv.model.convert import convert_gguf, convert_gguf_to_f32
 
-    print(convert_gguf(ns.gguf_file, ns.out_dir, ns.dtype))
+    if ns.to_gguf:
+        print(convert_gguf_to_f32(ns.gguf_file, ns.out_dir))
+    else:
+        print(convert_gguf(ns.gguf_file, ns.out_dir, ns.dtype))
     return 0
 
 
@@ -427,6 +450,18 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--output", default="results/profile.json", help="JSON result file (and a .png plot)")
     add_engine_args(pf, schedule="global")
     pf.set_defaults(func=_cmd_bench_profile)
+
+    lt = bench.add_parser("latency", help="one stream: prefill and decode tokens/s, beside llama.cpp's server "
+                                          "on the same F32 weights (--llama-server)")
+    lt.add_argument("--prompt-len", type=int, default=100)
+    lt.add_argument("--output-len", type=int, default=128)
+    lt.add_argument("--repeats", type=int, default=3, help="timed requests per engine (the best is reported)")
+    lt.add_argument("--llama-server", default=None, help="path of a llama.cpp llama-server binary to run beside")
+    lt.add_argument("--llama-gguf", default=None, help="the GGUF file llama.cpp runs (default: the model written "
+                                                       "as F32 GGUF, as sharekv convert --to-gguf does)")
+    lt.add_argument("--output", default="results/latency.json", help="JSON result file (and a .png plot)")
+    add_engine_args(lt)
+    lt.set_defaults(func=_cmd_bench_latency)
 
     pre = bench.add_parser("preemption", help="cost of a preempted request: swap to host RAM vs recompute")
     pre.add_argument("--num-requests", type=int, default=24)
@@ -544,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("gguf_file")
     cv.add_argument("out_dir")
     cv.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (tensors are dequantized)")
+    cv.add_argument("--to-gguf", action="store_true", help="write out_dir as an F32 GGUF file instead (the same "
+                                                           "model for llama.cpp, every tensor dequantized)")
     cv.set_defaults(func=_cmd_convert)
     return parser
 

@@ -195,3 +195,16 @@ def test_bench_profile_linear_flops_match_the_cost_model(tiny_models, tmp_path):
     assert {"attention", "elementwise", "between ops (Python, dispatch)"} <= set(result["forward_seconds"])
     assert set(result["phases_seconds"]) >= {"schedule", "forward", "lm_head", "sample"}
     assert result["roofline"]["x_of_floor"] > 1.0
+
+
+def test_bench_latency(tmp_path):
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--model", str(STORIES_DIR), "--prompt-len", "40", "--output-len", "12",
+                 "--repeats", "2", "--output", str(out)]) == 0
+    result = _result(out)
+    ours = result["sharekv"]
+    assert ours["same_tokens_every_run"] and len(ours["runs"]) == 2
+    # one prefill step, then one step a token: the prompt was computed in full each time
+    assert all(run["steps"] == 12 for run in ours["runs"])
+    assert ours["decode_tokens_per_second"] > 0 and result["decode_step_floor_ms"] > 0
+    assert "llama.cpp" not in result

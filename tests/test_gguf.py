@@ -299,3 +299,24 @@ def test_llama3_rope_factors_from_gguf(tiny_models, tmp_path):
     with pytest.raises(ModelLoadError, match="per-frequency RoPE factors"):
         convert_gguf(path, str(tmp_path / "out"))
     assert_engine_clean(llm.engine)
+
+
+@pytest.mark.parametrize("name", ["llama", "stories"])
+def test_convert_to_f32_gguf(gguf_files, tmp_path, name):
+    """`convert --to-gguf` writes the model llama.cpp can run in fp32: every tensor the dequantized values of
+    the quantized file, the same metadata apart from the file type, the same tokens from sharekv."""
+    out = str(tmp_path / f"{name}-f32.gguf")
+    assert main(["convert", gguf_files[name], out, "--to-gguf"]) == 0
+    source, f32 = GGUFFile(gguf_files[name]), GGUFFile(out)
+    assert {k: v for k, v in f32.metadata.items() if k != "general.file_type"} == \
+        {k: v for k, v in source.metadata.items() if k != "general.file_type"}
+    assert f32.metadata["general.file_type"] == 0  # ALL_F32
+    assert f32.tensors.keys() == source.tensors.keys()
+    for tensor in source.tensors:
+        assert f32.tensors[tensor].qtype == Q.F32
+        np.testing.assert_array_equal(f32.dequantized(tensor), source.dequantized(tensor))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = [3, 17, 42, 99, 5]
+    outs = [LLM(path, kv_cache_memory="8MiB").generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+            for path in (gguf_files[name], out)]
+    assert outs[0] == outs[1]

@@ -33,6 +33,7 @@ LINEAR_OPS = {"mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten:
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::matmul", "aten::bmm", "aten::logsumexp"}
 KV_WRITE_OPS = {"aten::index_put_", "sharekv::quantize_write_"}
+ATTENTION_KERNELS = {"sharekv::paged_decode_attention", "sharekv::prefix_attention_merge_"}
 
 
 def op_class(name: str, input_shapes: list, shapes: dict[tuple[int, int], str]) -> str:
@@ -41,7 +42,7 @@ def op_class(name: str, input_shapes: list, shapes: dict[tuple[int, int], str]) 
         return "linear:" + shapes.get(tuple(input_shapes[1]), "other")
     if name in KV_WRITE_OPS:
         return "kv_write"
-    if name.startswith("sharekv::") or name in ATTENTION_OPS:
+    if name in ATTENTION_KERNELS or name in ATTENTION_OPS:
         return "attention"
     return "elementwise"
 
@@ -59,6 +60,7 @@ def breakdown(events, shapes: dict[tuple[int, int], str]) -> dict:
     phases: dict[str, float] = defaultdict(float)
     classes: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)
     between = 0.0
     for event in events:
         if not event.name.startswith("sharekv::") or event.name[9:] not in PHASES:
@@ -71,12 +73,14 @@ def breakdown(events, shapes: dict[tuple[int, int], str]) -> dict:
                 child_seconds = child.time_range.elapsed_us() / 1e6
                 kind = op_class(child.name, child.input_shapes, shapes)
                 classes[kind] += child_seconds
+                by_op[child.name] += child_seconds
                 covered += child_seconds
                 if kind.startswith("linear:"):
                     flops[kind] += linear_flops(child.input_shapes)
             between += seconds - covered
     classes["between ops (Python, dispatch)"] = between
-    return {"phases": dict(phases), "forward": dict(classes), "linear_flops": dict(flops)}
+    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
+    return {"phases": dict(phases), "forward": dict(classes), "linear_flops": dict(flops), "top_ops": top}
 
 
 def run_profile_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, doc_len: int, question_len: int,
@@ -116,6 +120,7 @@ def run_profile_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, d
         "unprofiled_wall_seconds": plain.wall_seconds,
         "phases_seconds": phases,
         "forward_seconds": parts["forward"],
+        "forward_top_ops_seconds": parts["top_ops"],
         "linear": linear,
         "attention": {"seconds": attention_s, "gflop": totals.attention_flops / 1e9,
                       "kv_gbytes_read": totals.kv_bytes / 1e9,

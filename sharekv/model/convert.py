@@ -1,11 +1,17 @@
 """`sharekv convert FILE.gguf OUT_DIR`: a GGUF model written as a Hugging Face directory, so that
-transformers, vLLM and any HF tool run exactly the weights and tokenizer sharekv runs."""
+transformers, vLLM and any HF tool run exactly the weights and tokenizer sharekv runs.
+
+`sharekv convert FILE.gguf OUT.gguf --to-gguf`: the same model as an F32 GGUF file (every tensor
+dequantized, the metadata and tokenizer copied), so llama.cpp runs the fp32 weights sharekv runs rather
+than their quantized form: a speed comparison of the same arithmetic and the same bytes."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import gguf
+import numpy as np
 from safetensors.torch import save_file
 
 from sharekv.model.checkpoint import Checkpoint
@@ -41,3 +47,28 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
             checkpoint.tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
             _write_json(os.path.join(tmp, "tokenizer_config.json"), checkpoint.tokenizer.config)
     return out_dir
+
+
+def convert_gguf_to_f32(gguf_path: str, out_path: str) -> str:
+    """Write the GGUF model at `gguf_path` as an F32 GGUF file: the same metadata (its file type F32), the
+    same tensors dequantized to float32 (F32 and F16 tensors as they are, widened)."""
+    reader = gguf.GGUFReader(gguf_path)
+    arch = reader.fields["general.architecture"].contents()
+    tmp = out_path + ".partial"
+    writer = gguf.GGUFWriter(tmp, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":  # the header; the writer adds the arch
+            continue
+        vtype = field.types[0]
+        value = gguf.LlamaFileType.ALL_F32 if name == "general.file_type" else field.contents()
+        writer.add_key_value(name, value, vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY
+                             else None)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, values.reshape([int(d) for d in reversed(tensor.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out_path)
+    return out_path

@@ -28,6 +28,7 @@ from sharekv.config import default_cache_dir
 logger = logging.getLogger("sharekv")
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
             for name in ("paged_attention.cpp", "elementwise.cpp")]
+_HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", "vec.h")]
 # fast math, but keep infinities: a row with nothing to attend to has a log-sum-exp of -inf
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 _lock = threading.Lock()
@@ -69,9 +70,9 @@ def cpu_signature() -> str:
 
 
 def sources_bytes() -> bytes:
-    """Every kernel source, in order: what a build is made of."""
+    """Every kernel source and header, in order: what a build is made of."""
     parts = []
-    for path in _SOURCES:
+    for path in _SOURCES + _HEADERS:
         with open(path, "rb") as f:
             parts.append(f.read())
     return b"\0".join(parts)

@@ -13,9 +13,45 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
+
+#include "vec.h"
 
 template <typename T>
 static inline T round_to(float v) { return static_cast<T>(v); }
+
+// One row: residual += x (if given), then out = weight * (residual * rsqrt(mean(residual^2) + eps)).
+template <typename T>
+static void add_rms_norm_row(T* row, const T* x, const T* weight, T* out, int64_t hidden, float eps) {
+  float squares = 0.f;
+  int64_t d = 0;
+  if constexpr (std::is_same_v<T, float>) {  // whole vectors
+    vfw acc = {};
+    for (; d + W <= hidden; d += W) {
+      vfw v = loadw(row + d);
+      if (x) {
+        v += loadw(x + d);
+        storew(row + d, v);
+      }
+      acc += v * v;
+    }
+    for (int j = 0; j < W; ++j) squares += acc[j];
+  }
+  for (; d < hidden; ++d) {
+    if (x) row[d] = round_to<T>(static_cast<float>(row[d]) + static_cast<float>(x[d]));
+    const float v = static_cast<float>(row[d]);
+    squares += v * v;
+  }
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+  d = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; d + W <= hidden; d += W) storew(out + d, loadw(weight + d) * (loadw(row + d) * inv));
+  }
+  for (; d < hidden; ++d) {
+    const float normed = static_cast<float>(round_to<T>(static_cast<float>(row[d]) * inv));
+    out[d] = round_to<T>(static_cast<float>(weight[d]) * normed);
+  }
+}
 
 torch::Tensor add_rms_norm_(const torch::Tensor& residual, const std::optional<torch::Tensor>& x,
                             const torch::Tensor& weight, double eps) {
@@ -31,29 +67,36 @@ torch::Tensor add_rms_norm_(const torch::Tensor& residual, const std::optional<t
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, residual.scalar_type(), "add_rms_norm_", [&] {
     scalar_t* r = residual.data_ptr<scalar_t>();
     const scalar_t* a = add ? xs.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t* row = r + i * hidden;
-        float squares = 0.f;
-        for (int64_t d = 0; d < hidden; ++d) {
-          float v = static_cast<float>(row[d]);
-          if (add) {
-            row[d] = round_to<scalar_t>(v + static_cast<float>(a[i * hidden + d]));
-            v = static_cast<float>(row[d]);
-          }
-          squares += v * v;
-        }
-        const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + static_cast<float>(eps));
-        for (int64_t d = 0; d < hidden; ++d) {
-          const float normed = static_cast<float>(round_to<scalar_t>(static_cast<float>(row[d]) * inv));
-          o[i * hidden + d] = round_to<scalar_t>(static_cast<float>(wp[d]) * normed);
-        }
-      }
+      for (int64_t i = begin; i < end; ++i)
+        add_rms_norm_row<scalar_t>(r + i * hidden, a ? a + i * hidden : nullptr, w.data_ptr<scalar_t>(),
+                                   out.data_ptr<scalar_t>() + i * hidden, hidden, static_cast<float>(eps));
     });
   });
   return out;
+}
+
+template <typename T>
+static void silu_mul_rows(const T* src, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* g = src + i * 2 * inter;
+      const T* u = g + inter;
+      T* o = out + i * inter;
+      int64_t d = 0;
+      if constexpr (std::is_same_v<T, float>) {  // whole vectors, with a vector exp
+        for (; d + W <= inter; d += W) {
+          const vfw x = loadw(g + d);
+          storew(o + d, x / (1.f + exp_w(-x)) * loadw(u + d));
+        }
+      }
+      for (; d < inter; ++d) {
+        const float x = static_cast<float>(g[d]);
+        const float silu = static_cast<float>(round_to<T>(x / (1.f + std::exp(-x))));
+        o[d] = round_to<T>(silu * static_cast<float>(u[d]));
+      }
+    }
+  });
 }
 
 torch::Tensor silu_mul(const torch::Tensor& gate_up) {
@@ -63,19 +106,7 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
   auto out = torch::empty({rows, inter}, gu.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "silu_mul", [&] {
-    const scalar_t* src = gu.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* g = src + i * 2 * inter;
-        const scalar_t* u = g + inter;
-        for (int64_t d = 0; d < inter; ++d) {
-          const float x = static_cast<float>(g[d]);
-          const float silu = static_cast<float>(round_to<scalar_t>(x / (1.f + std::exp(-x))));
-          o[i * inter + d] = round_to<scalar_t>(silu * static_cast<float>(u[d]));
-        }
-      }
-    });
+    silu_mul_rows<scalar_t>(gu.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, inter);
   });
   return out;
 }

@@ -1,0 +1,37 @@
+// Vectors of floats sized to the machine's registers (GCC/Clang vector extensions), shared by the kernels.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float vfw __attribute__((vector_size(W * 4)));
+typedef float vfwu __attribute__((vector_size(W * 4), aligned(4)));
+static inline vfw loadw(const float* p) { return *reinterpret_cast<const vfwu*>(p); }
+static inline void storew(float* p, vfw v) { *reinterpret_cast<vfwu*>(p) = v; }
+typedef int32_t viw __attribute__((vector_size(W * 4)));
+
+// exp on a vector: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, e^r by its degree-7 Taylor
+// polynomial (relative error below 1e-7). libm's expf is scalar here and took a third of the time.
+static inline vfw exp_w(vfw x) {
+  const viw keep = x >= -87.f;  // below this e^x underflows: return 0
+  x = x < -87.f ? vfw{} - 87.f : x;
+  x = x > 88.f ? vfw{} + 88.f : x;
+  const vfw y = x * 1.44269504f + 0.5f;
+  viw n = __builtin_convertvector(y, viw);
+  n += y < __builtin_convertvector(n, vfw);  // truncation to floor: subtract 1 where it rounded up
+  const vfw r = x - __builtin_convertvector(n, vfw) * 0.693147181f;
+  vfw p = 1.f / 5040.f + r * 0.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const viw scaled = (viw)p + (n << 23);  // multiply by 2^n in the exponent bits
+  return (vfw)(scaled & keep);
+}
