@@ -33,12 +33,13 @@ def test_engine_run_costs(tiny_models, share):
     shared = list(range(1, 17))  # four whole blocks every prompt shares
     prompts = [shared + [20 + i, 30 + i] for i in range(3)]
     llm.generate(prompts[:1], SamplingParams(max_tokens=1, temperature=0.0))  # caches the shared blocks
-    first, computed = len(runner.costs), llm.engine.stats.computed_tokens
+    computed = llm.engine.stats.computed_tokens
     steps = []
     execute = runner.execute
     runner.execute = lambda step: steps.append(step) or execute(step)  # observe the steps it runs
-    llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
-    costs = runner.costs.since(first)
+    with runner.recording_costs() as costs:
+        llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert runner.cost_log is None and len(costs) == len(steps)
     total = costs.totals()
     c = llm.engine.model_config
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim

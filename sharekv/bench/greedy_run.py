@@ -40,9 +40,9 @@ def greedy_generate(llm: LLM, prompts: list[list[int]], max_tokens: list[int], u
     """Greedy decoding, by default with EOS ignored so every policy and engine does the same amount of work
     (with real EOS, engines whose greedy tokens agree still stop at the same places)."""
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=ignore_eos) for n in max_tokens]
-    first_step = len(llm.engine.runner.costs)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
-    wall = time.perf_counter() - start
+    with llm.engine.runner.recording_costs() as costs:
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        wall = time.perf_counter() - start
     return GreedyRun(outputs, wall, sum(len(p) for p in prompts), sum(len(o.outputs[0].token_ids) for o in outputs),
-                     llm.engine.runner.costs.since(first_step))
+                     costs)

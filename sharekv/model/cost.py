@@ -100,9 +100,6 @@ class CostLog:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def since(self, first: int) -> CostLog:
-        return CostLog(self.rows[first:])
-
     def totals(self) -> StepCost:
         if not self.rows:
             return StepCost()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,7 +163,17 @@ class ModelRunner:
         self.forward_seconds = 0.0
         self.shapes = ModelShapes.of(c, model.dtype.itemsize,
                                      kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype) // block_size)
-        self.costs = CostLog()  # every step's FLOPs and bytes, for the benchmarks' roofline figures
+        self.cost_log: CostLog | None = None  # while a benchmark records: every step's FLOPs and bytes
+
+    @contextlib.contextmanager
+    def recording_costs(self) -> Iterator[CostLog]:
+        """Log the cost of every step run inside the block (a server runs without the log, which would grow
+        with every step)."""
+        self.cost_log = log = CostLog()
+        try:
+            yield log
+        finally:
+            self.cost_log = None
 
     def copy_swapped_blocks(self, step: SchedulerOutput) -> None:
         """Do the step's block copies to and from host RAM (`KVCache.swap`)."""
@@ -225,8 +237,9 @@ class ModelRunner:
         with record_function("sharekv::lm_head"):
             logits = self.model.logits(hidden[logit_rows]) if logit_rows else hidden.new_empty((0, 0))
         self.forward_seconds += time.perf_counter() - t0
-        self.costs.add(step_cost(self.shapes, np.asarray(kv_starts), np.asarray(counts), len(logit_rows),
-                                 meta.kv_tokens_read, self.model.config.sliding_window))
+        if self.cost_log is not None:
+            self.cost_log.add(step_cost(self.shapes, np.asarray(kv_starts), np.asarray(counts), len(logit_rows),
+                                        meta.kv_tokens_read, self.model.config.sliding_window))
         return StepResult(logits, sampled, prompt_spans, {i: torch.stack(o.mass) for i, o in observed.items()})
 
     def compact(self, compactions: list[Compaction]) -> None:
