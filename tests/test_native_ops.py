@@ -63,6 +63,21 @@ def test_opcheck_quantize_write(ops):
                                                         torch.empty_like(x)))
 
 
+def test_write_kv_equals_an_indexed_write(ops):
+    gen = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(5, 2, 64, generator=gen) for _ in range(2))
+    slots = torch.tensor([3, 17, 18, 40, 63])
+    caches = [torch.zeros(4, 16, 2, 64) for _ in range(2)]
+    torch.library.opcheck(ops.write_kv_.default, (k, v, slots, *caches))
+    expected = [torch.zeros(4, 16, 2, 64) for _ in range(2)]
+    for cache, x in zip(expected, (k, v), strict=True):
+        cache.view(-1, 2, 64)[slots] = x
+    written = [torch.zeros(4, 16, 2, 64) for _ in range(2)]
+    LayerKV(*written, torch.float32, native=ops).write(slots, k, v)
+    for got, want in zip(written, expected, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_profiler_names_the_kernels_and_compile_traces_them(ops):
     q, k, v, k_cache, v_cache, meta = _attention_case()
     attn = PagedAttention(8, 2, 64, None)

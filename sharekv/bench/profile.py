@@ -90,7 +90,8 @@ def run_profile_bench(args: EngineArgs, num_docs: int, questions_per_doc: int, d
     requests = documents_x_questions(num_docs, questions_per_doc, doc_len, question_len, output_len,
                                      config.vocab_size, seed, system_len=system_len)
     prompts, max_tokens = [r.prompt_token_ids for r in requests], [r.max_tokens for r in requests]
-    greedy_generate(llm, [p[:32] for p in prompts[:2]], [4, 4], use_tqdm=False)  # warm-up
+    warm = [p[:32] for p in prompts[:2]]
+    greedy_generate(llm, warm, [4] * len(warm), use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()
     machine = quick_profile(config, args.dtype)
     plain = greedy_generate(llm, prompts, max_tokens)  # the same run unprofiled: the profiler's own cost

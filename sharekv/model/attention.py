@@ -138,8 +138,11 @@ class PagedAttention:
         """The step's attention over a cache that already holds its keys and values: [tokens, heads, d].
         k, v (the step's keys and values as the cache holds them) are read only by prefill chunks with
         nothing cached."""
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         shared = meta.shared_prefixes
+        if meta.decode_rows is None and not (meta.prefills or shared or meta.observed) \
+                and meta.num_decode_tokens == q.shape[0]:  # decodes alone: their rows are the output
+            return self._decode(q, cache, meta)[0]
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         # log-sum-exp of each token's own part, for the merge with its group's prefix
         lse = None if shared is None else torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
         if meta.decode_block_tables is not None:

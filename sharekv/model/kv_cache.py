@@ -44,7 +44,7 @@ class LayerKV:
     dtype: torch.dtype  # what attention computes in
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
-    native: ModuleType | None = None  # the compiled CPU kernels: quantize as they write
+    native: ModuleType | None = None  # the compiled CPU kernels: write (and quantize) in one call
 
     @property
     def block_size(self) -> int:
@@ -59,8 +59,11 @@ class LayerKV:
         now holds them, so a chunk that attends to its own fresh keys sees what a later read will."""
         kv_heads, d = self.k.shape[2:]
         if not self.quantized:
-            self.k.view(-1, kv_heads, d)[slots] = k
-            self.v.view(-1, kv_heads, d)[slots] = v
+            if self.native is not None:
+                self.native.write_kv_(k, v, slots, self.k, self.v)
+            else:
+                self.k.view(-1, kv_heads, d)[slots] = k
+                self.v.view(-1, kv_heads, d)[slots] = v
             return k, v
         stored = []
         for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
@@ -117,7 +120,7 @@ class KVCache:
             self.swap_scales = torch.empty(swap_shape[:-1], dtype=torch.uint8, device="cpu", pin_memory=pinned)
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
         # each layer's views, made once (the forward asks for every layer at every step)
-        self._layers = [LayerKV(self.data[i, 0], self.data[i, 1], dtype) if self.scales is None else
+        self._layers = [LayerKV(self.data[i, 0], self.data[i, 1], dtype, native=native) if self.scales is None else
                         LayerKV(self.data[i, 0], self.data[i, 1], dtype, self.scales[i, 0], self.scales[i, 1], native)
                         for i in range(config.num_layers)]
 

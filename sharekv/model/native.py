@@ -98,7 +98,7 @@ def _register_fakes() -> None:
     def _(gate_up):
         return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
-    for name in ("quantize_write_", "prefix_attention_merge_", "rope_"):
+    for name in ("quantize_write_", "write_kv_", "prefix_attention_merge_", "rope_"):
         torch.library.register_fake(f"sharekv::{name}", lambda *args: None)
 
 

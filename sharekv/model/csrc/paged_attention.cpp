@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -492,11 +493,38 @@ void quantize_write_(torch::Tensor x, torch::Tensor slots, const torch::Tensor& 
   });
 }
 
+// The write of a step's keys and values [tokens, kv_heads, dim] at their slots of a cache in their dtype:
+// one call for both, a row copy each (two indexed assignments in torch, each an index_put_).
+void write_kv_(torch::Tensor k, torch::Tensor v, torch::Tensor slots, const torch::Tensor& k_cache,
+               const torch::Tensor& v_cache) {
+  TORCH_CHECK(k.device().is_cpu() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == v.scalar_type() &&
+                  k.sizes() == v.sizes(),
+              "write_kv_ writes k and v into contiguous CPU caches of their dtype");
+  k = k.contiguous();
+  v = v.contiguous();
+  slots = slots.to(torch::kInt64).contiguous();
+  const int64_t tokens = k.size(0), row = k.size(1) * k.size(2), bytes = row * k.element_size();
+  TORCH_CHECK(slots.numel() == tokens && k_cache.size(2) * k_cache.size(3) == row, "one slot per token");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(kc + slot[t] * bytes, ks + t * bytes, bytes);
+      std::memcpy(vc + slot[t] * bytes, vs + t * bytes, bytes);
+    }
+  });
+}
+
 // Registered as torch operators (torch.ops.sharekv.*), not a Python module: the profiler names them, their
 // time is accounted like any aten op's, and torch.compile traces around them (fake implementations in
 // sharekv/model/native.py). A trailing underscore marks the ops that write into their arguments.
 TORCH_LIBRARY(sharekv, m) {
   m.def("quantize_write_(Tensor x, Tensor slots, Tensor(a!) cache, Tensor(b!) scales, Tensor(c!) stored) -> ()");
+  m.def("write_kv_(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
         "Tensor block_tables, Tensor context_lens, Tensor starts, float scale, int window, Tensor(a!) mass, "
         "Tensor mass_rows) -> (Tensor, Tensor)");
@@ -506,6 +534,7 @@ TORCH_LIBRARY(sharekv, m) {
 
 TORCH_LIBRARY_IMPL(sharekv, CPU, m) {
   m.impl("quantize_write_", &quantize_write_);
+  m.impl("write_kv_", &write_kv_);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("prefix_attention_merge_", &prefix_attention_merge_);
 }
