@@ -146,7 +146,7 @@ def _cmd_bench_roofline(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench_profile(ns: argparse.Namespace) -> int:
-    from sharekv.bench.profile import run_profile_bench
+    from sharekv.bench.step_profile import run_profile_bench
 
     result = run_profile_bench(engine_args_from(ns), ns.num_docs, ns.questions, ns.doc_len, ns.question_len,
                                ns.system_len, (ns.min_output, ns.max_output), ns.workload_seed, ns.output)
