@@ -50,19 +50,20 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
 
 
 def convert_gguf_to_f32(gguf_path: str, out_path: str) -> str:
-    """Write the GGUF model at `gguf_path` as an F32 GGUF file: the same metadata (its file type F32), the
-    same tensors dequantized to float32 (F32 and F16 tensors as they are, widened)."""
+    """Write the GGUF model at `gguf_path` as an F32 GGUF file: the same metadata, its file type F32 (set
+    whether or not the source named one), the tensors dequantized to float32 (F16 ones widened)."""
     reader = gguf.GGUFReader(gguf_path)
     arch = reader.fields["general.architecture"].contents()
     tmp = out_path + ".partial"
     writer = gguf.GGUFWriter(tmp, arch)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":  # the header; the writer adds the arch
+        # the header, the architecture (the writer adds it) and the file type (F32 now) are not copied
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
         vtype = field.types[0]
-        value = gguf.LlamaFileType.ALL_F32 if name == "general.file_type" else field.contents()
-        writer.add_key_value(name, value, vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY
-                             else None)
+        writer.add_key_value(name, field.contents(), vtype,
+                             sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     for tensor in reader.tensors:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         writer.add_tensor(tensor.name, values.reshape([int(d) for d in reversed(tensor.shape)]))
