@@ -76,6 +76,14 @@ def test_write_kv_equals_an_indexed_write(ops):
     LayerKV(*written, torch.float32, native=ops).write(slots, k, v)
     for got, want in zip(written, expected, strict=True):
         assert torch.equal(got, want)
+    # k and v as the forward has them: strided views into the fused q/k/v product, read where they lie
+    qkv = torch.cat([torch.randn(5, 128, generator=gen), k.view(5, -1), v.view(5, -1)], dim=1)
+    _, k_view, v_view = qkv.split([128, 128, 128], dim=1)
+    assert not k_view.is_contiguous()
+    written = [torch.zeros(4, 16, 2, 64) for _ in range(2)]
+    ops.write_kv_(k_view.view(5, 2, 64), v_view.view(5, 2, 64), slots, *written)
+    for got, want in zip(written, expected, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_profiler_names_the_kernels_and_compile_traces_them(ops):

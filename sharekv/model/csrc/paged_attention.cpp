@@ -494,27 +494,30 @@ void quantize_write_(torch::Tensor x, torch::Tensor slots, const torch::Tensor& 
 }
 
 // The write of a step's keys and values [tokens, kv_heads, dim] at their slots of a cache in their dtype:
-// one call for both, a row copy each (two indexed assignments in torch, each an index_put_).
+// one call for both, a row copy each (two indexed assignments in torch, each an index_put_). Each token's
+// row must be contiguous, the tokens may be strided: k and v are read where they lie in the fused q/k/v
+// product.
 void write_kv_(torch::Tensor k, torch::Tensor v, torch::Tensor slots, const torch::Tensor& k_cache,
                const torch::Tensor& v_cache) {
   TORCH_CHECK(k.device().is_cpu() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == v.scalar_type() &&
-                  k.sizes() == v.sizes(),
-              "write_kv_ writes k and v into contiguous CPU caches of their dtype");
-  k = k.contiguous();
-  v = v.contiguous();
-  slots = slots.to(torch::kInt64).contiguous();
+                  k.sizes() == v.sizes() && k.dim() == 3,
+              "write_kv_ writes k and v [tokens, kv_heads, dim] into contiguous CPU caches of their dtype");
   const int64_t tokens = k.size(0), row = k.size(1) * k.size(2), bytes = row * k.element_size();
+  for (auto* x : {&k, &v})
+    if (x->stride(2) != 1 || x->stride(1) != x->size(2)) *x = x->contiguous();  // rows not contiguous
+  slots = slots.to(torch::kInt64).contiguous();
   TORCH_CHECK(slots.numel() == tokens && k_cache.size(2) * k_cache.size(3) == row, "one slot per token");
   const int64_t* slot = slots.data_ptr<int64_t>();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   const auto* ks = static_cast<const char*>(k.data_ptr());
   const auto* vs = static_cast<const char*>(v.data_ptr());
+  const int64_t k_step = k.stride(0) * k.element_size(), v_step = v.stride(0) * v.element_size();
   at::parallel_for(0, tokens, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      std::memcpy(kc + slot[t] * bytes, ks + t * bytes, bytes);
-      std::memcpy(vc + slot[t] * bytes, vs + t * bytes, bytes);
+      std::memcpy(kc + slot[t] * bytes, ks + t * k_step, bytes);
+      std::memcpy(vc + slot[t] * bytes, vs + t * v_step, bytes);
     }
   });
 }
