@@ -56,10 +56,6 @@ class StepCost:
     def flops(self) -> float:
         return self.linear_flops + self.attention_flops + self.lm_head_flops
 
-    @property
-    def bytes(self) -> float:
-        return self.weight_bytes + self.kv_bytes
-
 
 def attended_pairs(kv_starts: np.ndarray, counts: np.ndarray, window: int | None = None) -> int:
     """(query, key) pairs of chunks whose first token sits at slot kv_starts[i] and runs counts[i] tokens:
@@ -111,7 +107,8 @@ class CostLog:
         if not self.rows:
             return {"floor": 0.0, "compute": 0.0, "memory": 0.0}
         a = np.asarray(self.rows)
-        compute = a[:, :3].sum(axis=1) / peak_flops
-        memory = a[:, 3:].sum(axis=1) / bandwidth
+        names = [f.name for f in fields(StepCost)]
+        compute = a[:, [i for i, n in enumerate(names) if n.endswith("_flops")]].sum(axis=1) / peak_flops
+        memory = a[:, [i for i, n in enumerate(names) if n.endswith("_bytes")]].sum(axis=1) / bandwidth
         return {"floor": float(np.maximum(compute, memory).sum()), "compute": float(compute.sum()),
                 "memory": float(memory.sum())}
