@@ -57,12 +57,18 @@ class StepCost:
         return self.linear_flops + self.attention_flops + self.lm_head_flops
 
 
+def causal_pairs(start: int | np.ndarray, count: int | np.ndarray) -> int | np.ndarray:
+    """(query, key) pairs of a chunk of `count` tokens after `start` cached ones: token j attends to
+    start + j + 1 keys. Ints or arrays of them."""
+    return count * start + count * (count + 1) // 2
+
+
 def attended_pairs(kv_starts: np.ndarray, counts: np.ndarray, window: int | None = None) -> int:
-    """(query, key) pairs of chunks whose first token sits at slot kv_starts[i] and runs counts[i] tokens:
-    token j of a chunk attends to kv_start + j + 1 keys (at most `window`)."""
+    """(query, key) pairs of chunks whose first token sits at slot kv_starts[i] and runs counts[i] tokens,
+    each query seeing at most `window` keys."""
     s, n = kv_starts.astype(np.int64), counts.astype(np.int64)
     if window is None:
-        return int((n * s + n * (n + 1) // 2).sum())
+        return int(causal_pairs(s, n).sum())
     total = 0
     for start, count in zip(s.tolist(), n.tolist(), strict=True):
         seen = np.minimum(np.arange(start + 1, start + count + 1), window)

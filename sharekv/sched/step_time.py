@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sharekv.model.cost import causal_pairs
 from sharekv.sched.output import ScheduledChunk, SchedulerOutput
 
 # Each feature divided by its scale, so the coefficients are of similar size and the ridge term is fair.
@@ -55,7 +56,7 @@ class StepShape:
             self.decode_context += start + 1
         else:
             self.prefill_chunks += 1
-            self.prefill_pairs += num_tokens * (start + (num_tokens + 1) / 2)
+            self.prefill_pairs += causal_pairs(start, num_tokens)
 
     @classmethod
     def of(cls, step: SchedulerOutput) -> StepShape:
