@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from sharekv.kv.quant import KV_CACHE_DTYPES
+from sharekv.kv.quant import KIVI_BITS, KV_CACHE_DTYPES
 
 _UNITS = {
     "": 1, "b": 1,
@@ -70,7 +70,11 @@ class EngineArgs:
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "how the KV pool stores keys and values: auto (the model's dtype) | int8 (a one-byte scale "
-                "per token and KV head; 3.9x the tokens of fp32)"})
+                "per token and KV head; 3.9x the tokens of fp32) | int4 | int2 (KIVI: keys per channel over "
+                "a block, values per token in groups of 32; each sequence's unfilled block in full precision)"})
+    kv_residual: int = field(default=128, metadata={
+        "help": "int4 | int2 KV: the most recent tokens of each sequence kept in full precision (KIVI's "
+                "residual window), rounded up to whole blocks, at least one"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     kv_cache_memory: str | None = field(
         default=None, metadata={"help": "KV pool size, e.g. 512MiB (default: 40%% of free RAM, at most 8GiB, "
@@ -125,6 +129,11 @@ class EngineArgs:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_eviction not in (None, "none") and self.kv_cache_dtype in KIVI_BITS:
+            raise ValueError(f"--kv-eviction does not run on a {self.kv_cache_dtype} KV cache yet; use "
+                             "--kv-cache-dtype int8 or auto")
+        if self.kv_residual < 0:
+            raise ValueError("kv_residual must be >= 0")
         if self.kv_eviction_window < 1 or self.kv_eviction_kernel < 1 or self.kv_eviction_sinks < 0:
             raise ValueError("kv_eviction_window and kv_eviction_kernel must be >= 1, kv_eviction_sinks >= 0")
         from sharekv.sched.registry import parse_schedule  # the registry imports the policies

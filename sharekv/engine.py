@@ -14,6 +14,7 @@ from sharekv.config import EngineArgs, parse_bytes
 from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.eviction import NONE
 from sharekv.kv.manager import KVCacheManager
+from sharekv.kv.quant import check_kv_format, kivi_bits
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.kv_cache import kv_bytes_per_block
@@ -58,6 +59,18 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
 
+def kv_pool_blocks(kv_bytes: int, block_bytes: int, max_num_seqs: int, tail_block_bytes: int = 0,
+                   tails_per_seq: int = 0) -> tuple[int, int, int]:
+    """Blocks of the pool, full-precision tail blocks and the most sequences that may run, within `kv_bytes`.
+    A KIVI cache gives each running sequence `tails_per_seq` tails (its residual window and one more for a
+    chunk that starts mid-block); tails take at most half the bytes, so fewer sequences run if need be."""
+    if not tail_block_bytes:
+        return kv_bytes // block_bytes, 0, max_num_seqs
+    per_seq = tail_block_bytes * tails_per_seq
+    seqs = max(1, min(max_num_seqs, kv_bytes // 2 // per_seq))
+    return (kv_bytes - seqs * per_seq) // block_bytes, seqs * tails_per_seq, seqs
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, checkpoint: Checkpoint | None = None) -> None:
         args.validate()
@@ -72,26 +85,35 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         dtype = DTYPES[args.dtype]
         device = torch.device(args.device)
+        check_kv_format(config.head_dim, args.kv_cache_dtype)
         per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype)
-        num_blocks = args.kv_cache_bytes() // per_block
+        residual_blocks = max(1, -(-args.kv_residual // args.block_size))
+        num_blocks, num_tail_blocks, max_num_seqs = kv_pool_blocks(
+            args.kv_cache_bytes(), per_block, args.max_num_seqs,
+            kv_bytes_per_block(config, args.block_size, dtype) if kivi_bits(args.kv_cache_dtype) else 0,
+            residual_blocks + 1)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {args.kv_cache_memory} holds no block of {per_block} bytes")
+            residual = f" beside a {residual_blocks * args.block_size}-token full-precision residual window " \
+                       "(--kv-residual)" if num_tail_blocks else ""
+            raise ValueError(f"kv_cache_memory {args.kv_cache_memory} holds no block of {per_block} bytes{residual}")
         self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
         # A request may never need more KV than the whole pool, so the pool caps the context length.
         self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
         model = LlamaModel.from_checkpoint(checkpoint, self.max_model_len, dtype, device, args.native_kernels)
         self.load_seconds = time.perf_counter() - t0
         num_swap_slots = parse_bytes(args.swap_space) // per_block
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots,
-                                  args.kv_cache_dtype)
+                                  args.kv_cache_dtype, num_tail_blocks)
         # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
         namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_cache_dtype}|{args.block_size}"
-        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace)
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace, num_tail_blocks,
+                                 residual_blocks)
         self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),
                                        args.kv_eviction, args.kv_budget, window_size=args.kv_eviction_window,
                                        kernel_size=args.kv_eviction_kernel, n_sink=args.kv_eviction_sinks)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
-                                        max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
+                                        max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,
                                         swap=SwapSpace(num_swap_slots),
                                         policy_options={"slo": {"reject": args.slo_reject}},
                                         compressor=self.compressor)
@@ -100,9 +122,12 @@ class LLMEngine:
         self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
         self._next_seq_id = 0
-        logger.info("%s loaded in %.1f s; KV pool (%s): %d blocks of %d tokens = %d tokens (%.1f MiB); "
+        logger.info("%s loaded in %.1f s; KV pool (%s): %d blocks of %d tokens = %d tokens (%.1f MiB)%s; "
                     "max_model_len %d", checkpoint.name, self.load_seconds, args.kv_cache_dtype, num_blocks,
-                    args.block_size, num_blocks * args.block_size, num_blocks * per_block / 2**20, self.max_model_len)
+                    args.block_size, num_blocks * args.block_size, num_blocks * per_block / 2**20,
+                    f", and {num_tail_blocks} full-precision tail blocks ({residual_blocks * args.block_size}-token "
+                    f"residual window for each of up to {max_num_seqs} running sequences)" if num_tail_blocks else "",
+                    self.max_model_len)
         if self.scheduler.policy("slo") is not None:
             self.calibrate_step_time()
 
@@ -114,7 +139,7 @@ class LLMEngine:
         if model.calibrated or self.requests or self.stats.steps:
             return
         args = self.args
-        steps = calibration_steps(args.block_size, self.num_blocks, args.max_num_batched_tokens, args.max_num_seqs,
+        steps = calibration_steps(args.block_size, self.num_blocks, args.max_num_batched_tokens, self.max_num_seqs,
                                   self.max_model_len)
         if not steps:
             return
@@ -150,6 +175,9 @@ class LLMEngine:
             if self.model_config.sliding_window is not None:
                 raise InvalidParameter("kv_eviction", "KV eviction needs full attention; this model uses a "
                                                       "sliding window")
+            if kivi_bits(self.args.kv_cache_dtype):
+                raise InvalidParameter("kv_eviction", f"KV eviction does not run on a {self.args.kv_cache_dtype} "
+                                                      "KV cache yet; use --kv-cache-dtype int8 or auto")
             try:  # the compressor's own check: a policy needs a budget
                 self.compressor.state_for(params.kv_eviction, params.kv_budget, params.kv_compress_at)
             except ValueError as e:
@@ -221,7 +249,7 @@ class LLMEngine:
         with record_function("sharekv::schedule"):
             step = self.scheduler.schedule()
         rejected = self._take_rejected()
-        self.runner.copy_swapped_blocks(step)
+        self.runner.copy_blocks(step)
         if step.is_empty:
             self.scheduler.update_from_output(step)
             if self.scheduler.has_unfinished():

@@ -49,7 +49,7 @@ class KVManagerMachine(RuleBasedStateMachine):
         seq.num_computed_tokens += n
         self.kv.cache_full_blocks(seq)
         for i, block_id in enumerate(seq.block_table[:seq.num_computed_tokens // BLOCK]):
-            key = self.kv.pool.blocks[block_id].key
+            key = self.kv.block(block_id).key
             if key is not None:  # the whole prefix a key was first indexed for never changes
                 prefix = tuple(seq.token_ids[:(i + 1) * BLOCK])
                 assert self.key_prefix.setdefault(key, prefix) == prefix

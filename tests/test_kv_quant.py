@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from sharekv import LLM, SamplingParams
 from sharekv.bench.quality import compare, teacher_forced, teacher_forced_transformers, transformers_model
 from sharekv.config import EngineArgs
-from sharekv.kv.quant import SCALE_DTYPE, dequantize_int8, kv_bytes_per_head_token, quantize_int8
+from sharekv.kv.quant import SCALE_DTYPE, dequantize_int8, kv_bytes_per_head_block, quantize_int8
 from sharekv.model.attention import PagedAttention
 from sharekv.model.config import ModelConfig
 from sharekv.model.kv_cache import KVCache, LayerKV, kv_bytes_per_block
@@ -54,14 +54,16 @@ def _config(num_layers: int = 2, num_heads: int = 2, head_dim: int = 16) -> Mode
 
 
 def test_pool_holds_3_9x_the_tokens():
-    assert 256 / kv_bytes_per_head_token(64, torch.float32, "int8") >= 3.9  # SmolLM2's and llama-110m's heads
+    # SmolLM2's and llama-110m's heads
+    assert kv_bytes_per_head_block(64, 16, torch.float32, "auto") / kv_bytes_per_head_block(64, 16, torch.float32,
+                                                                                             "int8") >= 3.9
     config = _config(num_heads=4, head_dim=64)
     ratio = kv_bytes_per_block(config, 16, torch.float32) / kv_bytes_per_block(config, 16, torch.float32, "int8")
     assert ratio == 256 / 65
 
 
 def test_unknown_kv_cache_dtype_is_refused():
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, int4, int2"):
         EngineArgs(kv_cache_dtype="fp8").validate()
 
 

@@ -59,7 +59,7 @@ def test_a_step_is_plain_data():
     assert [c.token_ids for c in step.chunks] == [list(range(5, 30)), list(range(5, 12))]
     assert all(c.samples and c.start == 0 for c in step.chunks)
     assert step.chunks[1].prompt_logits == (0, 6)  # positions 0..5 predict prompt tokens 1..6
-    engine.runner.copy_swapped_blocks(step)
+    engine.runner.copy_blocks(step)
     engine.runner.execute(step)
     seqs = engine.scheduler.update_from_output(step)
     assert [s.num_computed_tokens for s in seqs] == [25, 7]

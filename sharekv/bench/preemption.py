@@ -57,8 +57,8 @@ def per_request_costs(args: EngineArgs, context_lens: list[int], repeats: int) -
         swap, recompute = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            runner.copy_swapped_blocks(SchedulerOutput(swap_out=pairs))
-            runner.copy_swapped_blocks(SchedulerOutput(swap_in=pairs))
+            runner.copy_blocks(SchedulerOutput(swap_out=pairs))
+            runner.copy_blocks(SchedulerOutput(swap_in=pairs))
             swap.append(time.perf_counter() - t0)
             prompt = [rng.randrange(10, vocab) for _ in range(n)]
             t0 = time.perf_counter()

@@ -30,7 +30,8 @@ STORY_PREFIXES = ["Once upon a time, there was a little girl named Lily. She lik
 
 def engine_leaks(engine: LLMEngine) -> list[str]:
     """What an idle engine still holds: requests, queued sequences, block references, pool blocks, swap
-    slots; and any broken bookkeeping. Empty when everything that ended gave back what it had."""
+    slots, full-precision tail blocks; and any broken bookkeeping. Empty when everything that ended gave
+    back what it had."""
     found = []
     if engine.requests:
         found.append(f"{len(engine.requests)} requests still registered")
@@ -52,6 +53,16 @@ def engine_leaks(engine: LLMEngine) -> list[str]:
         found.append(f"{pool.num_blocks - pool.num_free_blocks} blocks not free")
     if swap.num_free_slots != swap.num_slots:
         found.append(f"{swap.num_slots - swap.num_free_slots} swap slots claimed")
+    tails = engine.kv.tails
+    if tails is not None:
+        try:
+            tails.check_invariants()
+        except AssertionError as e:
+            found.append(f"tail bookkeeping: {e}")
+        if tails.num_free_blocks != tails.num_blocks:
+            found.append(f"{tails.num_blocks - tails.num_free_blocks} full-precision tail blocks not free")
+    if engine.kv.pending_seals:
+        found.append(f"{len(engine.kv.pending_seals)} tail seals never done")
     return found
 
 

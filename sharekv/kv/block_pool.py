@@ -25,11 +25,13 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, first_id: int = 0) -> None:
+        """Blocks first_id .. first_id + num_blocks - 1 (a second pool's ids follow the first's)."""
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.first_id = first_id
+        self.blocks = [Block(first_id + i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((first_id + i, None) for i in range(num_blocks))
         self._cached: dict[BlockKey, Block] = {}
         self.num_evictions = 0
 
@@ -46,7 +48,7 @@ class BlockPool:
         if not self._free:
             raise RuntimeError("KV pool exhausted: caller must check num_free_blocks first")
         block_id, _ = self._free.popitem(last=False)
-        block = self.blocks[block_id]
+        block = self.blocks[block_id - self.first_id]
         if block.key is not None:
             self.unregister(block)
             self.num_evictions += 1

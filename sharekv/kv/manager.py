@@ -1,4 +1,12 @@
-"""Block tables of sequences on top of the block pool, with prefix caching."""
+"""Block tables of sequences on top of the block pool, with prefix caching.
+
+With a KIVI cache (int4, int2) a second, small pool holds *tail* blocks in full precision: a block that a
+step leaves partly filled is a tail, and a block a step fills whole is a quantized block. When a tail is
+full, the next allocation for its sequence *seals* it: a quantized block takes its place in the table, the
+tail goes back, and the copy (tail -> block, quantized) is left in `pending_seals` for the step to do
+before its forward. Tails are never shared, indexed, pinned or swapped; a swapped-out sequence recomputes
+its tail's tokens.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +24,15 @@ def cdiv(a: int, b: int) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 key_namespace: str = "") -> None:
-        """`key_namespace` names what the KV depends on (model, dtype, block size): it roots every key."""
+                 key_namespace: str = "", num_tail_blocks: int = 0, residual_blocks: int = 1) -> None:
+        """`key_namespace` names what the KV depends on (model, dtype, block size): it roots every key.
+        `num_tail_blocks`: full-precision tail blocks of a KIVI cache (0: no tails), of which each sequence
+        keeps its last `residual_blocks` blocks."""
         self.pool = BlockPool(num_blocks)
+        self.tails = BlockPool(num_tail_blocks, first_id=num_blocks) if num_tail_blocks else None
+        self.residual_blocks = residual_blocks
+        self.pending_seals: list[tuple[int, int]] = []  # (full tail block, quantized block) copies to do
+        self.num_seals = 0
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.root_key: BlockKey = hashlib.sha256(f"sharekv-kv-v1|{key_namespace}".encode()).digest()
@@ -53,11 +67,43 @@ class KVCacheManager:
             hits.append(block)
         return hits
 
+    def block(self, block_id: int) -> Block:
+        """A block of either pool by its id."""
+        if block_id < self.pool.num_blocks:
+            return self.pool.blocks[block_id]
+        return self.tails.blocks[block_id - self.pool.num_blocks]
+
+    def is_tail(self, block_id: int) -> bool:
+        return block_id >= self.pool.num_blocks
+
+    def _release(self, block_id: int) -> None:
+        (self.tails if self.is_tail(block_id) else self.pool).release(self.block(block_id))
+
+    def _plan(self, seq: Sequence, num_new_tokens: int, cached: list) -> tuple[list[int], int, int]:
+        """What growing the table takes: the indices of full tails to seal (they left the residual window),
+        new quantized (or only) blocks, new tails."""
+        bs = self.block_size
+        slots = seq.num_kv_slots + len(cached) * bs + num_new_tokens
+        held = len(seq.block_table) + len(cached)
+        new = max(0, cdiv(slots, bs) - held)
+        if self.tails is None:
+            return [], new, 0
+        window = max(0, cdiv(slots, bs) - self.residual_blocks)  # blocks from here on stay in full precision
+        full = seq.num_kv_slots // bs  # a tail is sealed only once it is full before the step
+        seals = []  # tails are the table's last blocks: walk back from the window's start
+        i = min(window, full) - 1
+        while i >= 0 and self.is_tail(seq.block_table[i]):
+            seals.append(i)
+            i -= 1
+        new_tails = min(new, cdiv(slots, bs) - max(window, held))
+        return seals, new - new_tails + len(seals), new_tails
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
         cached = cached or []
-        needed = cdiv(seq.num_kv_slots + len(cached) * self.block_size + num_new_tokens, self.block_size)
-        new_blocks = needed - len(seq.block_table) - len(cached)
+        seals, new_blocks, new_tails = self._plan(seq, num_new_tokens, cached)
         revived = sum(1 for b in cached if b.ref_count == 0)  # cached-but-free blocks leave the free list
+        if new_tails > len(seals) + (self.tails.num_free_blocks if self.tails else 0):
+            return False  # (a sealed tail is free again for a new one)
         return new_blocks + revived <= self.pool.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
@@ -65,15 +111,31 @@ class KVCacheManager:
         Returns False (and changes nothing) if the pool cannot hold them."""
         if not self.can_allocate(seq, num_new_tokens, cached):
             return False
+        seals, _, new_tails = self._plan(seq, num_new_tokens, cached or [])
         if cached:
             for block in cached:
                 self.pool.share(block)
                 seq.block_table.append(block.block_id)
             seq.num_computed_tokens += len(cached) * self.block_size
+        for i in seals:
+            tail, block = seq.block_table[i], self.pool.allocate().block_id
+            self.pending_seals.append((tail, block))
+            self.num_seals += 1
+            seq.block_table[i] = block
+            self._release(tail)  # its KV is copied before anything writes the block again
         needed = cdiv(seq.num_kv_slots + num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
-            seq.block_table.append(self.pool.allocate().block_id)
+            pool = self.tails if needed - len(seq.block_table) <= new_tails else self.pool
+            seq.block_table.append(pool.allocate().block_id)
         return True
+
+    def chunk_tokens(self, kv_start: int, granted: int, wanted: int) -> int:
+        """How many of `granted` tokens (of `wanted`) a prefill chunk from slot `kv_start` runs. With tails,
+        a chunk cut short ends at a block boundary where it can, so a sequence holds one tail, not two."""
+        if self.tails is None or granted >= wanted:
+            return granted
+        over = (kv_start + granted) % self.block_size
+        return granted - over if granted > over else granted
 
     def record_prefix_query(self, seq: Sequence, num_hit_tokens: int) -> None:
         """Count a sequence's first admission for the hit-rate metrics and its own cached-token figure."""
@@ -90,9 +152,10 @@ class KVCacheManager:
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_keys))
         if seq.kv_intact_blocks is not None:
             full = min(full, seq.kv_intact_blocks)
-        blocks = self.pool.blocks
         for i in range(full - 1, -1, -1):
-            block = blocks[seq.block_table[i]]
+            if self.is_tail(seq.block_table[i]):
+                continue  # indexed once sealed, by the step after
+            block = self.pool.blocks[seq.block_table[i]]
             if block.key is not None or self.pool.lookup(seq.block_keys[i]) is not None:
                 break  # everything before this block was indexed by an earlier step or request
             self.pool.register(block, seq.block_keys[i])
@@ -132,11 +195,12 @@ class KVCacheManager:
         the prefix index holds is pinned where there is one: when two sequences computed the same prefix in
         one step only the first copy is indexed, and later sequences find the prefix by its keys."""
         self._update_keys(seq)
-        blocks = self.pool.blocks
         pinned = []
         for i, block_id in enumerate(seq.block_table[:num_blocks]):
             indexed = self.pool.lookup(seq.block_keys[i]) if i < len(seq.block_keys) else None
-            pinned.append(indexed or blocks[block_id])
+            if indexed is None and self.is_tail(block_id):
+                break  # a tail's KV moves when it is sealed; members find the sealed copy in the index
+            pinned.append(indexed or self.pool.blocks[block_id])
         for block in pinned:
             self.pool.share(block)
         self.num_pinned_blocks += len(pinned)
@@ -149,8 +213,7 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         """Return a sequence's blocks; tail blocks are released first so they are evicted first."""
-        blocks = self.pool.blocks
         for block_id in reversed(seq.block_table):
-            self.pool.release(blocks[block_id])
+            self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0

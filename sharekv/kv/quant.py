@@ -1,4 +1,4 @@
-"""KV cache formats (`--kv-cache-dtype`): what one token's key or value of one KV head costs, and how it is
+"""KV cache formats (`--kv-cache-dtype`): what a block of one KV head's keys and values costs, and how it is
 stored and read back.
 
 `auto` stores the model's dtype. `int8` stores each token's key (and value) of each KV head as int8 values,
@@ -11,28 +11,61 @@ Why e5m2 and not a power of two (the E8M0 scales of the OCP microscaling formats
 have outlier channels, the coarser power-of-two scale left a row only half of the int8 range at worst and
 doubled the KL divergence against fp32 (1.4e-3 against 0.85e-3 over 1,082 teacher-forced tokens; an fp32
 scale gives 0.74e-3 at 68 bytes).
+
+`int4` and `int2` follow KIVI (Liu et al. 2024): keys are quantized per channel, each channel over the tokens
+of one block (a key's outlier channels then get their own range), values per token in groups of
+`VALUE_GROUP` channels; both asymmetric (codes 0..2^bits-1 between a minimum and a scale, fp16 each, as
+KIVI stores them). Per-channel scales need a block's tokens all at once, so the block a sequence is still
+filling stays in full precision (KIVI's residual window) and is quantized when it is full
+(`model/kv_cache.py`, `kv/manager.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "int2")
 QUANTIZED_KV_CACHE_DTYPES = KV_CACHE_DTYPES[1:]
+KIVI_BITS = {"int4": 4, "int2": 2}
 INT8_MAX = 127
 SCALE_DTYPE = torch.float8_e5m2
 _SCALE_MAX = torch.finfo(SCALE_DTYPE).max
+VALUE_GROUP = 32  # channels of a value that share a scale and minimum (KIVI's group size)
+PARAM_DTYPE = torch.float16  # a KIVI group's scale and minimum
+_PARAM_MAX = torch.finfo(PARAM_DTYPE).max
 
 
 def is_quantized(kv_cache_dtype: str) -> bool:
     return kv_cache_dtype != "auto"
 
 
-def kv_bytes_per_head_token(head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
-    """Bytes of one token's key (or value) in one KV head, its scale included."""
-    if kv_cache_dtype == "int8":
-        return head_dim + 1
-    return head_dim * torch.empty((), dtype=dtype).element_size()
+def kivi_bits(kv_cache_dtype: str) -> int | None:
+    """Bits per value of a KIVI format (int4, int2), None for the others."""
+    return KIVI_BITS.get(kv_cache_dtype)
+
+
+def value_group(head_dim: int) -> int:
+    return min(VALUE_GROUP, head_dim)
+
+
+def kv_bytes_per_head_block(head_dim: int, block_size: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
+    """Bytes of one block's keys and values in one KV head, scales included."""
+    bits = kivi_bits(kv_cache_dtype)
+    if bits is not None:
+        codes = block_size * head_dim * bits // 8
+        key_params = 2 * head_dim * PARAM_DTYPE.itemsize  # scale and minimum per channel
+        value_params = block_size * 2 * (head_dim // value_group(head_dim)) * PARAM_DTYPE.itemsize
+        return 2 * codes + key_params + value_params
+    per_token = head_dim + 1 if kv_cache_dtype == "int8" else head_dim * dtype.itemsize
+    return 2 * block_size * per_token
+
+
+def check_kv_format(head_dim: int, kv_cache_dtype: str) -> None:
+    """Raise if a model's heads cannot be stored in the format."""
+    bits = kivi_bits(kv_cache_dtype)
+    if bits is not None and (head_dim * bits % 8 or head_dim % value_group(head_dim)):
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} needs head_dim packing into whole bytes and a "
+                         f"multiple of {VALUE_GROUP} (or below it); this model's head_dim is {head_dim}")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,3 +85,59 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q [..., d] int8 and scale bytes [...] back to `dtype`: q * scale, computed in fp32."""
     return (q.float() * scales.view(SCALE_DTYPE).float().unsqueeze(-1)).to(dtype)
+
+
+def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes 0..2^bits-1 of x along `dim`, and the scale and minimum (fp16, `dim` kept with size one):
+    x ~ code * scale + minimum."""
+    x = x.float()
+    levels = 2**bits - 1
+    low = x.amin(dim, keepdim=True).clamp_(-_PARAM_MAX, _PARAM_MAX)
+    high = x.amax(dim, keepdim=True).clamp_(-_PARAM_MAX, _PARAM_MAX)
+    # the stored (rounded) numbers are the ones the codes are computed with, so reading back adds no error
+    scale = ((high - low) / levels).clamp_(max=_PARAM_MAX).to(PARAM_DTYPE)
+    low = low.to(PARAM_DTYPE)
+    inverse = torch.where(scale > 0, 1.0 / scale.float(), 0.0)
+    codes = ((x - low.float()) * inverse).round_().clamp_(0, levels).to(torch.uint8)
+    return codes, scale, low
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., d] of `bits` bits as [..., d * bits / 8] bytes, the first code in the low bits."""
+    per_byte = 8 // bits
+    grouped = codes.view(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def quantize_kivi_keys(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of keys x [n, block_size, kv_heads, d], each channel over the block's tokens: packed codes
+    [n, block_size, kv_heads, d * bits / 8] and params [n, kv_heads, 2, d]."""
+    codes, scale, low = quantize_asymmetric(x, bits, dim=1)  # scale, low [n, 1, kv_heads, d]
+    return pack(codes, bits), torch.stack([scale[:, 0], low[:, 0]], dim=2)
+
+
+def dequantize_kivi_keys(packed: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """packed [..., block_size, kv_heads, d * bits / 8] and params [..., kv_heads, 2, d] back to `dtype`."""
+    scale, low = params.float().unsqueeze(-4).unbind(-2)
+    return (unpack(packed, bits).float() * scale + low).to(dtype)
+
+
+def quantize_kivi_values(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values x [..., d], each token in groups of `value_group(d)` channels: packed codes [..., d * bits / 8]
+    and params [..., 2, groups]."""
+    d = x.shape[-1]
+    codes, scale, low = quantize_asymmetric(x.reshape(*x.shape[:-1], d // value_group(d), -1), bits, dim=-1)
+    return pack(codes.flatten(-2), bits), torch.stack([scale[..., 0], low[..., 0]], dim=-2)
+
+
+def dequantize_kivi_values(packed: torch.Tensor, params: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    codes = unpack(packed, bits)
+    groups = params.shape[-1]
+    scale, low = params.float().unsqueeze(-1).unbind(-3)  # [..., groups, 1] each
+    return (codes.view(*codes.shape[:-1], groups, -1).float() * scale + low).flatten(-2).to(dtype)

@@ -1,10 +1,11 @@
 """Attention over the paged KV cache.
 
 The cache of one layer (`LayerKV`) is a pair of tensors shaped [num_blocks, block_size, kv_heads, head_dim],
-in the model's dtype or int8 with a scale per slot and KV head. A sequence owns a list of block ids (its
-block table). Keys and values are read where they lie (dequantized as they are read), a tile of blocks at a
-time; the temporary copy is bounded by the tile, never a whole batch's KV, and tiles are merged with the
-log-sum-exp rule so the result equals softmax over the full context.
+in the model's dtype or int8 with a scale per slot and KV head, or a KIVI layout (`KiviLayerKV`: packed
+int4/int2 codes, and tail blocks in full precision). A sequence owns a list of block ids (its block table).
+Keys and values are read where they lie (dequantized as they are read), a tile of blocks at a time; the
+temporary copy is bounded by the tile, never a whole batch's KV, and tiles are merged with the log-sum-exp
+rule so the result equals softmax over the full context.
 
 Sequences of the step that start with the same cached blocks (a prefix group) split their attention in
 two: each token attends to its own part (the keys after the shared prefix), and all the group's tokens,
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sharekv.model.kv_cache import LayerKV
+from sharekv.model.kv_cache import KiviLayerKV, LayerKV
 
 # Tokens of context gathered per tile in decode attention: bounds the temporary buffer per step.
 DECODE_TILE_TOKENS = 1024
@@ -127,13 +128,17 @@ class PagedAttention:
         self.sliding_window = sliding_window
         self.native = None  # compiled CPU decode kernel, set by the model when it runs on the CPU
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
+    def _native_for(self, cache: LayerKV | KiviLayerKV):
+        """The native kernels, if they run here and read this cache's layout."""
+        return self.native if cache.native_readable else None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV | KiviLayerKV,
                  meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Writes k, v to the cache, returns [tokens, heads*d]."""
         k, v = cache.write(meta.slot_mapping, k, v)
         return self.attend(q, k, v, cache, meta).view(q.shape[0], -1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, cache: LayerKV,
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, cache: LayerKV | KiviLayerKV,
                meta: AttentionMetadata) -> torch.Tensor:
         """The step's attention over a cache that already holds its keys and values: [tokens, heads, d].
         k, v (the step's keys and values as the cache holds them) are read only by prefill chunks with
@@ -163,7 +168,7 @@ class PagedAttention:
                 observed.mass.append(self.attention_mass(q, cache, observed))
         return out
 
-    def attention_mass(self, q: torch.Tensor, cache: LayerKV, observed: ObservedQueries) -> torch.Tensor:
+    def attention_mass(self, q: torch.Tensor, cache: LayerKV | KiviLayerKV, observed: ObservedQueries) -> torch.Tensor:
         """What each KV slot of a sequence got of its observed queries' attention: [kv_heads, context_len].
         Computed apart from the step's attention, so sequences without an eviction policy pay nothing."""
         kvh, g, d, ctx, rows = self.num_kv_heads, self.group, self.head_dim, observed.context_len, observed.rows
@@ -181,7 +186,7 @@ class PagedAttention:
             hidden |= key_pos <= query_pos - self.sliding_window
         return hidden
 
-    def _prefill(self, q, k, v, cache: LayerKV, chunk: PrefillChunk) -> torch.Tensor:
+    def _prefill(self, q, k, v, cache: LayerKV | KiviLayerKV, chunk: PrefillChunk) -> torch.Tensor:
         qlen, ctx = chunk.query_len, chunk.context_len
         if ctx == qlen and self.sliding_window is None:
             # nothing cached before this chunk: plain causal attention over the fresh k, v
@@ -204,13 +209,14 @@ class PagedAttention:
                                            enable_gqa=self.group > 1, **mask)
         return o[0].transpose(0, 1)
 
-    def _decode(self, q, cache: LayerKV, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, q, cache: LayerKV | KiviLayerKV, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row (one query token) over its own blocks up to its position, from its start position (after
         its group's prefix). Returns o, lse."""
         starts = meta.decode_starts
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
-        if self.native is not None:
+        native = self._native_for(cache)
+        if native is not None:
             mass = mass_rows = torch.empty(0)
             if meta.decode_mass_rows is not None:  # observed decodes: their probabilities come out too
                 kernel_observed = [o for o in meta.observed if o.mass_row is not None]
@@ -219,16 +225,17 @@ class PagedAttention:
                 for o in kernel_observed:
                     o.mass.append(mass[o.mass_row, :, :o.context_len])
                 mass_rows = meta.decode_mass_rows
-            return self.native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
+            return native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
                                                       meta.decode_context_lens, starts, self.scale,
                                                       self.sliding_window or 0, mass, mass_rows)
         return self._decode_tiles(q, cache, meta.decode_block_tables, meta.decode_context_lens, starts)
 
-    def _merge_shared_prefixes(self, q, cache: LayerKV, shared: SharedPrefixes, out: torch.Tensor,
+    def _merge_shared_prefixes(self, q, cache: LayerKV | KiviLayerKV, shared: SharedPrefixes, out: torch.Tensor,
                                lse: torch.Tensor) -> None:
         """Merge each group's attention over its shared prefix into its tokens' own attention, in place."""
-        if self.native is not None:
-            self.native.prefix_attention_merge_(q, *cache.native_args(), shared.rows, shared.prefix_lens,
+        native = self._native_for(cache)
+        if native is not None:
+            native.prefix_attention_merge_(q, *cache.native_args(), shared.rows, shared.prefix_lens,
                                                 shared.block_ids, out, lse, self.scale)
             return
         o_p, lse_p = self.shared_prefix_attention(q, cache, shared)
@@ -237,7 +244,7 @@ class PagedAttention:
         merged, lse[rows] = merge_attention(o_p[member], lse_p[member], out[rows].float(), lse[rows])
         out[rows] = merged.to(out.dtype)
 
-    def shared_prefix_attention(self, q: torch.Tensor, cache: LayerKV, shared: SharedPrefixes
+    def shared_prefix_attention(self, q: torch.Tensor, cache: LayerKV | KiviLayerKV, shared: SharedPrefixes
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of each group's tokens over the group's prefix (the portable path). The tokens' queries
         are stacked per KV head, so each prefix is read once, in one matrix product, instead of once per token.
@@ -258,7 +265,7 @@ class PagedAttention:
         lse = lse.view(groups, kvh, members, g).permute(0, 2, 1, 3).reshape(groups, members, self.num_heads)
         return o.float(), lse
 
-    def _decode_tiles(self, q, cache: LayerKV, block_tables, context_lens, starts):
+    def _decode_tiles(self, q, cache: LayerKV | KiviLayerKV, block_tables, context_lens, starts):
         """Portable decode: gather a bounded tile of blocks at a time and merge tiles by log-sum-exp."""
         b, block_size = q.shape[0], cache.block_size
         qg = q.view(b, self.num_kv_heads, self.group, self.head_dim)

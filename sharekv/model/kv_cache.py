@@ -1,9 +1,16 @@
 """The KV pool's memory: every layer's keys and values in blocks, the host swap space beside it, and how
 a layer's slice is written and read in the pool's format (`kv/quant.py`).
 
-A quantized pool keeps each slot's scales (one byte per token and KV head) in a tensor shaped like the
-pool without its last dimension, indexed by the same block and slot: whatever moves a slot (swap,
-compaction) moves its scales with it.
+An int8 pool keeps each slot's scales (one byte per token and KV head) in a tensor shaped like the pool
+without its last dimension, indexed by the same block and slot: whatever moves a slot (swap, compaction)
+moves its scales with it.
+
+A KIVI pool (int4, int2) holds packed codes, the keys' per-channel params per block and the values'
+per-token params, and beside it a small pool of *tail* blocks in the model's dtype: the block each sequence
+is still filling. Block ids run on from the quantized blocks into the tail blocks (id >= num_blocks is a
+tail), so block tables, slot mappings and reads treat both alike. A block that a step fills whole is
+quantized as it is written; a tail block is quantized into a quantized block when it is full (a *seal*,
+planned by the KV manager, done before the next step's forward).
 """
 
 from __future__ import annotations
@@ -14,14 +21,26 @@ from types import ModuleType
 
 import torch
 
-from sharekv.kv.quant import dequantize_int8, is_quantized, kv_bytes_per_head_token, quantize_int8
+from sharekv.kv.quant import (
+    PARAM_DTYPE,
+    dequantize_int8,
+    dequantize_kivi_keys,
+    dequantize_kivi_values,
+    is_quantized,
+    kivi_bits,
+    kv_bytes_per_head_block,
+    quantize_int8,
+    quantize_kivi_keys,
+    quantize_kivi_values,
+    value_group,
+)
 from sharekv.model.config import ModelConfig
 from sharekv.sched.output import Compaction
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    per_token = kv_bytes_per_head_token(config.head_dim, dtype, kv_cache_dtype)
-    return 2 * config.num_layers * block_size * config.num_kv_heads * per_token
+    per_head = kv_bytes_per_head_block(config.head_dim, block_size, dtype, kv_cache_dtype)
+    return config.num_layers * config.num_kv_heads * per_head
 
 
 def kv_bytes_for_tokens(config: ModelConfig, block_size: int, dtype: torch.dtype, tokens: int,
@@ -53,6 +72,11 @@ class LayerKV:
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    @property
+    def native_readable(self) -> bool:
+        """Whether the native attention kernels read this layout (they read the model's dtype and int8)."""
+        return True
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's keys and values [tokens, kv_heads, d] at their slots. Returns them as the cache
@@ -96,43 +120,171 @@ class LayerKV:
         return self.k, self.v, self.k_scale, self.v_scale
 
 
+@dataclass
+class KiviWrites:
+    """Where a step's tokens go in a KIVI pool, worked out once per step for every layer: rows written to
+    tail blocks at their tail slots, and rows written to quantized blocks, grouped by block."""
+
+    slots: torch.Tensor  # the step's slot mapping this was made for
+    tail_rows: torch.Tensor
+    tail_slots: torch.Tensor  # slots among the tail blocks
+    block_rows: torch.Tensor  # rows written to quantized blocks
+    block_ids: torch.Tensor  # [blocks written]
+    block_slots: torch.Tensor  # per block row: its slot among the written blocks (index * block_size + offset)
+    whole: bool  # the step writes every slot of those blocks (else their other slots are read and kept)
+
+    @classmethod
+    def of(cls, slots: torch.Tensor, num_blocks: int, block_size: int) -> KiviWrites:
+        first_tail = num_blocks * block_size
+        is_tail = slots >= first_tail
+        tail_rows = is_tail.nonzero().squeeze(1)
+        block_rows = (~is_tail).nonzero().squeeze(1)
+        block_of = slots[block_rows] // block_size
+        block_ids, inverse = torch.unique(block_of, return_inverse=True)
+        block_slots = inverse * block_size + slots[block_rows] % block_size
+        return cls(slots, tail_rows, slots[tail_rows] - first_tail, block_rows, block_ids, block_slots,
+                   len(block_rows) == len(block_ids) * block_size)
+
+
+class KiviLayerKV:
+    """One layer's slice of a KIVI pool (see the module's docstring): packed codes k, v [blocks, block_size,
+    kv_heads, d * bits / 8], key params [blocks, kv_heads, 2, d], value params [blocks, block_size, kv_heads,
+    2, groups], tail blocks tail_k, tail_v [tails, block_size, kv_heads, d] in the model's dtype. Reads
+    dequantize only the blocks asked for."""
+
+    native_readable = False  # the torch paths read it, a tile of blocks at a time
+    quantized = True
+    native = None
+
+    def __init__(self, cache: KVCache, layer: int) -> None:
+        self.cache = cache
+        self.k, self.v = cache.data[layer]
+        self.k_params, self.v_params = cache.k_params[layer], cache.v_params[layer]
+        self.tail_k, self.tail_v = cache.tail[layer]
+        self.bits = cache.bits
+        self.dtype = cache.dtype
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of tail blocks are stored as they are; blocks the step writes are quantized whole (their
+        earlier slots, if any, read back first). Returns k, v as the cache now holds them."""
+        plan = self.cache.writes_for(slots)
+        stored = []
+        for x, tail, codes, params, quantize, dequantize in (
+                (k, self.tail_k, self.k, self.k_params, quantize_kivi_keys, dequantize_kivi_keys),
+                (v, self.tail_v, self.v, self.v_params, quantize_kivi_values, dequantize_kivi_values)):
+            kv_heads, d = x.shape[1:]
+            if len(plan.tail_rows):
+                tail.view(-1, kv_heads, d)[plan.tail_slots] = x[plan.tail_rows]
+            if not len(plan.block_rows):
+                stored.append(x)
+                continue
+            ids, bs = plan.block_ids, self.block_size
+            if plan.whole:
+                blocks = torch.empty(len(ids) * bs, kv_heads, d, dtype=x.dtype, device=x.device)
+            else:
+                blocks = dequantize(codes[ids], params[ids], self.bits, x.dtype).view(-1, kv_heads, d)
+            blocks[plan.block_slots] = x[plan.block_rows]
+            packed, p = quantize(blocks.view(len(ids), bs, kv_heads, d), self.bits)
+            codes[ids], params[ids] = packed, p
+            held = x.clone()
+            held[plan.block_rows] = dequantize(packed, p, self.bits, x.dtype).view(-1, kv_heads, d)[plan.block_slots]
+            stored.append(held)
+        return stored[0], stored[1]
+
+    def keys(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """The keys of the given blocks (any index shape, tail blocks among them), [*block_ids.shape,
+        block_size, kv_heads, d]."""
+        return self._read(block_ids, self.k, self.k_params, self.tail_k, dequantize_kivi_keys)
+
+    def values(self, block_ids: torch.Tensor) -> torch.Tensor:
+        return self._read(block_ids, self.v, self.v_params, self.tail_v, dequantize_kivi_values)
+
+    def _read(self, block_ids, codes, params, tail, dequantize) -> torch.Tensor:
+        num_blocks = codes.shape[0]
+        is_tail = block_ids >= num_blocks
+        quantized = torch.where(is_tail, 0, block_ids)
+        out = dequantize(codes[quantized], params[quantized], self.bits, self.dtype)
+        if bool(is_tail.any()):
+            out[is_tail] = tail[block_ids[is_tail] - num_blocks].to(self.dtype)
+        return out
+
+
 class KVCache:
     """The pool [layer, k|v, block, slot, kv_head, head_dim] in the model's dtype or int8 (then with
-    scales [layer, k|v, block, slot, kv_head]), and host RAM for preempted sequences' blocks, same layout.
+    scales [layer, k|v, block, slot, kv_head]), or a KIVI pool with its tail blocks (int4, int2); and host
+    RAM for preempted sequences' blocks, same layout (a KIVI sequence's tail is not swapped: it is
+    recomputed).
 
     The pool is left uninitialised: the OS maps pages as they are first written, and attention reads only
     written slots."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  kv_cache_dtype: str = "auto", device: torch.device | str = "cpu", num_swap_slots: int = 0,
-                 native: ModuleType | None = None) -> None:
+                 native: ModuleType | None = None, num_tail_blocks: int = 0) -> None:
         self.device = torch.device(device)
-        quantized = is_quantized(kv_cache_dtype)
-        stored = torch.int8 if quantized else dtype
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        swap_shape = (*shape[:2], num_swap_slots, *shape[3:])
+        self.dtype = dtype
+        self.bits = kivi_bits(kv_cache_dtype)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        layers, kv_heads, d = config.num_layers, config.num_kv_heads, config.head_dim
         pinned = self.device.type == "cuda"  # pinned host memory for fast copies on an accelerator
-        self.data = torch.empty(shape, dtype=stored, device=self.device)
-        self.swap_data = torch.empty(swap_shape, dtype=stored, device="cpu", pin_memory=pinned)
-        self.scales = self.swap_scales = None
-        if quantized:
-            self.scales = torch.empty(shape[:-1], dtype=torch.uint8, device=self.device)
-            self.swap_scales = torch.empty(swap_shape[:-1], dtype=torch.uint8, device="cpu", pin_memory=pinned)
+        # (tensor, index of its block dimension) of everything a block's KV lies in
+        parts: list[tuple[torch.Tensor, int]] = []
+
+        def pool(shape: tuple[int, ...], stored: torch.dtype, block_dim: int, zeroed: bool = False) -> torch.Tensor:
+            make = torch.zeros if zeroed else torch.empty
+            t = make(shape, dtype=stored, device=self.device)
+            parts.append((t, block_dim))
+            return t
+
+        self.scales = self.k_params = self.v_params = self.tail = None
+        if self.bits is not None:
+            self.data = pool((layers, 2, num_blocks, block_size, kv_heads, d * self.bits // 8), torch.uint8, 2)
+            # zeroed params: a block never written reads as zeros, never NaN
+            self.k_params = pool((layers, num_blocks, kv_heads, 2, d), PARAM_DTYPE, 1, zeroed=True)
+            groups = d // value_group(d)
+            self.v_params = pool((layers, num_blocks, block_size, kv_heads, 2, groups), PARAM_DTYPE, 1, zeroed=True)
+            self.tail = torch.empty((layers, 2, num_tail_blocks, block_size, kv_heads, d), dtype=dtype,
+                                    device=self.device)
+            self._writes: KiviWrites | None = None
+            self._layers = [KiviLayerKV(self, i) for i in range(layers)]
+        else:
+            shape = (layers, 2, num_blocks, block_size, kv_heads, d)
+            self.data = pool(shape, torch.int8 if is_quantized(kv_cache_dtype) else dtype, 2)
+            if is_quantized(kv_cache_dtype):
+                self.scales = pool(shape[:-1], torch.uint8, 2)
+            # each layer's views, made once (the forward asks for every layer at every step)
+            self._layers = [LayerKV(self.data[i, 0], self.data[i, 1], dtype, native=native) if self.scales is None
+                            else LayerKV(self.data[i, 0], self.data[i, 1], dtype, self.scales[i, 0], self.scales[i, 1],
+                                         native) for i in range(layers)]
+        self._parts = [(t, torch.empty((*t.shape[:dim], num_swap_slots, *t.shape[dim + 1:]), dtype=t.dtype,
+                                       device="cpu", pin_memory=pinned), dim) for t, dim in parts]
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
-        # each layer's views, made once (the forward asks for every layer at every step)
-        self._layers = [LayerKV(self.data[i, 0], self.data[i, 1], dtype, native=native) if self.scales is None else
-                        LayerKV(self.data[i, 0], self.data[i, 1], dtype, self.scales[i, 0], self.scales[i, 1], native)
-                        for i in range(config.num_layers)]
 
     def layer(self, i: int) -> LayerKV:
         return self._layers[i]
 
-    def _parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(pool, swap space) pairs that a block's move must copy: the values, and their scales if any."""
-        parts = [(self.data, self.swap_data)]
-        if self.scales is not None:
-            parts.append((self.scales, self.swap_scales))
-        return parts
+    def writes_for(self, slots: torch.Tensor) -> KiviWrites:
+        """The KIVI write plan of a step's slot mapping, made by the first layer and reused by the others."""
+        if self._writes is None or self._writes.slots is not slots:
+            self._writes = KiviWrites.of(slots, self.num_blocks, self.block_size)
+        return self._writes
+
+    def seal(self, seals: list[tuple[int, int]]) -> None:
+        """Quantize full tail blocks into quantized blocks, (tail block, block) pairs, every layer at once."""
+        if not seals:
+            return
+        tails, blocks = (torch.tensor(ids, device=self.device) for ids in zip(*seals, strict=True))
+        x = self.tail[:, :, tails - self.num_blocks]  # [layers, 2, n, block_size, kv_heads, d]
+        layers, _, n = x.shape[:3]
+        for i, (quantize, params) in enumerate(((quantize_kivi_keys, self.k_params),
+                                                (quantize_kivi_values, self.v_params))):
+            packed, p = quantize(x[:, i].flatten(0, 1), self.bits)
+            self.data[:, i, blocks] = packed.view(layers, n, *packed.shape[1:])
+            params[:, blocks] = p.view(layers, n, *p.shape[1:])
 
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Copy (block, slot) pairs out to host first (those blocks may be reused in this very step), then
@@ -143,18 +295,21 @@ class KVCache:
         if swap_out:
             blocks, slots = zip(*swap_out, strict=True)
             src = torch.tensor(blocks, device=self.device)
-            for pool, host in self._parts():
-                host.index_copy_(2, torch.tensor(slots), pool.index_select(2, src).to("cpu"))
+            for pool, host, dim in self._parts:
+                host.index_copy_(dim, torch.tensor(slots), pool.index_select(dim, src).to("cpu"))
         if swap_in:
             slots, blocks = zip(*swap_in, strict=True)
             dst = torch.tensor(blocks, device=self.device)
-            for pool, host in self._parts():
-                pool.index_copy_(2, dst, host.index_select(2, torch.tensor(slots)).to(self.device, non_blocking=True))
+            for pool, host, dim in self._parts:
+                copy = host.index_select(dim, torch.tensor(slots)).to(self.device, non_blocking=True)
+                pool.index_copy_(dim, dst, copy)
         self.swap_seconds += time.perf_counter() - t0
 
     def compact(self, compactions: list[Compaction]) -> None:
         """Move each sequence's kept KV (and scales) to the front of its slots, in its target blocks, per
         layer and KV head, in one gather and one scatter per sequence and part (an eviction)."""
+        if self.bits is not None:
+            raise NotImplementedError("KV eviction does not run on a KIVI (int4, int2) cache")
         layers, _, num_blocks, bs, kv_heads = self.data.shape[:5]
         layer = torch.arange(layers, device=self.device)[:, None, None]
         head = torch.arange(kv_heads, device=self.device)[None, :, None]
@@ -162,7 +317,7 @@ class KVCache:
         def slots(table: list[int], pos: torch.Tensor) -> torch.Tensor:
             return torch.as_tensor(table, device=self.device)[pos // bs] * bs + pos % bs
 
-        flats = [pool.view(layers, 2, num_blocks * bs, *pool.shape[4:]) for pool, _ in self._parts()]
+        flats = [pool.view(layers, 2, num_blocks * bs, *pool.shape[4:]) for pool, _, _ in self._parts]
         for c in compactions:
             source = slots(c.block_table, c.keep[..., c.first:].to(self.device))
             target = slots(c.target_table or c.block_table, torch.arange(c.first, c.kept, device=self.device))

@@ -148,18 +148,19 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool = True,
-                 num_swap_slots: int = 0, kv_cache_dtype: str = "auto") -> None:
+                 num_swap_slots: int = 0, kv_cache_dtype: str = "auto", num_tail_blocks: int = 0) -> None:
         c = model.config
         # Sliding-window attention does not see a whole prefix, so it never shares one.
         self.share_prefixes = share_prefixes and c.sliding_window is None
-        # The portable per-row path gathers each row's blocks: there a chunk's own part is better off as one
-        # chunk, so only decodes share. The native per-row kernel reads in place, so prefill chunks join too.
-        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if model.attention.native is not None else 1
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots,
-                                model.attention.native)
+                                model.attention.native, num_tail_blocks)
+        self.native_attention = model.attention.native is not None and self.kv_cache.layer(0).native_readable
+        # The portable per-row path gathers each row's blocks: there a chunk's own part is better off as one
+        # chunk, so only decodes share. The native per-row kernel reads in place, so prefill chunks join too.
+        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if self.native_attention else 1
         self.forward_seconds = 0.0
         self.shapes = ModelShapes.of(c, model.dtype.itemsize,
                                      kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype) // block_size)
@@ -175,8 +176,10 @@ class ModelRunner:
         finally:
             self.cost_log = None
 
-    def copy_swapped_blocks(self, step: SchedulerOutput) -> None:
-        """Do the step's block copies to and from host RAM (`KVCache.swap`)."""
+    def copy_blocks(self, step: SchedulerOutput) -> None:
+        """Do the step's block copies: seals of full tails (`KVCache.seal`), then to and from host RAM
+        (`KVCache.swap`)."""
+        self.kv_cache.seal(step.seals)
         self.kv_cache.swap(step.swap_out, step.swap_in)
 
     def execute(self, step: SchedulerOutput) -> StepResult:
@@ -214,7 +217,7 @@ class ModelRunner:
         # the native kernel observes decodes as it attends them, whole (outside prefix groups)
         num_decodes = sum(1 for c in chunks if len(c.token_ids) == 1)
         kernel_observed = [i for i, o in observed.items() if o.rows == 1 and i < num_decodes
-                           and self.model.attention.native is not None]
+                           and self.native_attention]
         kv_starts = [c.kv_start for c in chunks]
         counts = [len(c.token_ids) for c in chunks]
         meta = step_metadata([c.block_table for c in chunks], kv_starts, counts, bs, self.share_prefixes, self.device,

@@ -59,13 +59,15 @@ class Compaction:
 
 @dataclass
 class SchedulerOutput:
-    """One step: decodes first, then prefill chunks; and the block copies to do before it runs (device
-    blocks to host slots for preempted sequences, and host slots back for resumed ones)."""
+    """One step: decodes first, then prefill chunks; and the block copies to do before it runs, in this
+    order: full-precision tails quantized into blocks (a KIVI cache), device blocks to host slots for
+    preempted sequences, and host slots back for resumed ones."""
 
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)  # seq ids preempted while planning this step
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host slot)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host slot, device block)
+    seals: list[tuple[int, int]] = field(default_factory=list)  # (full tail block, quantized block)
 
     @property
     def num_tokens(self) -> int:

@@ -173,6 +173,7 @@ class Scheduler:
         scheduled.sort(key=lambda item: item[1] != 1)  # decodes first; the sort is stable
         self._step_seqs = [seq for seq, _ in scheduled]
         out.chunks = [self._chunk(seq, n) for seq, n in scheduled]
+        out.seals, self.kv.pending_seals = self.kv.pending_seals, []
         return out
 
     def update_from_output(self, out: SchedulerOutput) -> list[Sequence]:
@@ -205,7 +206,8 @@ class Scheduler:
         where the policy compresses, and the chunk that ends there holds the policy's whole observation
         window (the window's queries attend to each other, so they run together)."""
         if self.compressor is None or seq.eviction is None:
-            return budget.grant(seq.num_tokens - start)
+            wanted = seq.num_tokens - start
+            return self.kv.chunk_tokens(start - seq.num_evicted_tokens, budget.grant(wanted), wanted)
         wanted = self.compressor.prefill_stop(seq) - start
         n = budget.grant(wanted)
         window = self.compressor.last_chunk_tokens(seq)
@@ -345,18 +347,21 @@ class Scheduler:
         device, so recomputing is mostly prefix-cache hits); otherwise copying out and back is cheaper."""
         held_by_others = 0
         for block_id in seq.block_table:
-            if self.kv.pool.blocks[block_id].ref_count < 2:
+            if self.kv.block(block_id).ref_count < 2:
                 break
             held_by_others += 1
         return (cdiv(seq.num_kv_slots, self.kv.block_size) - held_by_others) > 1
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         slots = None
-        if seq.num_computed_tokens and self._swap_saves_work(seq):
-            slots = self.swap.take(cdiv(seq.num_kv_slots, self.kv.block_size))
+        # a full-precision tail (a KIVI cache) stays behind: its tokens are recomputed on resume
+        blocks = [b for b in seq.block_table if not self.kv.is_tail(b)]
+        if blocks and seq.num_computed_tokens and self._swap_saves_work(seq):
+            slots = self.swap.take(min(len(blocks), cdiv(seq.num_kv_slots, self.kv.block_size)))
         if slots is not None:  # the KV goes out as it is, evicted or not
-            out.swap_out.extend(zip(seq.block_table, slots, strict=False))
-            seq.swap_slots, seq.num_swapped_tokens = slots, seq.num_kv_slots
+            out.swap_out.extend(zip(blocks, slots, strict=False))
+            seq.swap_slots = slots
+            seq.num_swapped_tokens = min(seq.num_kv_slots, len(slots) * self.kv.block_size)
             self.num_swapped_out += 1
             self.num_swapped += 1
         else:

@@ -1,0 +1,291 @@
+"""KIVI KV formats (`--kv-cache-dtype int4|int2`): the format's bounds; blocks written whole, tails in full
+precision and seals read back as quantized; attention over a KIVI cache equals attention over an fp32 cache
+holding what it reads; the manager's tails (state machine); and the engine end to end: chunked prefill,
+prefix hits, swap, recompute and the global schedule leave nothing held, and a trained model keeps its
+distributions."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis.stateful import invariant
+
+from sharekv import LLM, SamplingParams
+from sharekv.bench.quality import compare, teacher_forced, teacher_forced_transformers, transformers_model
+from sharekv.config import EngineArgs
+from sharekv.engine import kv_pool_blocks
+from sharekv.kv.manager import KVCacheManager
+from sharekv.kv.quant import (
+    dequantize_kivi_keys,
+    dequantize_kivi_values,
+    kv_bytes_per_head_block,
+    pack,
+    quantize_asymmetric,
+    quantize_kivi_keys,
+    quantize_kivi_values,
+    unpack,
+)
+from sharekv.model.attention import PagedAttention
+from sharekv.model.kv_cache import KVCache, LayerKV
+from sharekv.model.runner import step_metadata
+from sharekv.sampling_params import InvalidParameter
+from tests.conftest import STORIES_DIR, assert_engine_clean, build_llama, mixed_prompts
+from tests.test_kv_properties import BLOCK, KVManagerMachine
+from tests.test_kv_quant import _config
+from tests.test_shared_attention import _mixed_step
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=8, max_size=8),
+                     min_size=1, max_size=6),
+       bits=st.sampled_from([4, 2]), offset=st.sampled_from([0.0, 5.0, -300.0]))
+def test_asymmetric_round_trip_bounds(rows, bits, offset):
+    """Codes fit their bits, and each value comes back within half a step (plus the fp16 rounding of the
+    group's minimum and scale), whatever the group's offset from zero."""
+    x = torch.tensor(rows) + offset
+    codes, scale, low = quantize_asymmetric(x, bits, dim=-1)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
+    back = codes.float() * scale.float() + low.float()
+    tolerance = scale.float() / 2 + (x.abs().amax(-1, keepdim=True)) * 2**-10 + 1e-6
+    assert ((back - x).abs() <= tolerance).all()
+
+
+@given(codes=st.lists(st.integers(0, 15), min_size=16, max_size=16), bits=st.sampled_from([4, 2]))
+def test_pack_round_trip(codes, bits):
+    c = torch.tensor(codes, dtype=torch.uint8) % 2**bits
+    packed = pack(c.view(2, 8), bits)
+    assert packed.shape == (2, 8 * bits // 8) and torch.equal(unpack(packed, bits), c.view(2, 8))
+
+
+def test_keys_per_channel_values_per_token():
+    """A key channel with a large range does not spoil the others (each channel has its own scale over the
+    block), and a value token with a large range does not spoil other tokens."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 2, 64)
+    x[..., 5] *= 100  # an outlier key channel, as real models have
+    packed, params = quantize_kivi_keys(x, 4)
+    err = (dequantize_kivi_keys(packed, params, 4, torch.float32) - x).abs()
+    assert err[..., 5].max() > 10 * err[..., :5].max() and err[..., :5].max() < 0.3
+    x = torch.randn(1, 16, 2, 64)
+    x[:, 3] *= 100  # an outlier value token
+    packed, params = quantize_kivi_values(x, 4)
+    err = (dequantize_kivi_values(packed, params, 4, torch.float32) - x).abs()
+    assert err[:, 3].max() > 10 * err[:, 4:].max() and err[:, 4:].max() < 0.3
+
+
+def test_capacity_of_the_formats():
+    """Tokens per byte against fp32 for a 64-dim head: int4 5.8x at 16-token blocks and 6.7x at 64 (the
+    keys' per-channel params are amortised over the block), int2 9.1x and 11.6x."""
+    def ratio(bs: int, fmt: str) -> float:
+        return kv_bytes_per_head_block(64, bs, torch.float32, "auto") / kv_bytes_per_head_block(64, bs, torch.float32,
+                                                                                                 fmt)
+    assert ratio(16, "int4") == pytest.approx(8192 / 1408) and ratio(64, "int4") == pytest.approx(32768 / 4864)
+    assert ratio(16, "int2") == pytest.approx(8192 / 896) and ratio(64, "int2") == pytest.approx(32768 / 2816)
+
+
+def _kivi_cache(num_blocks: int = 6, tails: int = 3, bs: int = 4, fmt: str = "int4") -> KVCache:
+    return KVCache(_config(num_layers=2), num_blocks, bs, torch.float32, fmt, num_tail_blocks=tails)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_whole_blocks_tails_and_seals_read_back(fmt):
+    """Blocks written whole read back as their quantized copy, tail slots as written, and a sealed tail as
+    the quantized copy of what it held; write returns what the cache now holds."""
+    torch.manual_seed(0)
+    cache, bits = _kivi_cache(fmt=fmt), {"int4": 4, "int2": 2}[fmt]
+    layer = cache.layer(1)
+    k, v = torch.randn(11, 2, 16), torch.randn(11, 2, 16)
+    # blocks 2 and 0 whole (out of order), three tokens into tail block 7 (the second tail)
+    slots = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3, 28, 29, 30])
+    stored_k, stored_v = layer.write(slots, k, v)
+    ids = torch.tensor([2, 0, 7])
+    keys, values = layer.keys(ids).view(-1, 2, 16), layer.values(ids).view(-1, 2, 16)
+    expected_k = dequantize_kivi_keys(*quantize_kivi_keys(k[:8].view(2, 4, 2, 16), bits), bits, torch.float32)
+    expected_v = dequantize_kivi_values(*quantize_kivi_values(v[:8], bits), bits, torch.float32)
+    assert torch.equal(keys[:8], expected_k.view(8, 2, 16)) and torch.equal(values[:8], expected_v)
+    assert torch.equal(keys[8:11], k[8:]) and torch.equal(values[8:11], v[8:])
+    assert torch.equal(stored_k[:8], keys[:8]) and torch.equal(stored_k[8:], k[8:])
+    assert torch.equal(stored_v[:8], values[:8])
+    assert cache.layer(0).keys(torch.tensor([2])).abs().sum() == 0  # other layers untouched
+    # fill the tail, seal it into block 4: it reads as the quantized copy of all four tokens
+    last_k, last_v = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    layer.write(torch.tensor([31]), last_k, last_v)
+    cache.seal([(7, 4)])
+    tail_k = torch.cat([k[8:], last_k]).view(1, 4, 2, 16)
+    expected = dequantize_kivi_keys(*quantize_kivi_keys(tail_k, bits), bits, torch.float32)
+    assert torch.equal(layer.keys(torch.tensor([4])), expected)
+
+
+def test_a_partly_written_block_keeps_its_other_slots():
+    """A write of some of a quantized block's slots (never planned by the manager, but calibration steps do
+    it) reads the block's other slots back first: they keep their values, requantized."""
+    torch.manual_seed(0)
+    layer = _kivi_cache().layer(0)
+    k, v = torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    layer.write(torch.arange(4), k, v)
+    first = layer.keys(torch.tensor([0])).view(4, 2, 16).clone()
+    new_k, new_v = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    layer.write(torch.tensor([2]), new_k, new_v)
+    keys = layer.keys(torch.tensor([0])).view(4, 2, 16)
+    assert (keys[[0, 1, 3]] - first[[0, 1, 3]]).abs().max() < 0.3
+    assert (keys[2] - new_k[0]).abs().max() < 0.3
+
+
+def test_attention_over_kivi_equals_attention_over_what_it_reads():
+    """Decode rows, prefix groups and prefill chunks over a KIVI cache whose tables end in tail blocks equal
+    attention over an fp32 cache holding exactly what the KIVI cache reads, block for block."""
+    heads, kv_heads, dim, bs = 8, 2, 64, 16
+    tables, starts, counts, k_cache, v_cache, _, _ = _mixed_step(0, kv_heads, dim, bs)
+    num_blocks = k_cache.shape[0]
+    # each sequence's last block becomes a tail of its own (sequences sharing it keep the quantized block)
+    last = Counter(t[-1] for t in tables)
+    tails = {b: num_blocks + i for i, b in enumerate(b for b, n in last.items() if n == 1)}
+    tables = [t[:-1] + [tails.get(t[-1], t[-1])] for t in tables]
+    config = _config(num_layers=1, num_heads=heads, head_dim=dim)
+    cache = KVCache(config, num_blocks, bs, torch.float32, "int4", num_tail_blocks=len(tails))
+    layer = cache.layer(0)
+    ids = torch.tensor([tails.get(b, b) for b in range(num_blocks)])
+    slots = (ids[:, None] * bs + torch.arange(bs)).flatten()
+    layer.write(slots, k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim))
+    all_ids = torch.arange(num_blocks + len(tails))
+    reference = LayerKV(layer.keys(all_ids).clone(), layer.values(all_ids).clone(), torch.float32)
+    q = torch.randn(sum(counts), heads, dim, generator=torch.Generator().manual_seed(1))
+    step_slots = torch.tensor([t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, counts, strict=True)
+                               for p in range(s, s + n)])
+    k, v = (c.view(-1, kv_heads, dim)[step_slots] for c in (reference.k, reference.v))
+    attn = PagedAttention(heads, kv_heads, dim, None)
+    for share in (False, True):
+        meta = step_metadata(tables, starts, counts, bs, share_prefixes=share)
+        torch.testing.assert_close(attn.attend(q, k, v, layer, meta), attn.attend(q, k, v, reference, meta),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_swap_moves_params_with_codes():
+    torch.manual_seed(0)
+    cache = KVCache(_config(), 6, 4, torch.float32, "int4", num_swap_slots=2, num_tail_blocks=1)
+    for i in range(2):
+        x = torch.randn(8, 2, 16) * torch.logspace(-2, 2, 8)[:, None, None]
+        cache.layer(i).write(torch.arange(8), x, -x)
+    before = [cache.layer(i).keys(torch.tensor([0, 1])).clone() for i in range(2)]
+    cache.swap([(0, 0), (1, 1)], [])
+    cache.layer(0).write(torch.arange(8), torch.zeros(8, 2, 16), torch.zeros(8, 2, 16))  # reuse the blocks
+    cache.swap([], [(0, 3), (1, 4)])
+    for i in range(2):
+        assert torch.equal(cache.layer(i).keys(torch.tensor([3, 4])), before[i])
+
+
+class KiviManagerMachine(KVManagerMachine):
+    """The KV manager's state machine with a KIVI cache: tails in the tables, seals as they leave the
+    residual window (no eviction: it does not run on KIVI)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kv = KVCacheManager(num_blocks=12, block_size=BLOCK, num_tail_blocks=5, residual_blocks=2)
+
+    def _compute(self, seq, n):
+        for tail, block in self.kv.pending_seals:  # a sealed tail was full; its block took its place
+            assert self.kv.is_tail(tail) and not self.kv.is_tail(block)
+            assert seq.block_table.index(block) < seq.num_kv_slots // BLOCK
+        self.kv.pending_seals.clear()  # (the runner's copies)
+        super()._compute(seq, n)
+
+    evict = None  # not a rule here
+
+    @invariant()
+    def tails(self):
+        tails = self.kv.tails
+        tails.check_invariants()
+        for seq in self.live:
+            table = seq.block_table
+            is_tail = [self.kv.is_tail(b) for b in table]
+            first = is_tail.index(True) if any(is_tail) else len(table)
+            assert all(is_tail[first:]), "tails are the table's last blocks"
+            assert len(table) - first <= self.kv.residual_blocks + 1
+            # every quantized block a sequence wrote is full: written whole, or sealed once full
+            assert first <= -(-seq.num_kv_slots // BLOCK) and (first * BLOCK <= seq.num_kv_slots)
+            for b in table[first:]:
+                assert self.kv.block(b).ref_count == 1 and self.kv.block(b).key is None
+        assert tails.num_blocks - tails.num_free_blocks == sum(self.kv.is_tail(b) for s in self.live
+                                                               for b in s.block_table)
+
+    def teardown(self):
+        super().teardown()
+        assert self.kv.tails.num_free_blocks == self.kv.tails.num_blocks
+
+
+TestKiviManager = KiviManagerMachine.TestCase
+TestKiviManager.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+def test_pool_sizing_gives_each_running_sequence_its_window():
+    blocks, tails, seqs = kv_pool_blocks(1000, 10, 256, tail_block_bytes=50, tails_per_seq=2)
+    assert (seqs, tails, blocks) == (5, 10, 50)  # tails take at most half the bytes: fewer sequences run
+    assert kv_pool_blocks(1000, 10, 3, 50, 2) == (70, 6, 3)
+    assert kv_pool_blocks(1000, 10, 256) == (100, 0, 256)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return build_llama(str(tmp_path_factory.mktemp("kivi") / "llama"), num_hidden_layers=3)
+
+
+SCENARIOS = {
+    "chunked_prefill": dict(max_num_batched_tokens=24, kv_cache_memory="2MiB"),
+    "prefix_cache": dict(max_num_batched_tokens=512, kv_cache_memory="2MiB"),
+    # 48KiB: a few sequences at a time, with their residual windows, so the batch preempts
+    "swap": dict(max_num_batched_tokens=64, kv_cache_memory="48KiB", schedule="fcfs"),
+    "recompute": dict(max_num_batched_tokens=64, kv_cache_memory="48KiB", swap_space="0", schedule="fcfs"),
+    "global": dict(max_num_batched_tokens=64, kv_cache_memory="64KiB"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_kivi_engine_runs_every_way_a_step_is_cut(model_dir, scenario):
+    """Chunked prefill, prefix hits on quantized blocks, swap (quantized blocks out, the tail recomputed),
+    recompute and the global schedule all finish every request with the output asked for, seal tails, and
+    give back every block, tail and swap slot."""
+    prompts = mixed_prompts(22, 256)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(model_dir, block_size=4, kv_cache_dtype="int4", kv_residual=4, **SCENARIOS[scenario])
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    engine = llm.engine
+    assert engine.kv.num_seals > 0
+    if scenario == "prefix_cache":
+        assert engine.stats.prompt_tokens_computed < sum(map(len, prompts))  # hits read quantized blocks
+    if scenario in ("swap", "recompute"):
+        assert engine.scheduler.num_preemptions > 0
+        assert (engine.scheduler.num_swapped_out > 0) == (scenario == "swap")
+    assert_engine_clean(engine)
+
+
+def test_kivi_keeps_a_trained_models_distributions():
+    """Teacher-forced on stories260K, a token a step (KIVI's regime: the newest tokens in full precision,
+    the rest quantized as it ages out of the window): int4 stays close to transformers' fp32, int2 further."""
+    tokenizer = LLM(STORIES_DIR, kv_cache_memory="1MiB").get_tokenizer()
+    texts = [tokenizer.encode(t) for t in ("Once upon a time, there was a little girl named Lily. She loved to "
+                                           "play in the park with her friends. One day, she saw a big dog.",
+                                           "Tom had a big red ball. He went to the park and played with his dog. "
+                                           "The dog ran after the ball and")]
+    reference = teacher_forced_transformers(transformers_model(STORIES_DIR), texts)
+    results = {}
+    for fmt in ("int4", "int2"):
+        llm = LLM(STORIES_DIR, kv_cache_dtype=fmt, kv_residual=8, kv_cache_memory="4MiB", block_size=8,
+                  max_num_batched_tokens=1)
+        results[fmt] = compare(reference, teacher_forced(llm, texts))
+        assert_engine_clean(llm.engine)
+    assert results["int4"].top1_agreement >= 0.9 and results["int4"].mean_kl < 0.05
+    assert results["int2"].mean_kl > results["int4"].mean_kl
+
+
+def test_eviction_is_refused_on_kivi(model_dir):
+    with pytest.raises(ValueError, match="does not run on a int4 KV cache"):
+        EngineArgs(kv_cache_dtype="int4", kv_eviction="h2o", kv_budget="0.5").validate()
+    llm = LLM(model_dir, kv_cache_dtype="int2", kv_cache_memory="1MiB", block_size=4)
+    with pytest.raises(InvalidParameter, match="does not run on a int2 KV cache"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="h2o", kv_budget="0.5"), use_tqdm=False)
+    assert_engine_clean(llm.engine)
