@@ -31,6 +31,7 @@ from sharekv.kv.quant import (
 )
 from sharekv.model.attention import PagedAttention
 from sharekv.model.kv_cache import KVCache, LayerKV
+from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import step_metadata
 from sharekv.sampling_params import InvalidParameter
 from tests.conftest import STORIES_DIR, assert_engine_clean, build_llama, mixed_prompts
@@ -135,18 +136,23 @@ def test_a_partly_written_block_keeps_its_other_slots():
     assert (keys[2] - new_k[0]).abs().max() < 0.3
 
 
-def test_attention_over_kivi_equals_attention_over_what_it_reads():
-    """Decode rows, prefix groups and prefill chunks over a KIVI cache whose tables end in tail blocks equal
-    attention over an fp32 cache holding exactly what the KIVI cache reads, block for block."""
-    heads, kv_heads, dim, bs = 8, 2, 64, 16
-    tables, starts, counts, k_cache, v_cache, _, _ = _mixed_step(0, kv_heads, dim, bs)
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("seed", range(2))
+def test_attention_over_kivi_equals_attention_over_what_it_reads(fmt, native, seed):
+    """Decode rows (the native KIVI kernel or the torch tiles), prefix groups and prefill chunks over a KIVI
+    cache whose tables end in tail blocks equal attention over an fp32 cache holding exactly what the KIVI
+    cache reads, block for block."""
+    heads, bs = 8, 16
+    kv_heads, dim = 2, [64, 32][seed]  # (the test config has two KV heads)
+    tables, starts, counts, k_cache, v_cache, _, _ = _mixed_step(seed, kv_heads, dim, bs)
     num_blocks = k_cache.shape[0]
     # each sequence's last block becomes a tail of its own (sequences sharing it keep the quantized block)
     last = Counter(t[-1] for t in tables)
     tails = {b: num_blocks + i for i, b in enumerate(b for b, n in last.items() if n == 1)}
     tables = [t[:-1] + [tails.get(t[-1], t[-1])] for t in tables]
     config = _config(num_layers=1, num_heads=heads, head_dim=dim)
-    cache = KVCache(config, num_blocks, bs, torch.float32, "int4", num_tail_blocks=len(tails))
+    cache = KVCache(config, num_blocks, bs, torch.float32, fmt, num_tail_blocks=len(tails))
     layer = cache.layer(0)
     ids = torch.tensor([tails.get(b, b) for b in range(num_blocks)])
     slots = (ids[:, None] * bs + torch.arange(bs)).flatten()
@@ -158,6 +164,7 @@ def test_attention_over_kivi_equals_attention_over_what_it_reads():
                                for p in range(s, s + n)])
     k, v = (c.view(-1, kv_heads, dim)[step_slots] for c in (reference.k, reference.v))
     attn = PagedAttention(heads, kv_heads, dim, None)
+    attn.native = cpu_kernels() if native else None
     for share in (False, True):
         meta = step_metadata(tables, starts, counts, bs, share_prefixes=share)
         torch.testing.assert_close(attn.attend(q, k, v, layer, meta), attn.attend(q, k, v, reference, meta),

@@ -9,10 +9,11 @@ import torch
 
 from sharekv.model.attention import PagedAttention
 from sharekv.model.elementwise import Elementwise
-from sharekv.model.kv_cache import LayerKV
+from sharekv.model.kv_cache import KVCache, LayerKV
 from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
 from sharekv.model.runner import step_metadata
+from tests.test_kv_quant import _config
 from tests.test_shared_attention import _mixed_step
 
 
@@ -43,6 +44,18 @@ def test_opcheck_paged_decode_attention(ops):
     mass_rows = torch.full((rows,), -1, dtype=torch.long)
     mass_rows[0] = 0
     torch.library.opcheck(ops.paged_decode_attention.default, (*args[:10], mass, mass_rows))
+
+
+def test_opcheck_paged_decode_attention_kivi(ops):
+    q, _, _, k_cache, v_cache, meta = _attention_case()
+    rows = meta.decode_context_lens.numel()
+    cache = KVCache(_config(num_layers=1, num_heads=8, head_dim=64), k_cache.shape[0], 16, torch.float32, "int4",
+                    num_tail_blocks=2)
+    layer = cache.layer(0)
+    layer.write(torch.arange(k_cache.shape[0] * 16), k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64))
+    torch.library.opcheck(ops.paged_decode_attention_kivi.default,
+                          (q[:rows].contiguous(), *layer.native_args(), meta.decode_block_tables,
+                           meta.decode_context_lens, meta.decode_starts, 0.125, 0, 4))
 
 
 def test_opcheck_prefix_attention_merge(ops):

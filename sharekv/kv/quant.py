@@ -103,16 +103,18 @@ def quantize_asymmetric(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Ten
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., d] of `bits` bits as [..., d * bits / 8] bytes, the first code in the low bits."""
+    """uint8 codes [..., d] of `bits` bits as [..., d * bits / 8] bytes, planar: byte j holds codes j,
+    j + n, j + 2n, ... (n = d * bits / 8) from its low bits up, so unpacking a row is a few contiguous
+    shifts and masks (vector instructions), not a shuffle."""
     per_byte = 8 // bits
-    grouped = codes.view(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+    planes = codes.view(*codes.shape[:-1], per_byte, -1)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
+    return (planes << shifts).sum(dim=-2, dtype=torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)[:, None]
+    return ((packed.unsqueeze(-2) >> shifts) & (2**bits - 1)).flatten(-2)
 
 
 def quantize_kivi_keys(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

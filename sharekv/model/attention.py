@@ -215,6 +215,10 @@ class PagedAttention:
         starts = meta.decode_starts
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
+        if self.native is not None and isinstance(cache, KiviLayerKV):
+            return self.native.paged_decode_attention_kivi(q, *cache.native_args(), meta.decode_block_tables,
+                                                           meta.decode_context_lens, starts, self.scale,
+                                                           self.sliding_window or 0, cache.bits)
         native = self._native_for(cache)
         if native is not None:
             mass = mass_rows = torch.empty(0)

@@ -152,7 +152,7 @@ class KiviLayerKV:
     2, groups], tail blocks tail_k, tail_v [tails, block_size, kv_heads, d] in the model's dtype. Reads
     dequantize only the blocks asked for."""
 
-    native_readable = False  # the torch paths read it, a tile of blocks at a time
+    native_readable = False  # the prefix-group and int8 kernels do not read it; a decode kernel of its own does
     quantized = True
     native = None
 
@@ -194,6 +194,10 @@ class KiviLayerKV:
             held[plan.block_rows] = dequantize(packed, p, self.bits, x.dtype).view(-1, kv_heads, d)[plan.block_slots]
             stored.append(held)
         return stored[0], stored[1]
+
+    def native_args(self) -> tuple[torch.Tensor, ...]:
+        """Codes, params and tails for the native KIVI decode kernel."""
+        return self.k, self.v, self.k_params, self.v_params, self.tail_k, self.tail_v
 
     def keys(self, block_ids: torch.Tensor) -> torch.Tensor:
         """The keys of the given blocks (any index shape, tail blocks among them), [*block_ids.shape,

@@ -90,6 +90,11 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, starts, scale, window, mass, mass_rows):
         return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
+    @torch.library.register_fake("sharekv::paged_decode_attention_kivi")
+    def _(q, k_codes, v_codes, k_params, v_params, tail_k, tail_v, block_tables, context_lens, starts, scale, window,
+          bits):
+        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
     @torch.library.register_fake("sharekv::add_rms_norm_")
     def _(residual, x, weight, eps):
         return torch.empty_like(residual)

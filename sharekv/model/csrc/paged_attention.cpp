@@ -14,8 +14,9 @@
 // product per row and key; the result is merged into each row's own attention by log-sum-exp.
 //
 // Both read a cache in the model's dtype, or an int8 cache with one scale per slot and KV head, an fp8
-// e5m2 byte beside the blocks (sharekv/kv/quant.py): each row is dequantized into a small buffer as it is
-// read, so no full-precision copy of the cache is ever made.
+// e5m2 byte beside the blocks (sharekv/kv/quant.py); the decode kernel also reads a KIVI cache (int4, int2
+// codes, and full-precision tail blocks). Each row is dequantized into a small buffer as it is read, so no
+// full-precision copy of the cache is ever made.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -63,16 +64,105 @@ static inline const float* as_float(const C* row, const uint8_t* scale_bits, flo
   }
 }
 
-template <typename T, typename C>
-static void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const uint8_t* k_scale, const uint8_t* v_scale,
-                          const int64_t* block_tables,
+// How the decode kernel reads a cache row (one token's key or value in one KV head) as floats.
+// The model's dtype, or int8 with a scale byte per row.
+template <typename C>
+struct PlainRows {
+  const C* k;
+  const C* v;
+  const uint8_t* k_scale;  // read only for an int8 cache
+  const uint8_t* v_scale;
+  int64_t kv_heads, dim, block_size;
+
+  const float* key(int64_t block, int64_t in_block, int64_t h, float* buf) {
+    const int64_t row = (block * block_size + in_block) * kv_heads + h;
+    return as_float(k + row * dim, k_scale + row, buf, dim);
+  }
+  const float* value(int64_t block, int64_t in_block, int64_t h, float* buf) {
+    const int64_t row = (block * block_size + in_block) * kv_heads + h;
+    return as_float(v + row * dim, v_scale + row, buf, dim);
+  }
+};
+
+// A KIVI cache (sharekv/kv/quant.py): packed BITS-bit codes, keys with a (scale, minimum) per channel and
+// block, values with a (scale, minimum) per token and group of channels, all fp16; blocks with ids from
+// num_blocks on are full-precision tails in the queries' dtype T. A key block's channel params are
+// converted once per block and kept while its rows are read.
+template <typename T, int BITS>
+struct KiviRows {
+  static constexpr int PER_BYTE = 8 / BITS;
+  static constexpr uint8_t MASK = (1 << BITS) - 1;
+  const uint8_t* k;
+  const uint8_t* v;
+  const at::Half* k_params;  // [blocks, kv_heads, 2, dim]
+  const at::Half* v_params;  // [blocks, block_size, kv_heads, 2, groups]
+  const T* tail_k;
+  const T* tail_v;
+  int64_t kv_heads, dim, block_size, num_blocks, groups;
+  std::vector<float> k_scale, k_min;
+  int64_t params_of = -1;  // the (block, head) whose key params k_scale and k_min hold
+
+  const float* tail_row(const T* tail, int64_t block, int64_t in_block, int64_t h, float* buf) const {
+    const T* row = tail + (((block - num_blocks) * block_size + in_block) * kv_heads + h) * dim;
+    if constexpr (std::is_same_v<T, float>) {
+      return row;
+    } else {
+      for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
+      return buf;
+    }
+  }
+  // A row's codes as floats: byte j holds the codes of channels j, j + n, ... (planar, kv/quant.py's pack),
+  // so each plane is a contiguous shift-and-mask loop.
+  void unpack(const uint8_t* base, int64_t block, int64_t in_block, int64_t h, float* buf) const {
+    const int64_t n = dim / PER_BYTE;
+    const uint8_t* c = base + ((block * block_size + in_block) * kv_heads + h) * n;
+    for (int p = 0; p < PER_BYTE; ++p) {
+      float* o = buf + p * n;
+      const int shift = p * BITS;
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<float>((c[j] >> shift) & MASK);
+    }
+  }
+  const float* key(int64_t block, int64_t in_block, int64_t h, float* buf) {
+    if (block >= num_blocks) return tail_row(tail_k, block, in_block, h, buf);
+    if (params_of != block * kv_heads + h) {
+      params_of = block * kv_heads + h;
+      k_scale.resize(dim);
+      k_min.resize(dim);
+      const at::Half* p = k_params + params_of * 2 * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        k_scale[d] = static_cast<float>(p[d]);
+        k_min[d] = static_cast<float>(p[dim + d]);
+      }
+    }
+    unpack(k, block, in_block, h, buf);
+    const float* s = k_scale.data();
+    const float* m = k_min.data();
+    for (int64_t d = 0; d < dim; ++d) buf[d] = buf[d] * s[d] + m[d];
+    return buf;
+  }
+  const float* value(int64_t block, int64_t in_block, int64_t h, float* buf) const {
+    if (block >= num_blocks) return tail_row(tail_v, block, in_block, h, buf);
+    const at::Half* p = v_params + ((block * block_size + in_block) * kv_heads + h) * 2 * groups;
+    unpack(v, block, in_block, h, buf);
+    const int64_t size = dim / groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = static_cast<float>(p[g]), low = static_cast<float>(p[groups + g]);
+      float* x = buf + g * size;
+      for (int64_t d = 0; d < size; ++d) x[d] = x[d] * scale + low;
+    }
+    return buf;
+  }
+};
+
+template <typename T, typename Rows>
+static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tables,
                           const int64_t* context_lens, const int64_t* starts, T* out, float* lse, int64_t batch, int64_t heads, int64_t kv_heads,
                           int64_t dim, int64_t block_size, int64_t table_width, float scale, int64_t window,
                           float* mass, const int64_t* mass_rows, int64_t mass_width) {
   const int64_t group = heads / kv_heads;
-  const int64_t row = kv_heads * dim;  // stride between consecutive tokens of one block
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), acc(group * dim), row_buf(dim), scores;
+    Rows reader = rows;  // a task's own copy: a reader may keep per-block state
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const int64_t ctx = context_lens[b];
@@ -90,14 +180,12 @@ static void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const 
         for (int64_t d = 0; d < dim; ++d)
           qf[g * dim + d] = static_cast<float>(q[(b * heads + h * group + g) * dim + d]) * scale;
       scores.assign(group * n, 0.f);
-      // Walk the blocks that hold [first, ctx): a block's tokens sit `row` elements apart.
+      // Walk the blocks that hold [first, ctx).
       for (int64_t t0 = first; t0 < ctx;) {
         const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-        const int64_t slot = table[t0 / block_size] * block_size + in_block;
-        const C* k = k_cache + slot * row + h * dim;
-        const uint8_t* ke = k_scale + slot * kv_heads + h;  // read only for an int8 cache
-        for (int64_t i = 0; i < count; ++i, k += row, ke += kv_heads) {
-          const float* kf = as_float(k, ke, row_buf.data(), dim);
+        const int64_t block = table[t0 / block_size];
+        for (int64_t i = 0; i < count; ++i) {
+          const float* kf = reader.key(block, in_block + i, h, row_buf.data());
           for (int64_t g = 0; g < group; ++g) scores[g * n + (t0 - first) + i] = dot16(qf.data() + g * dim, kf, dim);
         }
         t0 += count;
@@ -126,11 +214,9 @@ static void decode_kernel(const T* q, const C* k_cache, const C* v_cache, const 
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = first; t0 < ctx;) {
         const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-        const int64_t slot = table[t0 / block_size] * block_size + in_block;
-        const C* v = v_cache + slot * row + h * dim;
-        const uint8_t* ve = v_scale + slot * kv_heads + h;
-        for (int64_t i = 0; i < count; ++i, v += row, ve += kv_heads) {
-          const float* vf = as_float(v, ve, row_buf.data(), dim);
+        const int64_t block = table[t0 / block_size];
+        for (int64_t i = 0; i < count; ++i) {
+          const float* vf = reader.value(block, in_block + i, h, row_buf.data());
           for (int64_t g = 0; g < group; ++g) axpy16(acc.data() + g * dim, scores[g * n + (t0 - first) + i], vf, dim);
         }
         t0 += count;
@@ -438,14 +524,56 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto cache_type) {
       using C = decltype(cache_type);
-      decode_kernel<scalar_t, C>(q.data_ptr<scalar_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
-                                 quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
-                                 quantized ? v_scale.data_ptr<uint8_t>() : nullptr, block_tables.data_ptr<int64_t>(),
+      const PlainRows<C> rows{k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+                              quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
+                              quantized ? v_scale.data_ptr<uint8_t>() : nullptr, kv_heads, dim, block_size};
+      decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), rows, block_tables.data_ptr<int64_t>(),
                                  context_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                                  lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size, block_tables.size(1),
                                  static_cast<float>(scale), window, mass_ptr, mass_rows_ptr, mass_ptr ? mass.size(2) : 0);
     };
     if (quantized) run(int8_t{}); else run(scalar_t{});
+  });
+  return {out, lse};
+}
+
+// paged_decode_attention over a KIVI cache (KiviRows): codes [blocks, block_size, kv_heads, dim * bits / 8],
+// key params [blocks, kv_heads, 2, dim], value params [blocks, block_size, kv_heads, 2, groups] (fp16), and
+// tails [tails, block_size, kv_heads, dim] in q's dtype, whose block ids follow the quantized blocks'.
+std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention_kivi(
+    torch::Tensor q, const torch::Tensor& k_codes, const torch::Tensor& v_codes, const torch::Tensor& k_params,
+    const torch::Tensor& v_params, const torch::Tensor& tail_k, const torch::Tensor& tail_v, torch::Tensor block_tables,
+    torch::Tensor context_lens, torch::Tensor starts, double scale, int64_t window, int64_t bits) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention_kivi runs on the CPU");
+  TORCH_CHECK(bits == 4 || bits == 2, "KIVI codes have 4 or 2 bits");
+  for (const auto* t : {&k_codes, &v_codes, &k_params, &v_params, &tail_k, &tail_v})
+    TORCH_CHECK(t->is_contiguous(), "the KIVI cache's tensors must be contiguous");
+  TORCH_CHECK(k_codes.scalar_type() == torch::kByte && v_codes.scalar_type() == torch::kByte &&
+                  k_params.scalar_type() == torch::kHalf && v_params.scalar_type() == torch::kHalf &&
+                  tail_k.scalar_type() == q.scalar_type() && tail_v.scalar_type() == q.scalar_type(),
+              "KIVI codes are uint8, params float16, tails in the queries' dtype");
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t num_blocks = k_codes.size(0), block_size = k_codes.size(1), kv_heads = k_codes.size(2);
+  TORCH_CHECK(dim % 16 == 0 && k_codes.size(3) * (8 / bits) == dim, "codes must pack head_dim (a multiple of 16)");
+  q = q.contiguous();
+  block_tables = block_tables.to(torch::kInt64).contiguous();
+  context_lens = context_lens.to(torch::kInt64).contiguous();
+  starts = starts.to(torch::kInt64).contiguous();
+  TORCH_CHECK(starts.numel() == batch, "one start position per sequence");
+  auto out = torch::empty_like(q);
+  auto lse = torch::empty({batch, heads}, q.options().dtype(torch::kFloat32));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_kivi", [&] {
+    auto run = [&](auto width) {
+      const KiviRows<scalar_t, decltype(width)::value> rows{
+          k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(), k_params.data_ptr<at::Half>(),
+          v_params.data_ptr<at::Half>(), tail_k.data_ptr<scalar_t>(), tail_v.data_ptr<scalar_t>(), kv_heads, dim,
+          block_size, num_blocks, v_params.size(-1)};
+      decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), rows, block_tables.data_ptr<int64_t>(),
+                              context_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+                              lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size, block_tables.size(1),
+                              static_cast<float>(scale), window, nullptr, nullptr, 0);
+    };
+    if (bits == 4) run(std::integral_constant<int, 4>{}); else run(std::integral_constant<int, 2>{});
   });
   return {out, lse};
 }
@@ -531,6 +659,9 @@ TORCH_LIBRARY(sharekv, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
         "Tensor block_tables, Tensor context_lens, Tensor starts, float scale, int window, Tensor(a!) mass, "
         "Tensor mass_rows) -> (Tensor, Tensor)");
+  m.def("paged_decode_attention_kivi(Tensor q, Tensor k_codes, Tensor v_codes, Tensor k_params, Tensor v_params, "
+        "Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor context_lens, Tensor starts, float scale, "
+        "int window, int bits) -> (Tensor, Tensor)");
   m.def("prefix_attention_merge_(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
         "Tensor rows, Tensor prefix_lens, Tensor block_ids, Tensor(a!) out, Tensor(b!) lse, float scale) -> ()");
 }
@@ -539,5 +670,6 @@ TORCH_LIBRARY_IMPL(sharekv, CPU, m) {
   m.impl("quantize_write_", &quantize_write_);
   m.impl("write_kv_", &write_kv_);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention_kivi", &paged_decode_attention_kivi);
   m.impl("prefix_attention_merge_", &prefix_attention_merge_);
 }
