@@ -95,7 +95,7 @@ def _kivi_cache(num_blocks: int = 6, tails: int = 3, bs: int = 4, fmt: str = "in
 @pytest.mark.parametrize("fmt", ["int4", "int2"])
 def test_whole_blocks_tails_and_seals_read_back(fmt):
     """Blocks written whole read back as their quantized copy, tail slots as written, and a sealed tail as
-    the quantized copy of what it held; write returns what the cache now holds."""
+    the quantized copy of what it held."""
     torch.manual_seed(0)
     cache, bits = _kivi_cache(fmt=fmt), {"int4": 4, "int2": 2}[fmt]
     layer = cache.layer(1)
@@ -109,8 +109,7 @@ def test_whole_blocks_tails_and_seals_read_back(fmt):
     expected_v = dequantize_kivi_values(*quantize_kivi_values(v[:8], bits), bits, torch.float32)
     assert torch.equal(keys[:8], expected_k.view(8, 2, 16)) and torch.equal(values[:8], expected_v)
     assert torch.equal(keys[8:11], k[8:]) and torch.equal(values[8:11], v[8:])
-    assert torch.equal(stored_k[:8], keys[:8]) and torch.equal(stored_k[8:], k[8:])
-    assert torch.equal(stored_v[:8], values[:8])
+    assert stored_k is k and stored_v is v  # a chunk attends to its own tokens in full precision (KIVI)
     assert cache.layer(0).keys(torch.tensor([2])).abs().sum() == 0  # other layers untouched
     # fill the tail, seal it into block 4: it reads as the quantized copy of all four tokens
     last_k, last_v = torch.randn(1, 2, 16), torch.randn(1, 2, 16)

@@ -9,7 +9,10 @@ Every policy at every budget (the fraction of the context's KV kept):
   question after the compressed document, kvpress's protocol); accuracy over the needles the full cache
   answers correctly. Both run each request on its own KV (no prefix cache), as kvpress does.
 Every quantized format (`--kv-cache-dtypes`), on the whole cache: the same teacher-forced texts over all
-their positions and the same needles, against the model's dtype; and tokens per GiB of pool.
+their positions and the same needles, against the model's dtype; and tokens per GiB of pool. The texts run
+one block of new tokens a step, as generated tokens arrive: a KIVI format (int4, int2) attends to a chunk's
+own tokens in full precision, so one whole-text prefill would hide its error; block by block, every token
+reads what aged out of the residual window quantized (int8 reads the same either way).
 Then a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool of the bytes that hold a
 third of the batch's tokens in the model's dtype; wall time and output tokens/s with each policy at the
 middle budget, and each quantized format, against neither.
@@ -140,11 +143,20 @@ def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[i
 
     results = {}
     for kv_cache_dtype in kv_cache_dtypes:
+        stepwise = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype,
+                                                     "max_num_batched_tokens": args.block_size})
+        forced = compare(reference, teacher_forced(stepwise, texts))
+        del stepwise
         llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype})
+        engine = llm.engine
+        # a KIVI format's residual windows: full-precision tail blocks of each running sequence, beside the pool
+        tails = engine.kv.tails.num_blocks // engine.max_num_seqs if engine.kv.tails else 0
         results[kv_cache_dtype] = {
-            "teacher_forced": dataclasses.asdict(compare(reference, teacher_forced(llm, texts))),
+            "teacher_forced": dataclasses.asdict(forced),
+            "teacher_forced_tokens_per_step": args.block_size,
             "needle_accuracy": _accuracy(full_answers, _needle_answers(llm, needles)),
             "tokens_per_gib": tokens_per_gib(kv_cache_dtype),
+            "tail_bytes_per_sequence": tails * kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]),
             "capacity_vs_model_dtype": tokens_per_gib(kv_cache_dtype) / tokens_per_gib("auto"),
         }
         del llm
@@ -175,6 +187,7 @@ def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Need
             "prompt_tokens_computed": engine.stats.prompt_tokens_computed,
             "steps": engine.stats.steps,
             "preemptions": engine.scheduler.num_preemptions,
+            "max_running_seqs": engine.max_num_seqs,  # a KIVI pool's residual windows may cap it
             "evicted_tokens": engine.compressor.num_evicted_tokens,
             "compactions": engine.compressor.num_compactions,
         }
@@ -288,11 +301,12 @@ def _plot(result: dict, path: str) -> None:
         agree.plot(budgets, [runs[f"{policy}@{b}"]["top1_agreement"] for b in budgets], marker="o", label=policy)
         acc = result["needles"]["accuracy"]
         needle.plot(budgets, [acc[f"{policy}@{b}"] or 0.0 for b in budgets], marker="o", label=policy)
-    for name, fmt in result.get("quantization", {}).get("formats", {}).items():
+    formats = result.get("quantization", {}).get("formats", {})
+    for (name, fmt), style in zip(formats.items(), ("--", ":", "-.", (0, (5, 1))), strict=False):
         label = f"{name} KV, whole cache ({fmt['capacity_vs_model_dtype']:.2f}x tokens)"
-        agree.axhline(fmt["teacher_forced"]["top1_agreement"], color="black", linestyle="--", label=label)
+        agree.axhline(fmt["teacher_forced"]["top1_agreement"], color="black", linestyle=style, label=label)
         if fmt["needle_accuracy"] is not None:
-            needle.axhline(fmt["needle_accuracy"], color="black", linestyle="--", label=label)
+            needle.axhline(fmt["needle_accuracy"], color="black", linestyle=style, label=label)
     agree.set_xlabel("KV budget (fraction of the context kept)")
     agree.set_ylabel("top-1 agreement with the full cache")
     agree.legend()

@@ -196,6 +196,8 @@ class PagedAttention:
         else:
             keys = cache.keys(chunk.block_ids).view(-1, self.num_kv_heads, self.head_dim)[:ctx]
             values = cache.values(chunk.block_ids).view(-1, self.num_kv_heads, self.head_dim)[:ctx]
+            # the chunk's own tokens as the write returned them (a KIVI cache: in full precision)
+            keys[ctx - qlen:], values[ctx - qlen:] = k, v
         device = q.device
         query_pos = torch.arange(ctx - qlen, ctx, device=device)[:, None]
         visible = ~self._window_mask(torch.arange(ctx, device=device)[None, :], query_pos)

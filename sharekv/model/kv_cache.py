@@ -170,9 +170,9 @@ class KiviLayerKV:
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of tail blocks are stored as they are; blocks the step writes are quantized whole (their
-        earlier slots, if any, read back first). Returns k, v as the cache now holds them."""
+        earlier slots, if any, read back first). Returns k, v unchanged: as in KIVI, a chunk attends to its
+        own tokens in full precision, and to what came before as the cache holds it."""
         plan = self.cache.writes_for(slots)
-        stored = []
         for x, tail, codes, params, quantize, dequantize in (
                 (k, self.tail_k, self.k, self.k_params, quantize_kivi_keys, dequantize_kivi_keys),
                 (v, self.tail_v, self.v, self.v_params, quantize_kivi_values, dequantize_kivi_values)):
@@ -180,7 +180,6 @@ class KiviLayerKV:
             if len(plan.tail_rows):
                 tail.view(-1, kv_heads, d)[plan.tail_slots] = x[plan.tail_rows]
             if not len(plan.block_rows):
-                stored.append(x)
                 continue
             ids, bs = plan.block_ids, self.block_size
             if plan.whole:
@@ -188,12 +187,8 @@ class KiviLayerKV:
             else:
                 blocks = dequantize(codes[ids], params[ids], self.bits, x.dtype).view(-1, kv_heads, d)
             blocks[plan.block_slots] = x[plan.block_rows]
-            packed, p = quantize(blocks.view(len(ids), bs, kv_heads, d), self.bits)
-            codes[ids], params[ids] = packed, p
-            held = x.clone()
-            held[plan.block_rows] = dequantize(packed, p, self.bits, x.dtype).view(-1, kv_heads, d)[plan.block_slots]
-            stored.append(held)
-        return stored[0], stored[1]
+            codes[ids], params[ids] = quantize(blocks.view(len(ids), bs, kv_heads, d), self.bits)
+        return k, v
 
     def native_args(self) -> tuple[torch.Tensor, ...]:
         """Codes, params and tails for the native KIVI decode kernel."""
