@@ -72,9 +72,9 @@ class EngineArgs:
         "help": "how the KV pool stores keys and values: auto (the model's dtype) | int8 (a one-byte scale "
                 "per token and KV head; 3.9x the tokens of fp32) | int4 | int2 (KIVI: keys per channel over "
                 "a block, values per token in groups of 32; each sequence's unfilled block in full precision)"})
-    kv_residual: int = field(default=128, metadata={
-        "help": "int4 | int2 KV: the most recent tokens of each sequence kept in full precision (KIVI's "
-                "residual window), rounded up to whole blocks, at least one"})
+    kv_residual: int | None = field(default=None, metadata={
+        "help": "quantized KV: the most recent tokens of each sequence kept in the model's dtype (KIVI's "
+                "residual window), in whole blocks (default: 128 for int4 and int2, at least a block; 0 for int8)"})
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda"})
     kv_cache_memory: str | None = field(
         default=None, metadata={"help": "KV pool size, e.g. 512MiB (default: 40%% of free RAM, at most 8GiB, "
@@ -116,6 +116,12 @@ class EngineArgs:
             return parse_bytes(self.kv_cache_memory)
         return min(int(available_memory_bytes() * 0.4), 8 * 2**30)
 
+    def residual_blocks(self) -> int:
+        """Blocks of each sequence's newest KV kept in the model's dtype beside a quantized pool (0: none)."""
+        if self.kv_cache_dtype in KIVI_BITS:  # a block is quantized only once full: at least one
+            return max(1, -(-(128 if self.kv_residual is None else self.kv_residual) // self.block_size))
+        return -(-(self.kv_residual or 0) // self.block_size)
+
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
@@ -129,11 +135,11 @@ class EngineArgs:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.kv_eviction not in (None, "none") and self.kv_cache_dtype in KIVI_BITS:
-            raise ValueError(f"--kv-eviction does not run on a {self.kv_cache_dtype} KV cache yet; use "
-                             "--kv-cache-dtype int8 or auto")
-        if self.kv_residual < 0:
-            raise ValueError("kv_residual must be >= 0")
+        if self.kv_eviction not in (None, "none") and self.residual_blocks():
+            raise ValueError(f"--kv-eviction does not run on a KV cache with a residual window ({self.kv_cache_dtype}) "
+                             "yet; use --kv-cache-dtype int8 (without --kv-residual) or auto")
+        if self.kv_residual is not None and (self.kv_residual < 0 or self.kv_cache_dtype == "auto"):
+            raise ValueError("kv_residual must be >= 0, and applies to a quantized KV cache (--kv-cache-dtype)")
         if self.kv_eviction_window < 1 or self.kv_eviction_kernel < 1 or self.kv_eviction_sinks < 0:
             raise ValueError("kv_eviction_window and kv_eviction_kernel must be >= 1, kv_eviction_sinks >= 0")
         from sharekv.sched.registry import parse_schedule  # the registry imports the policies

@@ -14,7 +14,7 @@ from sharekv.config import EngineArgs, parse_bytes
 from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.eviction import NONE
 from sharekv.kv.manager import KVCacheManager
-from sharekv.kv.quant import check_kv_format, kivi_bits
+from sharekv.kv.quant import check_kv_format
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.kv_cache import kv_bytes_per_block
@@ -87,11 +87,10 @@ class LLMEngine:
         device = torch.device(args.device)
         check_kv_format(config.head_dim, args.kv_cache_dtype)
         per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype)
-        residual_blocks = max(1, -(-args.kv_residual // args.block_size))
+        residual_blocks = args.residual_blocks()
         num_blocks, num_tail_blocks, max_num_seqs = kv_pool_blocks(
             args.kv_cache_bytes(), per_block, args.max_num_seqs,
-            kv_bytes_per_block(config, args.block_size, dtype) if kivi_bits(args.kv_cache_dtype) else 0,
-            residual_blocks + 1)
+            kv_bytes_per_block(config, args.block_size, dtype) if residual_blocks else 0, residual_blocks + 1)
         if num_blocks < 1:
             residual = f" beside a {residual_blocks * args.block_size}-token full-precision residual window " \
                        "(--kv-residual)" if num_tail_blocks else ""
@@ -175,9 +174,9 @@ class LLMEngine:
             if self.model_config.sliding_window is not None:
                 raise InvalidParameter("kv_eviction", "KV eviction needs full attention; this model uses a "
                                                       "sliding window")
-            if kivi_bits(self.args.kv_cache_dtype):
-                raise InvalidParameter("kv_eviction", f"KV eviction does not run on a {self.args.kv_cache_dtype} "
-                                                      "KV cache yet; use --kv-cache-dtype int8 or auto")
+            if self.kv.tails is not None:
+                raise InvalidParameter("kv_eviction", "KV eviction does not run on a KV cache with a residual "
+                                                      f"window ({self.args.kv_cache_dtype}) yet")
             try:  # the compressor's own check: a policy needs a budget
                 self.compressor.state_for(params.kv_eviction, params.kv_budget, params.kv_compress_at)
             except ValueError as e:

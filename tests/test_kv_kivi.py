@@ -289,9 +289,9 @@ def test_kivi_keeps_a_trained_models_distributions():
 
 
 def test_eviction_is_refused_on_kivi(model_dir):
-    with pytest.raises(ValueError, match="does not run on a int4 KV cache"):
+    with pytest.raises(ValueError, match=r"does not run on a KV cache with a residual window \(int4\)"):
         EngineArgs(kv_cache_dtype="int4", kv_eviction="h2o", kv_budget="0.5").validate()
     llm = LLM(model_dir, kv_cache_dtype="int2", kv_cache_memory="1MiB", block_size=4)
-    with pytest.raises(InvalidParameter, match="does not run on a int2 KV cache"):
+    with pytest.raises(InvalidParameter, match=r"does not run on a KV cache with a residual window \(int2\)"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="h2o", kv_budget="0.5"), use_tqdm=False)
     assert_engine_clean(llm.engine)

@@ -35,15 +35,15 @@ def test_opcheck_paged_decode_attention(ops):
     q, _, _, k_cache, v_cache, meta = _attention_case()
     rows = meta.decode_context_lens.numel()
     none = torch.empty(0)
-    args = (q[:rows].contiguous(), k_cache, v_cache, none, none, meta.decode_block_tables, meta.decode_context_lens,
-            meta.decode_starts, 0.125, 0, none, none)
+    args = (q[:rows].contiguous(), k_cache, v_cache, none, none, none, none, meta.decode_block_tables,
+            meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none)
     torch.library.opcheck(ops.paged_decode_attention.default, args)
     # observed rows write their attention mass into the declared output
     width = int(meta.decode_context_lens.max())
     mass = torch.zeros(1, 2, width)
     mass_rows = torch.full((rows,), -1, dtype=torch.long)
     mass_rows[0] = 0
-    torch.library.opcheck(ops.paged_decode_attention.default, (*args[:10], mass, mass_rows))
+    torch.library.opcheck(ops.paged_decode_attention.default, (*args[:12], mass, mass_rows))
 
 
 def test_opcheck_paged_decode_attention_kivi(ops):
@@ -111,7 +111,7 @@ def test_profiler_names_the_kernels_and_compile_traces_them(ops):
 
     def decode(q):
         none = torch.empty(0)
-        o, lse = ops.paged_decode_attention(q, k_cache, v_cache, none, none, meta.decode_block_tables,
+        o, lse = ops.paged_decode_attention(q, k_cache, v_cache, none, none, none, none, meta.decode_block_tables,
                                             meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none)
         return o * 2.0, lse
 

@@ -231,9 +231,9 @@ class PagedAttention:
                 for o in kernel_observed:
                     o.mass.append(mass[o.mass_row, :, :o.context_len])
                 mass_rows = meta.decode_mass_rows
-            return native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
-                                                      meta.decode_context_lens, starts, self.scale,
-                                                      self.sliding_window or 0, mass, mass_rows)
+            return native.paged_decode_attention(q, *cache.native_args(), *cache.native_tails(),
+                                                 meta.decode_block_tables, meta.decode_context_lens, starts, self.scale,
+                                                 self.sliding_window or 0, mass, mass_rows)
         return self._decode_tiles(q, cache, meta.decode_block_tables, meta.decode_context_lens, starts)
 
     def _merge_shared_prefixes(self, q, cache: LayerKV | KiviLayerKV, shared: SharedPrefixes, out: torch.Tensor,

@@ -16,6 +16,7 @@ planned by the KV manager, done before the next step's forward).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -50,13 +51,28 @@ def kv_bytes_for_tokens(config: ModelConfig, block_size: int, dtype: torch.dtype
 
 
 _NO_SCALES = torch.empty(0, dtype=torch.uint8)
+_NO_TAILS = torch.empty(0)
+
+
+def read_with_tails(block_ids: torch.Tensor, num_blocks: int, read: Callable[[torch.Tensor], torch.Tensor],
+                    tail: torch.Tensor | None) -> torch.Tensor:
+    """`read` of the given blocks, where ids from num_blocks on are tail blocks read from `tail` instead."""
+    if tail is None:
+        return read(block_ids)
+    is_tail = block_ids >= num_blocks
+    out = read(torch.where(is_tail, 0, block_ids))
+    if bool(is_tail.any()):
+        out[is_tail] = tail[block_ids[is_tail] - num_blocks].to(out.dtype)
+    return out
 
 
 @dataclass
 class LayerKV:
     """One layer's slice of the pool: keys and values [blocks, block_size, kv_heads, head_dim] and, when the
-    pool is quantized, their scales [blocks, block_size, kv_heads]. Attention reads it through
-    `keys`/`values`, which gather the blocks asked for and dequantize only those."""
+    pool is quantized, their scales [blocks, block_size, kv_heads]; with a residual window (`--kv-residual`
+    on an int8 pool), tail blocks [tails, block_size, kv_heads, head_dim] in the model's dtype, whose ids
+    follow the pool's. Attention reads it through `keys`/`values`, which gather the blocks asked for and
+    dequantize only those."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -64,6 +80,9 @@ class LayerKV:
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     native: ModuleType | None = None  # the compiled CPU kernels: write (and quantize) in one call
+    tail_k: torch.Tensor | None = None
+    tail_v: torch.Tensor | None = None
+    cache: KVCache | None = None  # the pool's owner, which plans a step's writes to tails once for all layers
 
     @property
     def block_size(self) -> int:
@@ -81,14 +100,33 @@ class LayerKV:
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's keys and values [tokens, kv_heads, d] at their slots. Returns them as the cache
         now holds them, so a chunk that attends to its own fresh keys sees what a later read will."""
-        kv_heads, d = self.k.shape[2:]
-        if not self.quantized:
-            if self.native is not None:
-                self.native.write_kv_(k, v, slots, self.k, self.v)
-            else:
-                self.k.view(-1, kv_heads, d)[slots] = k
-                self.v.view(-1, kv_heads, d)[slots] = v
+        if self.tail_k is None:
+            return self._write_blocks(slots, k, v)
+        plan = self.cache.writes_for(slots)
+        if len(plan.tail_rows):
+            self._store(plan.tail_slots, k[plan.tail_rows], v[plan.tail_rows], self.tail_k, self.tail_v)
+        if not len(plan.block_rows):
             return k, v
+        block_k, block_v = self._write_blocks(slots[plan.block_rows], k[plan.block_rows], v[plan.block_rows])
+        stored_k, stored_v = k.clone(), v.clone()
+        stored_k[plan.block_rows], stored_v[plan.block_rows] = block_k, block_v
+        return stored_k, stored_v
+
+    def _store(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> None:
+        """k, v as they are at their slots of caches in their dtype."""
+        if self.native is not None:
+            self.native.write_kv_(k, v, slots, k_cache, v_cache)
+        else:
+            kv_heads, d = k.shape[1:]
+            k_cache.view(-1, kv_heads, d)[slots] = k
+            v_cache.view(-1, kv_heads, d)[slots] = v
+
+    def _write_blocks(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.quantized:
+            self._store(slots, k, v, self.k, self.v)
+            return k, v
+        kv_heads, d = self.k.shape[2:]
         stored = []
         for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             if self.native is not None:
@@ -103,10 +141,12 @@ class LayerKV:
 
     def keys(self, block_ids: torch.Tensor) -> torch.Tensor:
         """The keys of the given blocks (any index shape), [*block_ids.shape, block_size, kv_heads, d]."""
-        return self._read(self.k, self.k_scale, block_ids)
+        return read_with_tails(block_ids, self.k.shape[0], lambda ids: self._read(self.k, self.k_scale, ids),
+                               self.tail_k)
 
     def values(self, block_ids: torch.Tensor) -> torch.Tensor:
-        return self._read(self.v, self.v_scale, block_ids)
+        return read_with_tails(block_ids, self.v.shape[0], lambda ids: self._read(self.v, self.v_scale, ids),
+                               self.tail_v)
 
     def _read(self, data: torch.Tensor, scales: torch.Tensor | None, block_ids: torch.Tensor) -> torch.Tensor:
         if scales is None:
@@ -119,11 +159,17 @@ class LayerKV:
             return self.k, self.v, _NO_SCALES, _NO_SCALES
         return self.k, self.v, self.k_scale, self.v_scale
 
+    def native_tails(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tail blocks for the native decode kernel (empty: none)."""
+        if self.tail_k is None:
+            return _NO_TAILS, _NO_TAILS
+        return self.tail_k, self.tail_v
+
 
 @dataclass
-class KiviWrites:
-    """Where a step's tokens go in a KIVI pool, worked out once per step for every layer: rows written to
-    tail blocks at their tail slots, and rows written to quantized blocks, grouped by block."""
+class TailWrites:
+    """Where a step's tokens go in a pool with tail blocks, worked out once per step for every layer: rows
+    written to tail blocks at their tail slots, and rows written to quantized blocks, grouped by block."""
 
     slots: torch.Tensor  # the step's slot mapping this was made for
     tail_rows: torch.Tensor
@@ -134,7 +180,7 @@ class KiviWrites:
     whole: bool  # the step writes every slot of those blocks (else their other slots are read and kept)
 
     @classmethod
-    def of(cls, slots: torch.Tensor, num_blocks: int, block_size: int) -> KiviWrites:
+    def of(cls, slots: torch.Tensor, num_blocks: int, block_size: int) -> TailWrites:
         first_tail = num_blocks * block_size
         is_tail = slots >= first_tail
         tail_rows = is_tail.nonzero().squeeze(1)
@@ -203,13 +249,8 @@ class KiviLayerKV:
         return self._read(block_ids, self.v, self.v_params, self.tail_v, dequantize_kivi_values)
 
     def _read(self, block_ids, codes, params, tail, dequantize) -> torch.Tensor:
-        num_blocks = codes.shape[0]
-        is_tail = block_ids >= num_blocks
-        quantized = torch.where(is_tail, 0, block_ids)
-        out = dequantize(codes[quantized], params[quantized], self.bits, self.dtype)
-        if bool(is_tail.any()):
-            out[is_tail] = tail[block_ids[is_tail] - num_blocks].to(self.dtype)
-        return out
+        return read_with_tails(block_ids, codes.shape[0], lambda ids: dequantize(codes[ids], params[ids], self.bits,
+                                                                                 self.dtype), tail)
 
 
 class KVCache:
@@ -246,19 +287,24 @@ class KVCache:
             self.k_params = pool((layers, num_blocks, kv_heads, 2, d), PARAM_DTYPE, 1, zeroed=True)
             groups = d // value_group(d)
             self.v_params = pool((layers, num_blocks, block_size, kv_heads, 2, groups), PARAM_DTYPE, 1, zeroed=True)
-            self.tail = torch.empty((layers, 2, num_tail_blocks, block_size, kv_heads, d), dtype=dtype,
-                                    device=self.device)
-            self._writes: KiviWrites | None = None
-            self._layers = [KiviLayerKV(self, i) for i in range(layers)]
         else:
             shape = (layers, 2, num_blocks, block_size, kv_heads, d)
             self.data = pool(shape, torch.int8 if is_quantized(kv_cache_dtype) else dtype, 2)
             if is_quantized(kv_cache_dtype):
                 self.scales = pool(shape[:-1], torch.uint8, 2)
-            # each layer's views, made once (the forward asks for every layer at every step)
-            self._layers = [LayerKV(self.data[i, 0], self.data[i, 1], dtype, native=native) if self.scales is None
-                            else LayerKV(self.data[i, 0], self.data[i, 1], dtype, self.scales[i, 0], self.scales[i, 1],
-                                         native) for i in range(layers)]
+        if num_tail_blocks or self.bits is not None:  # (a KIVI layout always has them, if only in name)
+            self.tail = torch.empty((layers, 2, num_tail_blocks, block_size, kv_heads, d), dtype=dtype,
+                                    device=self.device)
+        self._writes: TailWrites | None = None
+        # each layer's views, made once (the forward asks for every layer at every step)
+        if self.bits is not None:
+            self._layers = [KiviLayerKV(self, i) for i in range(layers)]
+        else:
+            self._layers = []
+            for i in range(layers):
+                scales = (None, None) if self.scales is None else (self.scales[i, 0], self.scales[i, 1])
+                tails = (None, None) if self.tail is None else (self.tail[i, 0], self.tail[i, 1])
+                self._layers.append(LayerKV(self.data[i, 0], self.data[i, 1], dtype, *scales, native, *tails, self))
         self._parts = [(t, torch.empty((*t.shape[:dim], num_swap_slots, *t.shape[dim + 1:]), dtype=t.dtype,
                                        device="cpu", pin_memory=pinned), dim) for t, dim in parts]
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
@@ -266,18 +312,23 @@ class KVCache:
     def layer(self, i: int) -> LayerKV:
         return self._layers[i]
 
-    def writes_for(self, slots: torch.Tensor) -> KiviWrites:
-        """The KIVI write plan of a step's slot mapping, made by the first layer and reused by the others."""
+    def writes_for(self, slots: torch.Tensor) -> TailWrites:
+        """The write plan of a step's slot mapping over a pool with tails, made by the first layer and reused
+        by the others."""
         if self._writes is None or self._writes.slots is not slots:
-            self._writes = KiviWrites.of(slots, self.num_blocks, self.block_size)
+            self._writes = TailWrites.of(slots, self.num_blocks, self.block_size)
         return self._writes
 
     def seal(self, seals: list[tuple[int, int]]) -> None:
-        """Quantize full tail blocks into quantized blocks, (tail block, block) pairs, every layer at once."""
+        """Quantize full tail blocks into quantized blocks, (tail block, block) pairs, every layer at once
+        (int8 rounds as quantize_write_ does, so a sealed token reads as if written to the pool)."""
         if not seals:
             return
         tails, blocks = (torch.tensor(ids, device=self.device) for ids in zip(*seals, strict=True))
         x = self.tail[:, :, tails - self.num_blocks]  # [layers, 2, n, block_size, kv_heads, d]
+        if self.bits is None:  # int8: per token, as a write does
+            self.data[:, :, blocks], self.scales[:, :, blocks] = quantize_int8(x)
+            return
         layers, _, n = x.shape[:3]
         for i, (quantize, params) in enumerate(((quantize_kivi_keys, self.k_params),
                                                 (quantize_kivi_values, self.v_params))):

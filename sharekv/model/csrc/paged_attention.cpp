@@ -65,22 +65,32 @@ static inline const float* as_float(const C* row, const uint8_t* scale_bits, flo
 }
 
 // How the decode kernel reads a cache row (one token's key or value in one KV head) as floats.
-// The model's dtype, or int8 with a scale byte per row.
-template <typename C>
+// The model's dtype, or int8 with a scale byte per row; blocks with ids from num_blocks on are tails in the
+// queries' dtype T (an int8 pool's residual window).
+template <typename T, typename C>
 struct PlainRows {
   const C* k;
   const C* v;
   const uint8_t* k_scale;  // read only for an int8 cache
   const uint8_t* v_scale;
-  int64_t kv_heads, dim, block_size;
+  const T* tail_k;
+  const T* tail_v;
+  int64_t kv_heads, dim, block_size, num_blocks;
 
+  const float* row(const C* data, const uint8_t* scales, const T* tail, int64_t block, int64_t in_block, int64_t h,
+                   float* buf) const {
+    if (block >= num_blocks) {
+      const int64_t at = ((block - num_blocks) * block_size + in_block) * kv_heads + h;
+      return as_float<T>(tail + at * dim, nullptr, buf, dim);
+    }
+    const int64_t at = (block * block_size + in_block) * kv_heads + h;
+    return as_float(data + at * dim, scales + at, buf, dim);
+  }
   const float* key(int64_t block, int64_t in_block, int64_t h, float* buf) {
-    const int64_t row = (block * block_size + in_block) * kv_heads + h;
-    return as_float(k + row * dim, k_scale + row, buf, dim);
+    return row(k, k_scale, tail_k, block, in_block, h, buf);
   }
   const float* value(int64_t block, int64_t in_block, int64_t h, float* buf) {
-    const int64_t row = (block * block_size + in_block) * kv_heads + h;
-    return as_float(v + row * dim, v_scale + row, buf, dim);
+    return row(v, v_scale, tail_v, block, in_block, h, buf);
   }
 };
 
@@ -496,8 +506,9 @@ void prefix_attention_merge_(torch::Tensor q, const torch::Tensor& k_cache, cons
 
 std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     torch::Tensor q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k_scale,
-    const torch::Tensor& v_scale, torch::Tensor block_tables, torch::Tensor context_lens, torch::Tensor starts,
-    double scale, int64_t window, const torch::Tensor& mass, torch::Tensor mass_rows) {
+    const torch::Tensor& v_scale, const torch::Tensor& tail_k, const torch::Tensor& tail_v, torch::Tensor block_tables,
+    torch::Tensor context_lens, torch::Tensor starts, double scale, int64_t window, const torch::Tensor& mass,
+    torch::Tensor mass_rows) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
@@ -521,12 +532,19 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     mass_rows_ptr = mass_rows.data_ptr<int64_t>();
   }
   const bool quantized = check_cache(q, k_cache, v_cache, k_scale, v_scale);
+  TORCH_CHECK(tail_k.numel() == 0 || (tail_k.scalar_type() == q.scalar_type() && tail_v.scalar_type() == q.scalar_type() &&
+                                      tail_k.is_contiguous() && tail_v.is_contiguous()),
+              "tail blocks must be contiguous, in the queries' dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto cache_type) {
       using C = decltype(cache_type);
-      const PlainRows<C> rows{k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
-                              quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
-                              quantized ? v_scale.data_ptr<uint8_t>() : nullptr, kv_heads, dim, block_size};
+      const bool tails = tail_k.numel() > 0;
+      const PlainRows<scalar_t, C> rows{k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+                                        quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
+                                        quantized ? v_scale.data_ptr<uint8_t>() : nullptr,
+                                        tails ? tail_k.data_ptr<scalar_t>() : nullptr,
+                                        tails ? tail_v.data_ptr<scalar_t>() : nullptr, kv_heads, dim, block_size,
+                                        k_cache.size(0)};
       decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), rows, block_tables.data_ptr<int64_t>(),
                                  context_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                                  lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size, block_tables.size(1),
@@ -657,7 +675,7 @@ TORCH_LIBRARY(sharekv, m) {
   m.def("quantize_write_(Tensor x, Tensor slots, Tensor(a!) cache, Tensor(b!) scales, Tensor(c!) stored) -> ()");
   m.def("write_kv_(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
-        "Tensor block_tables, Tensor context_lens, Tensor starts, float scale, int window, Tensor(a!) mass, "
+        "Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor context_lens, Tensor starts, float scale, int window, Tensor(a!) mass, "
         "Tensor mass_rows) -> (Tensor, Tensor)");
   m.def("paged_decode_attention_kivi(Tensor q, Tensor k_codes, Tensor v_codes, Tensor k_params, Tensor v_params, "
         "Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor context_lens, Tensor starts, float scale, "
