@@ -10,7 +10,7 @@ import sys
 import typing
 
 from sharekv.config import EngineArgs, SemanticCacheArgs, ServerArgs
-from sharekv.kv.quant import QUANTIZED_KV_CACHE_DTYPES
+from sharekv.kv.quant import KV_FORMATS
 from sharekv.model.config import ModelLoadError
 from sharekv.sampling_params import InvalidParameter
 
@@ -523,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     kf.add_argument("--needles", type=int, default=8, help="needle facts to ask about (each at three depths)")
     kf.add_argument("--batch-max-tokens", type=int, default=96, help="output tokens per request of the "
                                                                     "memory-bound batch")
-    kf.add_argument("--kv-cache-dtypes", default=",".join(QUANTIZED_KV_CACHE_DTYPES),
-                    help="quantized KV formats to measure against the model's dtype, comma-separated ('' for none)")
+    kf.add_argument("--kv-cache-dtypes", default=",".join(KV_FORMATS),
+                    help="quantized KV formats to measure against the model's dtype, comma-separated ('' for none); "
+                         "FORMAT@TOKENS adds a residual window (int8@128)")
     add_engine_args(kf, kv_cache_memory="1GiB")
     kf.set_defaults(func=_cmd_bench_kv_fidelity)
 

@@ -160,12 +160,20 @@ def test_bench_kv_fidelity(tmp_path):
     for fid in runs.values():  # compressed: close to the full cache, not equal to it
         assert 0.3 < fid["top1_agreement"] < 1.0 and fid["mean_kl"] > 0
     assert result["needles"]["needles"] == 6 and set(result["needles"]["accuracy"]) == set(runs)
-    int8 = result["quantization"]["formats"]["int8"]
+    formats = result["quantization"]["formats"]
+    assert set(formats) == {"int8", "int8@128", "int4", "int2"}
+    int8 = formats["int8"]
     assert 0.9 < int8["teacher_forced"]["top1_agreement"] <= 1.0 and int8["teacher_forced"]["mean_kl"] > 0
     assert int8["capacity_vs_model_dtype"] == 32 / 9  # stories260K's heads are 8-dim: 32 bytes in fp32, 9 in int8
+    assert int8["residual_tokens"] == 0 and formats["int8@128"]["residual_tokens"] == 128
+    assert formats["int8@128"]["teacher_forced"]["mean_kl"] < int8["teacher_forced"]["mean_kl"]
+    # int4: 4-bit codes, and per 16-token block fp16 (scale, min) per key channel and per value token
+    assert formats["int4"]["capacity_vs_model_dtype"] == 1024 / 224 and formats["int4"]["residual_tokens"] == 128
+    assert formats["int2"]["teacher_forced"]["mean_kl"] > formats["int4"]["teacher_forced"]["mean_kl"]
     batch = result["memory_bound"]["runs"]
     assert batch["none"]["evicted_tokens"] == 0
     assert batch["int8 KV"]["pool_tokens"] > 3 * batch["none"]["pool_tokens"]
+    assert batch["int4 KV"]["pool_tokens"] > batch["int8 KV"]["pool_tokens"] / 2  # (the tails take up to half)
     for name in ("streaming_llm", "snapkv", "h2o"):
         assert batch[name]["evicted_tokens"] > 0 and batch[name]["compactions"] >= result["memory_bound"]["requests"]
 

@@ -8,11 +8,12 @@ Every policy at every budget (the fraction of the context's KV kept):
 - needles: short needle-in-a-haystack questions (a fact inserted into two held texts at three depths, the
   question after the compressed document, kvpress's protocol); accuracy over the needles the full cache
   answers correctly. Both run each request on its own KV (no prefix cache), as kvpress does.
-Every quantized format (`--kv-cache-dtypes`), on the whole cache: the same teacher-forced texts over all
-their positions and the same needles, against the model's dtype; and tokens per GiB of pool. The texts run
-one block of new tokens a step, as generated tokens arrive: a KIVI format (int4, int2) attends to a chunk's
-own tokens in full precision, so one whole-text prefill would hide its error; block by block, every token
-reads what aged out of the residual window quantized (int8 reads the same either way).
+Every quantized format (`--kv-cache-dtypes`; `int8@128` is int8 with a 128-token residual window), on the
+whole cache: the same teacher-forced texts over all their positions and the same needles, against the
+model's dtype; and tokens per GiB of pool. The texts run one block of new tokens a step, as generated
+tokens arrive: a chunk attends to its own tokens in full precision under a residual window (and KIVI), so
+one whole-text prefill would hide the error; block by block, every token reads what aged out of the window
+quantized (plain int8 reads the same either way).
 Then a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool of the bytes that hold a
 third of the batch's tokens in the model's dtype; wall time and output tokens/s with each policy at the
 middle budget, and each quantized format, against neither.
@@ -34,7 +35,7 @@ from sharekv.bench.quality import HELD_TEXTS, TeacherForced, compare, greedy_agr
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.config import EngineArgs
 from sharekv.kv.eviction import POLICIES
-from sharekv.kv.quant import QUANTIZED_KV_CACHE_DTYPES
+from sharekv.kv.quant import KV_FORMATS, QUANTIZED_KV_CACHE_DTYPES
 from sharekv.llm import LLM
 from sharekv.model.config import ModelConfig
 from sharekv.model.kv_cache import kv_bytes_for_tokens, kv_bytes_per_block
@@ -134,6 +135,16 @@ def _needle_part(llm: LLM, needles: list[Needle], budgets: list[float]) -> dict:
             "context_tokens_mean": sum(len(n.context) for n in needles) / len(needles), "accuracy": results}
 
 
+def format_settings(name: str) -> dict:
+    """A KV format to measure, `DTYPE` or `DTYPE@RESIDUAL` (int8@128: int8 with a 128-token residual window),
+    as engine settings."""
+    dtype, _, residual = name.partition("@")
+    if dtype not in QUANTIZED_KV_CACHE_DTYPES or (residual and not residual.isdigit()):
+        raise ValueError(f"a KV format is one of {', '.join(QUANTIZED_KV_CACHE_DTYPES)}, optionally @TOKENS of "
+                         f"residual window, got {name!r}")
+    return {"kv_cache_dtype": dtype} | ({"kv_residual": int(residual)} if residual else {})
+
+
 def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[int]], reference: list[TeacherForced],
                        needles: list[Needle], full_answers: list[bool], kv_cache_dtypes: tuple[str, ...]) -> dict:
     """Each quantized format on the whole cache against the reference run (the engine's own KV format, the
@@ -142,16 +153,20 @@ def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[i
         return 2**30 / kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype], kv_cache_dtype) * args.block_size
 
     results = {}
-    for kv_cache_dtype in kv_cache_dtypes:
-        stepwise = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype,
-                                                     "max_num_batched_tokens": args.block_size})
+    for name in kv_cache_dtypes:
+        settings = format_settings(name)
+        kv_cache_dtype = settings["kv_cache_dtype"]
+        stepwise = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False,
+                                                     "max_num_batched_tokens": args.block_size} | settings)
         forced = compare(reference, teacher_forced(stepwise, texts))
         del stepwise
-        llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False, "kv_cache_dtype": kv_cache_dtype})
+        llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False} | settings)
         engine = llm.engine
-        # a KIVI format's residual windows: full-precision tail blocks of each running sequence, beside the pool
+        # the residual windows: tail blocks in the model's dtype of each running sequence, beside the pool
         tails = engine.kv.tails.num_blocks // engine.max_num_seqs if engine.kv.tails else 0
-        results[kv_cache_dtype] = {
+        results[name] = {
+            "kv_cache_dtype": kv_cache_dtype,
+            "residual_tokens": args.block_size * (tails - 1) if tails else 0,
             "teacher_forced": dataclasses.asdict(forced),
             "teacher_forced_tokens_per_step": args.block_size,
             "needle_accuracy": _accuracy(full_answers, _needle_answers(llm, needles)),
@@ -170,7 +185,7 @@ def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Need
     pool_bytes = kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens // 3)
     # (engine settings, request settings) of each run: eviction is per request, the KV format per engine
     variants = {"none": ({}, {})} | {p: ({}, _eviction(p, budget)) for p in POLICIES}
-    variants |= {f"{d} KV": ({"kv_cache_dtype": d}, {}) for d in kv_cache_dtypes}
+    variants |= {f"{d} KV": (format_settings(d), {}) for d in kv_cache_dtypes}
     runs = {}
     for name, (engine_settings, eviction) in variants.items():
         llm = LLM(**dataclasses.asdict(args) | {"kv_cache_memory": str(pool_bytes)} | engine_settings)
@@ -255,7 +270,7 @@ def _kvpress_part(args: EngineArgs, needles: list[Needle], kvpress_python: str, 
 def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str | None = None,
                           budgets: tuple[float, ...] = BUDGETS, facts: int = len(NEEDLES),
                           batch_max_tokens: int = 96,
-                          kv_cache_dtypes: tuple[str, ...] = QUANTIZED_KV_CACHE_DTYPES) -> dict:
+                          kv_cache_dtypes: tuple[str, ...] = KV_FORMATS) -> dict:
     # Fidelity is each request alone, as kvpress runs it: no prefix cache, so no KV is shared and every
     # budget applies to the whole context (the memory-bound batch below shares, as a real job would).
     llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})

@@ -27,6 +27,8 @@ import torch
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "int2")
 QUANTIZED_KV_CACHE_DTYPES = KV_CACHE_DTYPES[1:]
 KIVI_BITS = {"int4": 4, "int2": 2}
+# what `bench kv-fidelity` measures by default: int8 alone and with a 128-token residual window, int4, int2
+KV_FORMATS = ("int8", "int8@128", "int4", "int2")
 INT8_MAX = 127
 SCALE_DTYPE = torch.float8_e5m2
 _SCALE_MAX = torch.finfo(SCALE_DTYPE).max
