@@ -14,7 +14,7 @@ from sharekv.config import EngineArgs, parse_bytes
 from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.eviction import NONE
 from sharekv.kv.manager import KVCacheManager
-from sharekv.kv.quant import check_kv_format
+from sharekv.kv.quant import check_kv_format, kivi_bits
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.kv_cache import kv_bytes_per_block
@@ -60,15 +60,16 @@ class RequestState:
 
 
 def kv_pool_blocks(kv_bytes: int, block_bytes: int, max_num_seqs: int, tail_block_bytes: int = 0,
-                   tails_per_seq: int = 0) -> tuple[int, int, int]:
-    """Blocks of the pool, full-precision tail blocks and the most sequences that may run, within `kv_bytes`.
-    A KIVI cache gives each running sequence `tails_per_seq` tails (its residual window and one more for a
-    chunk that starts mid-block); tails take at most half the bytes, so fewer sequences run if need be."""
+                   residual_blocks: int = 0, tail_per_seq: bool = True) -> tuple[int, int, int]:
+    """Blocks of the pool, tail blocks in the model's dtype and the most sequences that may run, within
+    `kv_bytes`. Tails take at most a quarter of the bytes (enough for every sequence's whole residual window
+    and one more block, or fewer: the running sequences share them); where every running sequence holds
+    a tail (KIVI's unfilled block, `tail_per_seq`), no more sequences run than there are tails."""
     if not tail_block_bytes:
         return kv_bytes // block_bytes, 0, max_num_seqs
-    per_seq = tail_block_bytes * tails_per_seq
-    seqs = max(1, min(max_num_seqs, kv_bytes // 2 // per_seq))
-    return (kv_bytes - seqs * per_seq) // block_bytes, seqs * tails_per_seq, seqs
+    tails = max(1, min(max_num_seqs * (residual_blocks + 1), kv_bytes // 4 // tail_block_bytes))
+    return (kv_bytes - tails * tail_block_bytes) // block_bytes, tails, min(max_num_seqs, tails) if tail_per_seq \
+        else max_num_seqs
 
 
 class LLMEngine:
@@ -87,10 +88,10 @@ class LLMEngine:
         device = torch.device(args.device)
         check_kv_format(config.head_dim, args.kv_cache_dtype)
         per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype)
-        residual_blocks = args.residual_blocks()
+        residual_blocks, kivi = args.residual_blocks(), kivi_bits(args.kv_cache_dtype) is not None
         num_blocks, num_tail_blocks, max_num_seqs = kv_pool_blocks(
             args.kv_cache_bytes(), per_block, args.max_num_seqs,
-            kv_bytes_per_block(config, args.block_size, dtype) if residual_blocks else 0, residual_blocks + 1)
+            kv_bytes_per_block(config, args.block_size, dtype) if residual_blocks else 0, residual_blocks, kivi)
         if num_blocks < 1:
             residual = f" beside a {residual_blocks * args.block_size}-token full-precision residual window " \
                        "(--kv-residual)" if num_tail_blocks else ""
@@ -107,7 +108,7 @@ class LLMEngine:
         # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
         namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_cache_dtype}|{args.block_size}"
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace, num_tail_blocks,
-                                 residual_blocks)
+                                 residual_blocks, min_window_blocks=int(kivi))
         self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),
                                        args.kv_eviction, args.kv_budget, window_size=args.kv_eviction_window,
                                        kernel_size=args.kv_eviction_kernel, n_sink=args.kv_eviction_sinks)
@@ -124,8 +125,9 @@ class LLMEngine:
         logger.info("%s loaded in %.1f s; KV pool (%s): %d blocks of %d tokens = %d tokens (%.1f MiB)%s; "
                     "max_model_len %d", checkpoint.name, self.load_seconds, args.kv_cache_dtype, num_blocks,
                     args.block_size, num_blocks * args.block_size, num_blocks * per_block / 2**20,
-                    f", and {num_tail_blocks} full-precision tail blocks ({residual_blocks * args.block_size}-token "
-                    f"residual window for each of up to {max_num_seqs} running sequences)" if num_tail_blocks else "",
+                    f", and {num_tail_blocks} tail blocks in {args.dtype} (a residual window of up to "
+                    f"{residual_blocks * args.block_size} tokens a sequence, shared by up to {max_num_seqs} running "
+                    "sequences)" if num_tail_blocks else "",
                     self.max_model_len)
         if self.scheduler.policy("slo") is not None:
             self.calibrate_step_time()

@@ -12,7 +12,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis.stateful import invariant
+from hypothesis.stateful import invariant, rule
 
 from sharekv import LLM, SamplingParams
 from sharekv.bench.quality import compare, teacher_forced, teacher_forced_transformers, transformers_model
@@ -201,6 +201,10 @@ class KiviManagerMachine(KVManagerMachine):
 
     evict = None  # not a rule here
 
+    @rule(running=st.integers(1, 6))
+    def share_tails(self, running):
+        self.kv.share_tails(running)
+
     @invariant()
     def tails(self):
         tails = self.kv.tails
@@ -208,12 +212,16 @@ class KiviManagerMachine(KVManagerMachine):
         for seq in self.live:
             table = seq.block_table
             is_tail = [self.kv.is_tail(b) for b in table]
+            orphan = self.kv._orphan_tails.get(seq.seq_id)
+            if orphan is not None:  # an unfilled tail a step wrote whole blocks after: full now
+                assert is_tail[orphan] and (orphan + 1) * BLOCK <= seq.num_kv_slots
+                is_tail[orphan] = False
             first = is_tail.index(True) if any(is_tail) else len(table)
-            assert all(is_tail[first:]), "tails are the table's last blocks"
+            assert all(is_tail[first:]), "tails are the table's last blocks (or the one orphan)"
             assert len(table) - first <= self.kv.residual_blocks + 1
             # every quantized block a sequence wrote is full: written whole, or sealed once full
             assert first <= -(-seq.num_kv_slots // BLOCK) and (first * BLOCK <= seq.num_kv_slots)
-            for b in table[first:]:
+            for b in table[first:] + ([table[orphan]] if orphan is not None else []):
                 assert self.kv.block(b).ref_count == 1 and self.kv.block(b).key is None
         assert tails.num_blocks - tails.num_free_blocks == sum(self.kv.is_tail(b) for s in self.live
                                                                for b in s.block_table)
@@ -227,11 +235,19 @@ TestKiviManager = KiviManagerMachine.TestCase
 TestKiviManager.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
-def test_pool_sizing_gives_each_running_sequence_its_window():
-    blocks, tails, seqs = kv_pool_blocks(1000, 10, 256, tail_block_bytes=50, tails_per_seq=2)
-    assert (seqs, tails, blocks) == (5, 10, 50)  # tails take at most half the bytes: fewer sequences run
-    assert kv_pool_blocks(1000, 10, 3, 50, 2) == (70, 6, 3)
+def test_pool_sizing():
+    """Tails take at most a quarter of the bytes; with KIVI no more sequences run than there are tails."""
+    assert kv_pool_blocks(1000, 10, 256, tail_block_bytes=50, residual_blocks=8) == (75, 5, 5)
+    assert kv_pool_blocks(1000, 10, 256, 50, 8, tail_per_seq=False) == (75, 5, 256)  # int8: a window is optional
+    assert kv_pool_blocks(10000, 10, 2, 50, 8) == (910, 18, 2)  # room for whole windows
     assert kv_pool_blocks(1000, 10, 256) == (100, 0, 256)
+
+
+def test_windows_shrink_as_more_sequences_run():
+    kv = KVCacheManager(num_blocks=8, block_size=4, num_tail_blocks=12, residual_blocks=4)
+    for running, window in ((1, 4), (3, 3), (4, 2), (6, 1), (12, 1), (20, 1)):
+        kv.share_tails(running)
+        assert kv.window_blocks == window
 
 
 @pytest.fixture(scope="module")

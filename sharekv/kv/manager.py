@@ -24,13 +24,20 @@ def cdiv(a: int, b: int) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 key_namespace: str = "", num_tail_blocks: int = 0, residual_blocks: int = 1) -> None:
+                 key_namespace: str = "", num_tail_blocks: int = 0, residual_blocks: int = 1,
+                 min_window_blocks: int = 1) -> None:
         """`key_namespace` names what the KV depends on (model, dtype, block size): it roots every key.
-        `num_tail_blocks`: full-precision tail blocks of a KIVI cache (0: no tails), of which each sequence
-        keeps its last `residual_blocks` blocks."""
+        `num_tail_blocks`: tail blocks in the model's dtype beside a quantized pool (0: none), of which each
+        sequence keeps its newest blocks as its residual window: at most `residual_blocks`, at least
+        `min_window_blocks` (KIVI: its unfilled block), as the running sequences share them."""
         self.pool = BlockPool(num_blocks)
         self.tails = BlockPool(num_tail_blocks, first_id=num_blocks) if num_tail_blocks else None
         self.residual_blocks = residual_blocks
+        self.min_window_blocks = min_window_blocks
+        self.window_blocks = residual_blocks  # the residual window now (share_tails)
+        # per sequence, an unfilled tail that a step then wrote whole blocks after: tails are otherwise the
+        # table's last blocks; this one is full after that step and sealed at the sequence's next allocation
+        self._orphan_tails: dict[int, int] = {}
         self.pending_seals: list[tuple[int, int]] = []  # (full tail block, quantized block) copies to do
         self.num_seals = 0
         self.block_size = block_size
@@ -88,13 +95,16 @@ class KVCacheManager:
         new = max(0, cdiv(slots, bs) - held)
         if self.tails is None:
             return [], new, 0
-        window = max(0, cdiv(slots, bs) - self.residual_blocks)  # blocks from here on stay in full precision
+        window = max(0, cdiv(slots, bs) - self.window_blocks)  # blocks from here on stay in full precision
         full = seq.num_kv_slots // bs  # a tail is sealed only once it is full before the step
         seals = []  # tails are the table's last blocks: walk back from the window's start
         i = min(window, full) - 1
         while i >= 0 and self.is_tail(seq.block_table[i]):
             seals.append(i)
             i -= 1
+        orphan = self._orphan_tails.get(seq.seq_id)
+        if orphan is not None and orphan < full:
+            seals.append(orphan)
         new_tails = min(new, cdiv(slots, bs) - max(window, held))
         return seals, new - new_tails + len(seals), new_tails
 
@@ -123,11 +133,34 @@ class KVCacheManager:
             self.num_seals += 1
             seq.block_table[i] = block
             self._release(tail)  # its KV is copied before anything writes the block again
+        if seals:
+            self._orphan_tails.pop(seq.seq_id, None)
+        held = len(seq.block_table)
         needed = cdiv(seq.num_kv_slots + num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
             pool = self.tails if needed - len(seq.block_table) <= new_tails else self.pool
             seq.block_table.append(pool.allocate().block_id)
+        if held and needed - held > new_tails and self.is_tail(seq.block_table[held - 1]):
+            self._orphan_tails[seq.seq_id] = held - 1
         return True
+
+    def first_tail(self, seq: Sequence, upto: int) -> int:
+        """The index of the sequence's first tail block before `upto` (`upto` if none)."""
+        orphan = self._orphan_tails.get(seq.seq_id)
+        if orphan is not None and orphan < upto:
+            return orphan
+        while upto and self.is_tail(seq.block_table[upto - 1]):
+            upto -= 1
+        return upto
+
+    def share_tails(self, num_running: int) -> None:
+        """Size the residual window for `num_running` sequences: an equal share of the tail blocks (less one
+        for a chunk that starts mid-block), between `min_window_blocks` and `residual_blocks`. More running
+        sequences shrink every window (a sequence seals the tails that fall out of it as it grows), fewer
+        widen them again."""
+        if self.tails is not None:
+            share = self.tails.num_blocks // max(1, num_running) - 1
+            self.window_blocks = min(self.residual_blocks, max(self.min_window_blocks, share))
 
     def chunk_tokens(self, kv_start: int, granted: int, wanted: int) -> int:
         """How many of `granted` tokens (of `wanted`) a prefill chunk from slot `kv_start` runs. With tails,
@@ -152,9 +185,9 @@ class KVCacheManager:
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_keys))
         if seq.kv_intact_blocks is not None:
             full = min(full, seq.kv_intact_blocks)
+        if self.tails is not None:  # a tail's block is indexed once sealed; those after it wait for it
+            full = self.first_tail(seq, full)
         for i in range(full - 1, -1, -1):
-            if self.is_tail(seq.block_table[i]):
-                continue  # indexed once sealed, by the step after
             block = self.pool.blocks[seq.block_table[i]]
             if block.key is not None or self.pool.lookup(seq.block_keys[i]) is not None:
                 break  # everything before this block was indexed by an earlier step or request
@@ -216,4 +249,5 @@ class KVCacheManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
+        self._orphan_tails.pop(seq.seq_id, None)
         seq.num_computed_tokens = 0

@@ -162,6 +162,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self.kv.share_tails(max(len(self.running), 1))
         for p in self.policies:
             p.before_schedule(out)
         scheduled: list[tuple[Sequence, int]] = []
