@@ -135,13 +135,13 @@ def test_a_partly_written_block_keeps_its_other_slots():
     assert (keys[2] - new_k[0]).abs().max() < 0.3
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int2"])
+@pytest.mark.parametrize("fmt", ["int4", "int2", "int8"])
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("seed", range(2))
 def test_attention_over_kivi_equals_attention_over_what_it_reads(fmt, native, seed):
-    """Decode rows (the native KIVI kernel or the torch tiles), prefix groups and prefill chunks over a KIVI
-    cache whose tables end in tail blocks equal attention over an fp32 cache holding exactly what the KIVI
-    cache reads, block for block."""
+    """Decode rows, prefix groups and prefill chunks (the native kernels or the torch paths) over a KIVI
+    cache, or an int8 one with a residual window, whose tables end in tail blocks equal attention over an
+    fp32 cache holding exactly what the quantized cache reads, block for block."""
     heads, bs = 8, 16
     kv_heads, dim = 2, [64, 32][seed]  # (the test config has two KV heads)
     tables, starts, counts, k_cache, v_cache, _, _ = _mixed_step(seed, kv_heads, dim, bs)
@@ -265,14 +265,15 @@ SCENARIOS = {
 }
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_kivi_engine_runs_every_way_a_step_is_cut(model_dir, scenario):
-    """Chunked prefill, prefix hits on quantized blocks, swap (quantized blocks out, the tail recomputed),
-    recompute and the global schedule all finish every request with the output asked for, seal tails, and
-    give back every block, tail and swap slot."""
+def test_kivi_engine_runs_every_way_a_step_is_cut(model_dir, scenario, fmt):
+    """KIVI, and int8 with a residual window: chunked prefill, prefix hits on quantized blocks, swap
+    (quantized blocks out, the tail recomputed), recompute and the global schedule all finish every request
+    with the output asked for, seal tails, and give back every block, tail and swap slot."""
     prompts = mixed_prompts(22, 256)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    llm = LLM(model_dir, block_size=4, kv_cache_dtype="int4", kv_residual=4, **SCENARIOS[scenario])
+    llm = LLM(model_dir, block_size=4, kv_cache_dtype=fmt, kv_residual=8, **SCENARIOS[scenario])
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     engine = llm.engine

@@ -36,26 +36,34 @@ def test_opcheck_paged_decode_attention(ops):
     rows = meta.decode_context_lens.numel()
     none = torch.empty(0)
     args = (q[:rows].contiguous(), k_cache, v_cache, none, none, none, none, meta.decode_block_tables,
-            meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none)
+            meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none, 0)
     torch.library.opcheck(ops.paged_decode_attention.default, args)
     # observed rows write their attention mass into the declared output
     width = int(meta.decode_context_lens.max())
     mass = torch.zeros(1, 2, width)
     mass_rows = torch.full((rows,), -1, dtype=torch.long)
     mass_rows[0] = 0
-    torch.library.opcheck(ops.paged_decode_attention.default, (*args[:12], mass, mass_rows))
+    torch.library.opcheck(ops.paged_decode_attention.default, (*args[:12], mass, mass_rows, 0))
 
 
-def test_opcheck_paged_decode_attention_kivi(ops):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_opcheck_kernels_over_a_pool_with_tails(ops, fmt):
+    """The decode and prefix kernels over int8 with a residual window's tails, and over KIVI codes."""
     q, _, _, k_cache, v_cache, meta = _attention_case()
     rows = meta.decode_context_lens.numel()
-    cache = KVCache(_config(num_layers=1, num_heads=8, head_dim=64), k_cache.shape[0], 16, torch.float32, "int4",
+    cache = KVCache(_config(num_layers=1, num_heads=8, head_dim=64), k_cache.shape[0], 16, torch.float32, fmt,
                     num_tail_blocks=2)
     layer = cache.layer(0)
     layer.write(torch.arange(k_cache.shape[0] * 16), k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64))
-    torch.library.opcheck(ops.paged_decode_attention_kivi.default,
+    none = torch.empty(0)
+    torch.library.opcheck(ops.paged_decode_attention.default,
                           (q[:rows].contiguous(), *layer.native_args(), meta.decode_block_tables,
-                           meta.decode_context_lens, meta.decode_starts, 0.125, 0, 4))
+                           meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none, layer.bits))
+    shared = meta.shared_prefixes
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[:2])
+    torch.library.opcheck(ops.prefix_attention_merge_.default, (q, *layer.native_args(), shared.rows,
+                                                                shared.prefix_lens, shared.block_ids, out, lse,
+                                                                0.125, layer.bits))
 
 
 def test_opcheck_prefix_attention_merge(ops):
@@ -64,8 +72,9 @@ def test_opcheck_prefix_attention_merge(ops):
     out = torch.randn_like(q)
     lse = torch.randn(q.shape[:2])
     none = torch.empty(0)
-    torch.library.opcheck(ops.prefix_attention_merge_.default, (q, k_cache, v_cache, none, none, shared.rows,
-                                                                shared.prefix_lens, shared.block_ids, out, lse, 0.125))
+    torch.library.opcheck(ops.prefix_attention_merge_.default, (q, k_cache, v_cache, none, none, none, none,
+                                                                shared.rows, shared.prefix_lens, shared.block_ids,
+                                                                out, lse, 0.125, 0))
 
 
 def test_opcheck_quantize_write(ops):
@@ -112,7 +121,7 @@ def test_profiler_names_the_kernels_and_compile_traces_them(ops):
     def decode(q):
         none = torch.empty(0)
         o, lse = ops.paged_decode_attention(q, k_cache, v_cache, none, none, none, none, meta.decode_block_tables,
-                                            meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none)
+                                            meta.decode_context_lens, meta.decode_starts, 0.125, 0, none, none, 0)
         return o * 2.0, lse
 
     rows = meta.decode_context_lens.numel()

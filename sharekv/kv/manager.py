@@ -86,9 +86,10 @@ class KVCacheManager:
     def _release(self, block_id: int) -> None:
         (self.tails if self.is_tail(block_id) else self.pool).release(self.block(block_id))
 
-    def _plan(self, seq: Sequence, num_new_tokens: int, cached: list) -> tuple[list[int], int, int]:
+    def _plan(self, seq: Sequence, num_new_tokens: int, cached: list, restored: int) -> tuple[list[int], int, int]:
         """What growing the table takes: the indices of full tails to seal (they left the residual window),
-        new quantized (or only) blocks, new tails."""
+        new quantized (or only) blocks, new tails. The first `restored` new blocks are copied back from host
+        slots: quantized blocks, whatever the window."""
         bs = self.block_size
         slots = seq.num_kv_slots + len(cached) * bs + num_new_tokens
         held = len(seq.block_table) + len(cached)
@@ -105,23 +106,24 @@ class KVCacheManager:
         orphan = self._orphan_tails.get(seq.seq_id)
         if orphan is not None and orphan < full:
             seals.append(orphan)
-        new_tails = min(new, cdiv(slots, bs) - max(window, held))
+        new_tails = max(0, min(new, cdiv(slots, bs) - max(window, held + restored)))
         return seals, new - new_tails + len(seals), new_tails
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None, restored: int = 0) -> bool:
         cached = cached or []
-        seals, new_blocks, new_tails = self._plan(seq, num_new_tokens, cached)
+        seals, new_blocks, new_tails = self._plan(seq, num_new_tokens, cached, restored)
         revived = sum(1 for b in cached if b.ref_count == 0)  # cached-but-free blocks leave the free list
         if new_tails > len(seals) + (self.tails.num_free_blocks if self.tails else 0):
             return False  # (a sealed tail is free again for a new one)
         return new_blocks + revived <= self.pool.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None) -> bool:
-        """Give the sequence blocks for `num_new_tokens` more tokens, after taking any cached prefix blocks.
-        Returns False (and changes nothing) if the pool cannot hold them."""
-        if not self.can_allocate(seq, num_new_tokens, cached):
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None, restored: int = 0) -> bool:
+        """Give the sequence blocks for `num_new_tokens` more tokens, after taking any cached prefix blocks;
+        the first `restored` new blocks will be copied back from host slots. Returns False (and changes
+        nothing) if the pool cannot hold them."""
+        if not self.can_allocate(seq, num_new_tokens, cached, restored):
             return False
-        seals, _, new_tails = self._plan(seq, num_new_tokens, cached or [])
+        seals, _, new_tails = self._plan(seq, num_new_tokens, cached or [], restored)
         if cached:
             for block in cached:
                 self.pool.share(block)

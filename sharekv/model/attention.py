@@ -128,10 +128,6 @@ class PagedAttention:
         self.sliding_window = sliding_window
         self.native = None  # compiled CPU decode kernel, set by the model when it runs on the CPU
 
-    def _native_for(self, cache: LayerKV | KiviLayerKV):
-        """The native kernels, if they run here and read this cache's layout."""
-        return self.native if cache.native_readable else None
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV | KiviLayerKV,
                  meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, d]; k, v: [tokens, kv_heads, d]. Writes k, v to the cache, returns [tokens, heads*d]."""
@@ -217,11 +213,7 @@ class PagedAttention:
         starts = meta.decode_starts
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
-        if self.native is not None and isinstance(cache, KiviLayerKV):
-            return self.native.paged_decode_attention_kivi(q, *cache.native_args(), meta.decode_block_tables,
-                                                           meta.decode_context_lens, starts, self.scale,
-                                                           self.sliding_window or 0, cache.bits)
-        native = self._native_for(cache)
+        native = self.native
         if native is not None:
             mass = mass_rows = torch.empty(0)
             if meta.decode_mass_rows is not None:  # observed decodes: their probabilities come out too
@@ -231,18 +223,17 @@ class PagedAttention:
                 for o in kernel_observed:
                     o.mass.append(mass[o.mass_row, :, :o.context_len])
                 mass_rows = meta.decode_mass_rows
-            return native.paged_decode_attention(q, *cache.native_args(), *cache.native_tails(),
-                                                 meta.decode_block_tables, meta.decode_context_lens, starts, self.scale,
-                                                 self.sliding_window or 0, mass, mass_rows)
+            return native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
+                                                 meta.decode_context_lens, starts, self.scale,
+                                                 self.sliding_window or 0, mass, mass_rows, cache.bits)
         return self._decode_tiles(q, cache, meta.decode_block_tables, meta.decode_context_lens, starts)
 
     def _merge_shared_prefixes(self, q, cache: LayerKV | KiviLayerKV, shared: SharedPrefixes, out: torch.Tensor,
                                lse: torch.Tensor) -> None:
         """Merge each group's attention over its shared prefix into its tokens' own attention, in place."""
-        native = self._native_for(cache)
-        if native is not None:
-            native.prefix_attention_merge_(q, *cache.native_args(), shared.rows, shared.prefix_lens,
-                                                shared.block_ids, out, lse, self.scale)
+        if self.native is not None:
+            self.native.prefix_attention_merge_(q, *cache.native_args(), shared.rows, shared.prefix_lens,
+                                                shared.block_ids, out, lse, self.scale, cache.bits)
             return
         o_p, lse_p = self.shared_prefix_attention(q, cache, shared)
         member = shared.rows >= 0

@@ -92,10 +92,7 @@ class LayerKV:
     def quantized(self) -> bool:
         return self.k_scale is not None
 
-    @property
-    def native_readable(self) -> bool:
-        """Whether the native attention kernels read this layout (they read the model's dtype and int8)."""
-        return True
+    bits = 0  # the native kernels' format code: the model's dtype or int8 (KIVI: 4, 2)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's keys and values [tokens, kv_heads, d] at their slots. Returns them as the cache
@@ -153,17 +150,11 @@ class LayerKV:
             return data[block_ids]
         return dequantize_int8(data[block_ids], scales[block_ids], self.dtype)
 
-    def native_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v and their scales for the native kernels (empty scales: the cache is not quantized)."""
-        if self.k_scale is None:
-            return self.k, self.v, _NO_SCALES, _NO_SCALES
-        return self.k, self.v, self.k_scale, self.v_scale
-
-    def native_tails(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tail blocks for the native decode kernel (empty: none)."""
-        if self.tail_k is None:
-            return _NO_TAILS, _NO_TAILS
-        return self.tail_k, self.tail_v
+    def native_args(self) -> tuple[torch.Tensor, ...]:
+        """k, v, their scales and the tail blocks for the native kernels (empty: not quantized, no tails)."""
+        scales = (_NO_SCALES, _NO_SCALES) if self.k_scale is None else (self.k_scale, self.v_scale)
+        tails = (_NO_TAILS, _NO_TAILS) if self.tail_k is None else (self.tail_k, self.tail_v)
+        return self.k, self.v, *scales, *tails
 
 
 @dataclass
@@ -198,7 +189,6 @@ class KiviLayerKV:
     2, groups], tail blocks tail_k, tail_v [tails, block_size, kv_heads, d] in the model's dtype. Reads
     dequantize only the blocks asked for."""
 
-    native_readable = False  # the prefix-group and int8 kernels do not read it; a decode kernel of its own does
     quantized = True
     native = None
 
@@ -237,7 +227,7 @@ class KiviLayerKV:
         return k, v
 
     def native_args(self) -> tuple[torch.Tensor, ...]:
-        """Codes, params and tails for the native KIVI decode kernel."""
+        """Codes, params and tails for the native kernels (with `bits`)."""
         return self.k, self.v, self.k_params, self.v_params, self.tail_k, self.tail_v
 
     def keys(self, block_ids: torch.Tensor) -> torch.Tensor:

@@ -88,12 +88,7 @@ def _register_fakes() -> None:
     """Shapes of what the ops return, for tracing (the in-place ops return nothing)."""
     @torch.library.register_fake("sharekv::paged_decode_attention")
     def _(q, k_cache, v_cache, k_scale, v_scale, tail_k, tail_v, block_tables, context_lens, starts, scale, window,
-          mass, mass_rows):
-        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-    @torch.library.register_fake("sharekv::paged_decode_attention_kivi")
-    def _(q, k_codes, v_codes, k_params, v_params, tail_k, tail_v, block_tables, context_lens, starts, scale, window,
-          bits):
+          mass, mass_rows, bits):
         return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
     @torch.library.register_fake("sharekv::add_rms_norm_")

@@ -157,10 +157,9 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots,
                                 model.attention.native, num_tail_blocks)
-        self.native_attention = model.attention.native is not None and self.kv_cache.layer(0).native_readable
         # The portable per-row path gathers each row's blocks: there a chunk's own part is better off as one
         # chunk, so only decodes share. The native per-row kernel reads in place, so prefill chunks join too.
-        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if self.native_attention else 1
+        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if model.attention.native is not None else 1
         self.forward_seconds = 0.0
         self.shapes = ModelShapes.of(c, model.dtype.itemsize,
                                      kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype) // block_size)
@@ -217,7 +216,7 @@ class ModelRunner:
         # the native kernel observes decodes as it attends them, whole (outside prefix groups)
         num_decodes = sum(1 for c in chunks if len(c.token_ids) == 1)
         kernel_observed = [i for i, o in observed.items() if o.rows == 1 and i < num_decodes
-                           and self.native_attention]
+                           and self.model.attention.native is not None]
         kv_starts = [c.kv_start for c in chunks]
         counts = [len(c.token_ids) for c in chunks]
         meta = step_metadata([c.block_table for c in chunks], kv_starts, counts, bs, self.share_prefixes, self.device,

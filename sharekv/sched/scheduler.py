@@ -306,13 +306,14 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs:
             return False
         a = self._admission(seq, self.max_num_batched_tokens)
-        return self.kv.can_allocate(seq, a.restored - len(a.cached) * self.kv.block_size + a.num_tokens, a.cached)
+        return self.kv.can_allocate(seq, a.restored - len(a.cached) * self.kv.block_size + a.num_tokens, a.cached,
+                                    len(a.host_slots))
 
     def _admit(self, seq: Sequence, a: Admission, out: SchedulerOutput) -> bool:
         """Give a waiting sequence its blocks: blocks still in the prefix cache are shared, KV in host slots
         is copied back, the rest is computed. Returns False, changing nothing, if the pool cannot hold them."""
         hit = len(a.cached) * self.kv.block_size
-        if not self.kv.allocate(seq, a.restored - hit + a.num_tokens, a.cached):
+        if not self.kv.allocate(seq, a.restored - hit + a.num_tokens, a.cached, len(a.host_slots)):
             return False
         seq.num_computed_tokens = a.restored
         first = len(a.cached)

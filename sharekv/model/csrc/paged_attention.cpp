@@ -13,10 +13,10 @@
 // The rows are stacked into a matrix, so the work is register-tiled matrix products instead of one dot
 // product per row and key; the result is merged into each row's own attention by log-sum-exp.
 //
-// Both read a cache in the model's dtype, or an int8 cache with one scale per slot and KV head, an fp8
-// e5m2 byte beside the blocks (sharekv/kv/quant.py); the decode kernel also reads a KIVI cache (int4, int2
-// codes, and full-precision tail blocks). Each row is dequantized into a small buffer as it is read, so no
-// full-precision copy of the cache is ever made.
+// Both read a cache in the model's dtype, an int8 cache with one scale per slot and KV head (an fp8 e5m2
+// byte beside the blocks), or a KIVI cache (int4, int2 codes with fp16 params; sharekv/kv/quant.py), and the
+// tail blocks of a residual window, through one row reader per format (with_rows). Each row is dequantized
+// into a small buffer as it is read, so no full-precision copy of the cache is ever made.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -329,13 +329,12 @@ struct GroupPlan {
   int64_t q_off = 0, part_off = 0, stat_off = 0;  // offsets into packed queries, partial outputs, m/l
 };
 
-template <typename T, typename C>
-static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache, const uint8_t* k_scale,
-                                  const uint8_t* v_scale, const int64_t* rows,
+template <typename T, typename Rows>
+static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int64_t* rows,
                                   const int64_t* block_ids, std::vector<GroupPlan>& plan, T* out, float* lse,
                                   int64_t heads, int64_t kv_heads, int64_t D, int64_t block_size,
                                   int64_t max_members, int64_t table_width, float scale) {
-  const int64_t group = heads / kv_heads, row = kv_heads * D, groups = static_cast<int64_t>(plan.size());
+  const int64_t group = heads / kv_heads, groups = static_cast<int64_t>(plan.size());
   int64_t q_total = 0, part_total = 0, stat_total = 0;
   for (auto& p : plan) {
     p.q_off = q_total;
@@ -358,17 +357,16 @@ static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache
     }
   }
   // Tasks: (group, kv head, key span). Each transposes its span of keys once, for all rows; values are read
-  // where they lie (converted to float first when the cache holds another type).
+  // where they lie when the cache holds floats, else converted into a span buffer first.
   std::vector<std::array<int64_t, 3>> tasks;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t h = 0; h < kv_heads; ++h)
       for (int64_t sp = 0; sp < plan[g].spans; ++sp) tasks.push_back({g, h, sp});
   const std::vector<float> zeros(D, 0.f);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * SPAN_KEYS), vs(std::is_same_v<C, float> ? 0 : SPAN_KEYS * D);
-    std::vector<float> kscale(std::is_same_v<C, int8_t> ? SPAN_KEYS : 0);
-    std::vector<const C*> krow(SPAN_KEYS);
-    std::vector<const float*> vrow(SPAN_KEYS);
+    std::vector<float> kt(D * SPAN_KEYS), kbuf(SPAN_KEYS * D), vbuf(SPAN_KEYS * D);
+    std::vector<const float*> krow(SPAN_KEYS), vrow(SPAN_KEYS);
+    Rows reader = cache_rows;  // a task's own copy: a reader may keep per-block state
     for (int64_t t = begin; t < end; ++t) {
       const auto [g, h, sp] = tasks[t];
       const GroupPlan& p = plan[g];
@@ -381,23 +379,13 @@ static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache
           vrow[j] = zeros.data();
           continue;
         }
-        const int64_t pos = k0 + j, cached = table[pos / block_size] * block_size + pos % block_size;
-        const int64_t slot = cached * row + h * D;
-        krow[j] = k_cache + slot;
-        if constexpr (std::is_same_v<C, int8_t>) kscale[j] = scale_of(k_scale[cached * kv_heads + h]);
-        if constexpr (std::is_same_v<C, float>) {
-          vrow[j] = v_cache + slot;
-        } else {
-          vrow[j] = as_float(v_cache + slot, v_scale + cached * kv_heads + h, vs.data() + j * D, D);
-        }
+        const int64_t pos = k0 + j, block = table[pos / block_size], in_block = pos % block_size;
+        krow[j] = reader.key(block, in_block, h, kbuf.data() + j * D);
+        vrow[j] = reader.value(block, in_block, h, vbuf.data() + j * D);
       }
       for (int64_t d = 0; d < D; ++d) {  // rows of kt are contiguous writes
         float* dst = kt.data() + d * span_pad;
-        if constexpr (std::is_same_v<C, int8_t>) {
-          for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) * kscale[j] : 0.f;
-        } else {
-          for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? static_cast<float>(krow[j][d]) : 0.f;
-        }
+        for (int64_t j = 0; j < span_pad; ++j) dst[j] = krow[j] ? krow[j][d] : 0.f;
       }
       const float* qh = qp.data() + p.q_off + h * p.rows_pad * D;
       const int64_t slice = (h * p.spans + sp) * p.rows_pad;
@@ -436,29 +424,61 @@ static void prefix_attention_impl(const T* q, const C* k_cache, const C* v_cache
   });
 }
 
-// Whether the cache is int8 with scales [blocks, block_size, kv_heads] (else it holds q's dtype).
-static bool check_cache(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                        const torch::Tensor& k_scale, const torch::Tensor& v_scale) {
+// Calls f with the row reader of the cache's format (the ops' k_cache .. tail_v arguments):
+// - bits 0: k_cache, v_cache hold the queries' dtype T, or int8 with scale bytes k_scale, v_scale, one per
+//   slot and KV head;
+// - bits 4 or 2: KIVI codes [blocks, block_size, kv_heads, dim * bits / 8] with fp16 params, keys'
+//   [blocks, kv_heads, 2, dim] in k_scale, values' [blocks, block_size, kv_heads, 2, groups] in v_scale.
+// Tail blocks tail_k, tail_v [tails, block_size, kv_heads, dim] in T (a residual window; may be empty) take
+// the block ids from k_cache.size(0) on.
+template <typename T, typename F>
+static void with_rows(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k_scale,
+                      const torch::Tensor& v_scale, const torch::Tensor& tail_k, const torch::Tensor& tail_v,
+                      int64_t dim, int64_t bits, F&& f) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "keys and values must share a dtype");
-  if (k_cache.scalar_type() != torch::kChar) {
-    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "the cache must hold the queries' dtype, or int8");
-    return false;
+  const bool tails = tail_k.numel() > 0;
+  TORCH_CHECK(!tails || (tail_k.scalar_type() == c10::CppTypeToScalarType<T>::value &&
+                         tail_v.scalar_type() == tail_k.scalar_type() && tail_k.is_contiguous() && tail_v.is_contiguous()),
+              "tail blocks must be contiguous, in the queries' dtype");
+  const T* tk = tails ? tail_k.data_ptr<T>() : nullptr;
+  const T* tv = tails ? tail_v.data_ptr<T>() : nullptr;
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  if (bits != 0) {
+    TORCH_CHECK(bits == 4 || bits == 2, "KIVI codes have 4 or 2 bits");
+    TORCH_CHECK(k_cache.scalar_type() == torch::kByte && k_scale.scalar_type() == torch::kHalf &&
+                    v_scale.scalar_type() == torch::kHalf && k_scale.is_contiguous() && v_scale.is_contiguous() &&
+                    k_cache.size(3) * (8 / bits) == dim,
+                "a KIVI cache holds uint8 codes packing head_dim, and contiguous float16 params");
+    auto run = [&](auto width) {
+      f(KiviRows<T, decltype(width)::value>{k_cache.data_ptr<uint8_t>(), v_cache.data_ptr<uint8_t>(),
+                                            k_scale.data_ptr<at::Half>(), v_scale.data_ptr<at::Half>(), tk, tv,
+                                            kv_heads, dim, block_size, num_blocks, v_scale.size(-1)});
+    };
+    if (bits == 4) run(std::integral_constant<int, 4>{}); else run(std::integral_constant<int, 2>{});
+  } else if (k_cache.scalar_type() == torch::kChar) {
+    TORCH_CHECK(k_scale.scalar_type() == torch::kByte && v_scale.scalar_type() == torch::kByte && k_scale.is_contiguous() &&
+                    v_scale.is_contiguous() && k_scale.numel() * k_cache.size(3) == k_cache.numel() &&
+                    v_scale.numel() * v_cache.size(3) == v_cache.numel(),
+                "an int8 cache needs contiguous scale bytes, one per slot and KV head");
+    f(PlainRows<T, int8_t>{k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scale.data_ptr<uint8_t>(),
+                           v_scale.data_ptr<uint8_t>(), tk, tv, kv_heads, dim, block_size, num_blocks});
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == c10::CppTypeToScalarType<T>::value,
+                "the cache must hold the queries' dtype, int8 or KIVI codes");
+    f(PlainRows<T, T>{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), nullptr, nullptr, tk, tv, kv_heads, dim,
+                      block_size, num_blocks});
   }
-  TORCH_CHECK(k_scale.scalar_type() == torch::kByte && v_scale.scalar_type() == torch::kByte && k_scale.is_contiguous() &&
-                  v_scale.is_contiguous() && k_scale.numel() * k_cache.size(3) == k_cache.numel() &&
-                  v_scale.numel() * v_cache.size(3) == v_cache.numel(),
-              "an int8 cache needs contiguous scale bytes, one per slot and KV head");
-  return true;
 }
 
 // A group's rows against its prefix, merged in place into out [tokens, heads, dim] and lse [tokens, heads],
 // which hold each row's attention over its own (non-prefix) keys.
 void prefix_attention_merge_(torch::Tensor q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                             const torch::Tensor& k_scale, const torch::Tensor& v_scale, torch::Tensor rows,
-                             const torch::Tensor& prefix_lens, torch::Tensor block_ids, const torch::Tensor& out,
-                             const torch::Tensor& lse, double scale) {
+                             const torch::Tensor& k_scale, const torch::Tensor& v_scale, const torch::Tensor& tail_k,
+                             const torch::Tensor& tail_v, torch::Tensor rows, const torch::Tensor& prefix_lens,
+                             torch::Tensor block_ids, const torch::Tensor& out, const torch::Tensor& lse, double scale,
+                             int64_t bits) {
   TORCH_CHECK(q.device().is_cpu(), "prefix_attention_merge_ runs on the CPU");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(out.is_contiguous() && lse.is_contiguous() && lse.scalar_type() == torch::kFloat32,
               "out and lse must be contiguous, lse float32");
   const int64_t heads = q.size(1), dim = q.size(2), block_size = k_cache.size(1), kv_heads = k_cache.size(2);
@@ -489,18 +509,12 @@ void prefix_attention_merge_(torch::Tensor q, const torch::Tensor& k_cache, cons
     p.span_len = (tiles + spans - 1) / spans * KEY_TILE;
     p.spans = std::max<int64_t>(1, (p.prefix + p.span_len - 1) / p.span_len);
   }
-  const bool quantized = check_cache(q, k_cache, v_cache, k_scale, v_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "prefix_attention_merge_", [&] {
-    auto run = [&](auto cache_type) {
-      using C = decltype(cache_type);
-      prefix_attention_impl<scalar_t, C>(q.data_ptr<scalar_t>(), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
-                                         quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
-                                         quantized ? v_scale.data_ptr<uint8_t>() : nullptr, r,
-                                         block_ids.data_ptr<int64_t>(), plan, out.data_ptr<scalar_t>(),
-                                         lse.data_ptr<float>(), heads, kv_heads, dim, block_size, max_members,
-                                         block_ids.size(1), static_cast<float>(scale));
-    };
-    if (quantized) run(int8_t{}); else run(scalar_t{});
+    with_rows<scalar_t>(k_cache, v_cache, k_scale, v_scale, tail_k, tail_v, dim, bits, [&](const auto& cache_rows) {
+      prefix_attention_impl<scalar_t>(q.data_ptr<scalar_t>(), cache_rows, r, block_ids.data_ptr<int64_t>(), plan,
+                                      out.data_ptr<scalar_t>(), lse.data_ptr<float>(), heads, kv_heads, dim,
+                                      block_size, max_members, block_ids.size(1), static_cast<float>(scale));
+    });
   });
 }
 
@@ -508,9 +522,8 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     torch::Tensor q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& k_scale,
     const torch::Tensor& v_scale, const torch::Tensor& tail_k, const torch::Tensor& tail_v, torch::Tensor block_tables,
     torch::Tensor context_lens, torch::Tensor starts, double scale, int64_t window, const torch::Tensor& mass,
-    torch::Tensor mass_rows) {
+    torch::Tensor mass_rows, int64_t bits) {
   TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on the CPU");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "KV cache must be contiguous");
   TORCH_CHECK(q.size(2) % 16 == 0, "head_dim must be a multiple of 16");
   q = q.contiguous();
   block_tables = block_tables.to(torch::kInt64).contiguous();
@@ -531,67 +544,13 @@ std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention(
     mass_ptr = mass.data_ptr<float>();
     mass_rows_ptr = mass_rows.data_ptr<int64_t>();
   }
-  const bool quantized = check_cache(q, k_cache, v_cache, k_scale, v_scale);
-  TORCH_CHECK(tail_k.numel() == 0 || (tail_k.scalar_type() == q.scalar_type() && tail_v.scalar_type() == q.scalar_type() &&
-                                      tail_k.is_contiguous() && tail_v.is_contiguous()),
-              "tail blocks must be contiguous, in the queries' dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    auto run = [&](auto cache_type) {
-      using C = decltype(cache_type);
-      const bool tails = tail_k.numel() > 0;
-      const PlainRows<scalar_t, C> rows{k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
-                                        quantized ? k_scale.data_ptr<uint8_t>() : nullptr,
-                                        quantized ? v_scale.data_ptr<uint8_t>() : nullptr,
-                                        tails ? tail_k.data_ptr<scalar_t>() : nullptr,
-                                        tails ? tail_v.data_ptr<scalar_t>() : nullptr, kv_heads, dim, block_size,
-                                        k_cache.size(0)};
-      decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), rows, block_tables.data_ptr<int64_t>(),
-                                 context_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                                 lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size, block_tables.size(1),
-                                 static_cast<float>(scale), window, mass_ptr, mass_rows_ptr, mass_ptr ? mass.size(2) : 0);
-    };
-    if (quantized) run(int8_t{}); else run(scalar_t{});
-  });
-  return {out, lse};
-}
-
-// paged_decode_attention over a KIVI cache (KiviRows): codes [blocks, block_size, kv_heads, dim * bits / 8],
-// key params [blocks, kv_heads, 2, dim], value params [blocks, block_size, kv_heads, 2, groups] (fp16), and
-// tails [tails, block_size, kv_heads, dim] in q's dtype, whose block ids follow the quantized blocks'.
-std::tuple<torch::Tensor, torch::Tensor> paged_decode_attention_kivi(
-    torch::Tensor q, const torch::Tensor& k_codes, const torch::Tensor& v_codes, const torch::Tensor& k_params,
-    const torch::Tensor& v_params, const torch::Tensor& tail_k, const torch::Tensor& tail_v, torch::Tensor block_tables,
-    torch::Tensor context_lens, torch::Tensor starts, double scale, int64_t window, int64_t bits) {
-  TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention_kivi runs on the CPU");
-  TORCH_CHECK(bits == 4 || bits == 2, "KIVI codes have 4 or 2 bits");
-  for (const auto* t : {&k_codes, &v_codes, &k_params, &v_params, &tail_k, &tail_v})
-    TORCH_CHECK(t->is_contiguous(), "the KIVI cache's tensors must be contiguous");
-  TORCH_CHECK(k_codes.scalar_type() == torch::kByte && v_codes.scalar_type() == torch::kByte &&
-                  k_params.scalar_type() == torch::kHalf && v_params.scalar_type() == torch::kHalf &&
-                  tail_k.scalar_type() == q.scalar_type() && tail_v.scalar_type() == q.scalar_type(),
-              "KIVI codes are uint8, params float16, tails in the queries' dtype");
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t num_blocks = k_codes.size(0), block_size = k_codes.size(1), kv_heads = k_codes.size(2);
-  TORCH_CHECK(dim % 16 == 0 && k_codes.size(3) * (8 / bits) == dim, "codes must pack head_dim (a multiple of 16)");
-  q = q.contiguous();
-  block_tables = block_tables.to(torch::kInt64).contiguous();
-  context_lens = context_lens.to(torch::kInt64).contiguous();
-  starts = starts.to(torch::kInt64).contiguous();
-  TORCH_CHECK(starts.numel() == batch, "one start position per sequence");
-  auto out = torch::empty_like(q);
-  auto lse = torch::empty({batch, heads}, q.options().dtype(torch::kFloat32));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_kivi", [&] {
-    auto run = [&](auto width) {
-      const KiviRows<scalar_t, decltype(width)::value> rows{
-          k_codes.data_ptr<uint8_t>(), v_codes.data_ptr<uint8_t>(), k_params.data_ptr<at::Half>(),
-          v_params.data_ptr<at::Half>(), tail_k.data_ptr<scalar_t>(), tail_v.data_ptr<scalar_t>(), kv_heads, dim,
-          block_size, num_blocks, v_params.size(-1)};
+    with_rows<scalar_t>(k_cache, v_cache, k_scale, v_scale, tail_k, tail_v, dim, bits, [&](const auto& rows) {
       decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), rows, block_tables.data_ptr<int64_t>(),
                               context_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
                               lse.data_ptr<float>(), batch, heads, kv_heads, dim, block_size, block_tables.size(1),
-                              static_cast<float>(scale), window, nullptr, nullptr, 0);
-    };
-    if (bits == 4) run(std::integral_constant<int, 4>{}); else run(std::integral_constant<int, 2>{});
+                              static_cast<float>(scale), window, mass_ptr, mass_rows_ptr, mass_ptr ? mass.size(2) : 0);
+    });
   });
   return {out, lse};
 }
@@ -675,19 +634,16 @@ TORCH_LIBRARY(sharekv, m) {
   m.def("quantize_write_(Tensor x, Tensor slots, Tensor(a!) cache, Tensor(b!) scales, Tensor(c!) stored) -> ()");
   m.def("write_kv_(Tensor k, Tensor v, Tensor slots, Tensor(a!) k_cache, Tensor(b!) v_cache) -> ()");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
-        "Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor context_lens, Tensor starts, float scale, int window, Tensor(a!) mass, "
-        "Tensor mass_rows) -> (Tensor, Tensor)");
-  m.def("paged_decode_attention_kivi(Tensor q, Tensor k_codes, Tensor v_codes, Tensor k_params, Tensor v_params, "
         "Tensor tail_k, Tensor tail_v, Tensor block_tables, Tensor context_lens, Tensor starts, float scale, "
-        "int window, int bits) -> (Tensor, Tensor)");
+        "int window, Tensor(a!) mass, Tensor mass_rows, int bits) -> (Tensor, Tensor)");
   m.def("prefix_attention_merge_(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
-        "Tensor rows, Tensor prefix_lens, Tensor block_ids, Tensor(a!) out, Tensor(b!) lse, float scale) -> ()");
+        "Tensor tail_k, Tensor tail_v, Tensor rows, Tensor prefix_lens, Tensor block_ids, Tensor(a!) out, "
+        "Tensor(b!) lse, float scale, int bits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sharekv, CPU, m) {
   m.impl("quantize_write_", &quantize_write_);
   m.impl("write_kv_", &write_kv_);
   m.impl("paged_decode_attention", &paged_decode_attention);
-  m.impl("paged_decode_attention_kivi", &paged_decode_attention_kivi);
   m.impl("prefix_attention_merge_", &prefix_attention_merge_);
 }
