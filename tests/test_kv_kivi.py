@@ -235,6 +235,30 @@ TestKiviManager = KiviManagerMachine.TestCase
 TestKiviManager.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
+def test_pinning_a_prefix_seals_its_tails():
+    """A group's prefix pinned while its last blocks are still in the leader's residual window: those are
+    sealed and indexed at once, so the members find the whole prefix quantized; the leader keeps its window
+    after the prefix."""
+    from sharekv.sequence import Sequence
+
+    kv = KVCacheManager(num_blocks=16, block_size=4, num_tail_blocks=8, residual_blocks=4)
+    leader = Sequence(0, "0", 0, list(range(20)), 20, SamplingParams())
+    assert kv.allocate(leader, 20)
+    leader.num_computed_tokens = 20
+    kv.cache_full_blocks(leader)
+    assert [kv.is_tail(b) for b in leader.block_table] == [False, True, True, True, True]
+    pinned = kv.pin_prefix(leader, 3)
+    assert [kv.is_tail(b.block_id) for b in pinned] == [False] * 3 and leader.block_table[:3] == [
+        b.block_id for b in pinned]
+    assert [tail for tail, _ in kv.pending_seals] and len(kv.pending_seals) == 2
+    member = Sequence(1, "1", 0, list(range(12)) + [99, 98, 97], 15, SamplingParams())
+    assert kv.find_cached_prefix(member) == pinned  # the whole prefix, from the index
+    assert [kv.is_tail(b) for b in leader.block_table[3:]] == [True, True]
+    kv.unpin(pinned)
+    kv.free(leader)
+    assert kv.tails.num_free_blocks == kv.tails.num_blocks
+
+
 def test_pool_sizing():
     """Tails take at most a quarter of the bytes; with KIVI no more sequences run than there are tails."""
     assert kv_pool_blocks(1000, 10, 256, tail_block_bytes=50, residual_blocks=8) == (75, 5, 5)

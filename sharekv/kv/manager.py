@@ -1,11 +1,13 @@
 """Block tables of sequences on top of the block pool, with prefix caching.
 
-With a KIVI cache (int4, int2) a second, small pool holds *tail* blocks in full precision: a block that a
-step leaves partly filled is a tail, and a block a step fills whole is a quantized block. When a tail is
-full, the next allocation for its sequence *seals* it: a quantized block takes its place in the table, the
-tail goes back, and the copy (tail -> block, quantized) is left in `pending_seals` for the step to do
-before its forward. Tails are never shared, indexed, pinned or swapped; a swapped-out sequence recomputes
-its tail's tokens.
+Beside a quantized pool (KIVI's int4 and int2, or int8 with `--kv-residual`) a second, small pool holds
+*tail* blocks in the model's dtype: each sequence's newest blocks, its residual window (at least the block
+it is still filling, for KIVI, whose per-channel scales need a whole block). A block a step fills whole
+outside the window is a quantized block. When a full tail leaves the window, the next allocation for its
+sequence *seals* it: a quantized block takes its place in the table, the tail goes back, and the copy
+(tail -> block, quantized) is left in `pending_seals` for the step to do before its forward. The running
+sequences share the tails (`share_tails`). Tails are never shared, indexed or swapped (a swapped-out
+sequence recomputes its tail's tokens); pinning a prefix seals the tails in it.
 """
 
 from __future__ import annotations
@@ -130,13 +132,7 @@ class KVCacheManager:
                 seq.block_table.append(block.block_id)
             seq.num_computed_tokens += len(cached) * self.block_size
         for i in seals:
-            tail, block = seq.block_table[i], self.pool.allocate().block_id
-            self.pending_seals.append((tail, block))
-            self.num_seals += 1
-            seq.block_table[i] = block
-            self._release(tail)  # its KV is copied before anything writes the block again
-        if seals:
-            self._orphan_tails.pop(seq.seq_id, None)
+            self._seal(seq, i)
         held = len(seq.block_table)
         needed = cdiv(seq.num_kv_slots + num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
@@ -145,6 +141,16 @@ class KVCacheManager:
         if held and needed - held > new_tails and self.is_tail(seq.block_table[held - 1]):
             self._orphan_tails[seq.seq_id] = held - 1
         return True
+
+    def _seal(self, seq: Sequence, i: int) -> None:
+        """Put a quantized block in place of the sequence's full tail i (the copy is left pending)."""
+        tail, block = seq.block_table[i], self.pool.allocate().block_id
+        self.pending_seals.append((tail, block))
+        self.num_seals += 1
+        seq.block_table[i] = block
+        self._release(tail)  # its KV is copied before anything writes the block again
+        if self._orphan_tails.get(seq.seq_id) == i:
+            del self._orphan_tails[seq.seq_id]
 
     def first_tail(self, seq: Sequence, upto: int) -> int:
         """The index of the sequence's first tail block before `upto` (`upto` if none)."""
@@ -166,7 +172,8 @@ class KVCacheManager:
 
     def chunk_tokens(self, kv_start: int, granted: int, wanted: int) -> int:
         """How many of `granted` tokens (of `wanted`) a prefill chunk from slot `kv_start` runs. With tails,
-        a chunk cut short ends at a block boundary where it can, so a sequence holds one tail, not two."""
+        a chunk cut short ends at a block boundary where it can, so the next chunk does not write whole
+        blocks after an unfilled tail (an orphan, sealed a step late)."""
         if self.tails is None or granted >= wanted:
             return granted
         over = (kv_start + granted) % self.block_size
@@ -234,7 +241,12 @@ class KVCacheManager:
         for i, block_id in enumerate(seq.block_table[:num_blocks]):
             indexed = self.pool.lookup(seq.block_keys[i]) if i < len(seq.block_keys) else None
             if indexed is None and self.is_tail(block_id):
-                break  # a tail's KV moves when it is sealed; members find the sealed copy in the index
+                if (i + 1) * self.block_size > seq.num_kv_slots or not self.pool.num_free_blocks:
+                    break  # not computed yet, or no room to seal it: the members compute the rest
+                self._seal(seq, i)  # a shared prefix is read quantized: seal it now, out of the window
+                block_id = seq.block_table[i]
+                if self.enable_prefix_caching and i < len(seq.block_keys):  # (read after the step's copies)
+                    self.pool.register(self.pool.blocks[block_id], seq.block_keys[i])
             pinned.append(indexed or self.pool.blocks[block_id])
         for block in pinned:
             self.pool.share(block)
