@@ -165,7 +165,8 @@ def test_bench_kv_fidelity(tmp_path):
     int8 = formats["int8"]
     assert 0.9 < int8["teacher_forced"]["top1_agreement"] <= 1.0 and int8["teacher_forced"]["mean_kl"] > 0
     assert int8["capacity_vs_model_dtype"] == 32 / 9  # stories260K's heads are 8-dim: 32 bytes in fp32, 9 in int8
-    assert int8["residual_tokens"] == 0 and formats["int8@128"]["residual_tokens"] == 128
+    assert int8["residual_tokens"] == int8["tail_pool_bytes"] == 0 and formats["int8@128"]["residual_tokens"] == 128
+    assert formats["int8@128"]["tail_pool_bytes"] > 0
     assert formats["int8@128"]["teacher_forced"]["mean_kl"] < int8["teacher_forced"]["mean_kl"]
     # int4: 4-bit codes, and per 16-token block fp16 (scale, min) per key channel and per value token
     assert formats["int4"]["capacity_vs_model_dtype"] == 1024 / 224 and formats["int4"]["residual_tokens"] == 128

@@ -161,17 +161,16 @@ def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[i
         forced = compare(reference, teacher_forced(stepwise, texts))
         del stepwise
         llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False} | settings)
-        engine = llm.engine
-        # the residual windows: tail blocks in the model's dtype of each running sequence, beside the pool
-        tails = engine.kv.tails.num_blocks // engine.max_num_seqs if engine.kv.tails else 0
+        kv = llm.engine.kv
+        tails = kv.tails.num_blocks if kv.tails else 0  # the residual windows' blocks in the model's dtype
         results[name] = {
             "kv_cache_dtype": kv_cache_dtype,
-            "residual_tokens": args.block_size * (tails - 1) if tails else 0,
+            "residual_tokens": kv.residual_blocks * args.block_size if tails else 0,
+            "tail_pool_bytes": tails * kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]),
             "teacher_forced": dataclasses.asdict(forced),
             "teacher_forced_tokens_per_step": args.block_size,
             "needle_accuracy": _accuracy(full_answers, _needle_answers(llm, needles)),
             "tokens_per_gib": tokens_per_gib(kv_cache_dtype),
-            "tail_bytes_per_sequence": tails * kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype]),
             "capacity_vs_model_dtype": tokens_per_gib(kv_cache_dtype) / tokens_per_gib("auto"),
         }
         del llm
@@ -324,16 +323,16 @@ def _plot(result: dict, path: str) -> None:
             needle.axhline(fmt["needle_accuracy"], color="black", linestyle=style, label=label)
     agree.set_xlabel("KV budget (fraction of the context kept)")
     agree.set_ylabel("top-1 agreement with the full cache")
-    agree.legend()
+    agree.legend(fontsize=7, loc="lower right")
     needle.set_xlabel("KV budget (fraction of the context kept)")
     needle.set_ylabel(f"needle accuracy (of {result['needles']['full_cache_correct']} the full cache answers)")
     runs = result["memory_bound"]["runs"]
     names = list(runs)
     speed.bar(names, [runs[n]["output_tokens_per_second"] for n in names],
               color=["tab:gray" if n == "none" else "tab:green" if n.endswith(" KV") else "tab:blue" for n in names])
-    speed.tick_params(axis="x", labelsize=8)
+    speed.tick_params(axis="x", labelsize=8, labelrotation=40)
     speed.set_ylabel("output tokens/s")
     mb = result["memory_bound"]
     speed.set_title(f"{mb['requests']} requests, pool = 1/3 of their tokens, budget {mb['budget']}", fontsize=9)
-    fig.suptitle(f"KV eviction on {os.path.basename(result['model'])}")
+    fig.suptitle(f"KV eviction and quantization on {os.path.basename(result['model'])}")
     save_figure(fig, path)
