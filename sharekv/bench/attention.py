@@ -68,7 +68,10 @@ def run_attention_bench(group_sizes: list[int], prefix_len: int, suffix_len: int
             gen = torch.Generator().manual_seed(1000 + g)
             tokens = sum(counts)
             q = torch.randn(tokens, heads, dim, generator=gen)
-            k, v = torch.randn(tokens, kv_heads, dim, generator=gen), torch.randn(tokens, kv_heads, dim, generator=gen)
+            # the step's keys and values are what the cache holds at its slots (the engine writes them first)
+            slots = torch.tensor([t[p // bs] * bs + p % bs for t, s, n in zip(tables, starts, counts, strict=True)
+                                  for p in range(s, s + n)])
+            k, v = (c.view(-1, kv_heads, dim)[slots] for c in (k_cache, v_cache))
             plain = step_metadata(tables, starts, counts, bs, share_prefixes=False)
             cache = LayerKV(k_cache, v_cache, k_cache.dtype)
             row = {"phase": phase, "group_size": g, "query_tokens": tokens}
