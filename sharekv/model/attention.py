@@ -2,7 +2,8 @@
 
 The cache of one layer (`LayerKV`) is a pair of tensors shaped [num_blocks, block_size, kv_heads, head_dim],
 in the model's dtype or int8 with a scale per slot and KV head, or a KIVI layout (`KiviLayerKV`: packed
-int4/int2 codes, and tail blocks in full precision). A sequence owns a list of block ids (its block table).
+int4/int2 codes); a quantized one may have the tail blocks of a residual window in the model's dtype, whose
+ids follow the pool's. A sequence owns a list of block ids (its block table).
 Keys and values are read where they lie (dequantized as they are read), a tile of blocks at a time; the
 temporary copy is bounded by the tile, never a whole batch's KV, and tiles are merged with the log-sum-exp
 rule so the result equals softmax over the full context.
@@ -213,8 +214,7 @@ class PagedAttention:
         starts = meta.decode_starts
         if starts is None:
             starts = torch.zeros_like(meta.decode_context_lens)
-        native = self.native
-        if native is not None:
+        if self.native is not None:
             mass = mass_rows = torch.empty(0)
             if meta.decode_mass_rows is not None:  # observed decodes: their probabilities come out too
                 kernel_observed = [o for o in meta.observed if o.mass_row is not None]
@@ -223,9 +223,9 @@ class PagedAttention:
                 for o in kernel_observed:
                     o.mass.append(mass[o.mass_row, :, :o.context_len])
                 mass_rows = meta.decode_mass_rows
-            return native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
-                                                 meta.decode_context_lens, starts, self.scale,
-                                                 self.sliding_window or 0, mass, mass_rows, cache.bits)
+            return self.native.paged_decode_attention(q, *cache.native_args(), meta.decode_block_tables,
+                                                      meta.decode_context_lens, starts, self.scale,
+                                                      self.sliding_window or 0, mass, mass_rows, cache.bits)
         return self._decode_tiles(q, cache, meta.decode_block_tables, meta.decode_context_lens, starts)
 
     def _merge_shared_prefixes(self, q, cache: LayerKV | KiviLayerKV, shared: SharedPrefixes, out: torch.Tensor,
