@@ -51,6 +51,13 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return models
 
 
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory) -> str:
+    """A three-layer Llama with 16-dim heads (the native kernels need a multiple of 16), for the KV format
+    tests."""
+    return build_llama(str(tmp_path_factory.mktemp("small") / "llama"), num_hidden_layers=3)
+
+
 def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' own greedy generate, one prompt at a time, with EOS disabled (our runs ignore it)."""
     from transformers import AutoModelForCausalLM

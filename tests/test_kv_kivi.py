@@ -34,10 +34,14 @@ from sharekv.model.kv_cache import KVCache, LayerKV
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import step_metadata
 from sharekv.sampling_params import InvalidParameter
-from tests.conftest import STORIES_DIR, assert_engine_clean, build_llama, mixed_prompts
+from tests.conftest import STORIES_DIR, assert_engine_clean, mixed_prompts
 from tests.test_kv_properties import BLOCK, KVManagerMachine
+from tests.test_kv_quant import SCENARIOS as INT8_SCENARIOS
 from tests.test_kv_quant import _config
 from tests.test_shared_attention import _mixed_step
+
+WINDOW_POOLS = {"swap": {"kv_cache_memory": "48KiB"}, "recompute": {"kv_cache_memory": "48KiB"},
+                "global": {"kv_cache_memory": "64KiB"}}
 
 
 @settings(max_examples=150, deadline=None)
@@ -274,30 +278,20 @@ def test_windows_shrink_as_more_sequences_run():
         assert kv.window_blocks == window
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return build_llama(str(tmp_path_factory.mktemp("kivi") / "llama"), num_hidden_layers=3)
-
-
-SCENARIOS = {
-    "chunked_prefill": dict(max_num_batched_tokens=24, kv_cache_memory="2MiB"),
-    "prefix_cache": dict(max_num_batched_tokens=512, kv_cache_memory="2MiB"),
-    # 48KiB: a few sequences at a time, with their residual windows, so the batch preempts
-    "swap": dict(max_num_batched_tokens=64, kv_cache_memory="48KiB", schedule="fcfs"),
-    "recompute": dict(max_num_batched_tokens=64, kv_cache_memory="48KiB", swap_space="0", schedule="fcfs"),
-    "global": dict(max_num_batched_tokens=64, kv_cache_memory="64KiB"),
-}
+# the int8 tests' step cuts, with pools that also hold the residual windows' tails (a few sequences at a
+# time in the small ones, so the batch preempts)
+SCENARIOS = {name: settings | WINDOW_POOLS.get(name, {}) for name, settings in INT8_SCENARIOS.items()}
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_kivi_engine_runs_every_way_a_step_is_cut(model_dir, scenario, fmt):
+def test_kivi_engine_runs_every_way_a_step_is_cut(small_llama, scenario, fmt):
     """KIVI, and int8 with a residual window: chunked prefill, prefix hits on quantized blocks, swap
     (quantized blocks out, the tail recomputed), recompute and the global schedule all finish every request
     with the output asked for, seal tails, and give back every block, tail and swap slot."""
     prompts = mixed_prompts(22, 256)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    llm = LLM(model_dir, block_size=4, kv_cache_dtype=fmt, kv_residual=8, **SCENARIOS[scenario])
+    llm = LLM(small_llama, block_size=4, kv_cache_dtype=fmt, kv_residual=8, **SCENARIOS[scenario])
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     engine = llm.engine
@@ -329,10 +323,10 @@ def test_kivi_keeps_a_trained_models_distributions():
     assert results["int2"].mean_kl > results["int4"].mean_kl
 
 
-def test_eviction_is_refused_on_kivi(model_dir):
+def test_eviction_is_refused_on_kivi(small_llama):
     with pytest.raises(ValueError, match=r"does not run on a KV cache with a residual window \(int4\)"):
         EngineArgs(kv_cache_dtype="int4", kv_eviction="h2o", kv_budget="0.5").validate()
-    llm = LLM(model_dir, kv_cache_dtype="int2", kv_cache_memory="1MiB", block_size=4)
+    llm = LLM(small_llama, kv_cache_dtype="int2", kv_cache_memory="1MiB", block_size=4)
     with pytest.raises(InvalidParameter, match=r"does not run on a KV cache with a residual window \(int2\)"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="h2o", kv_budget="0.5"), use_tqdm=False)
     assert_engine_clean(llm.engine)

@@ -21,7 +21,7 @@ from sharekv.model.kv_cache import KVCache, LayerKV, kv_bytes_per_block
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import step_metadata
 from sharekv.sched.output import Compaction
-from tests.conftest import STORIES_DIR, assert_engine_clean, build_llama, mixed_prompts
+from tests.conftest import STORIES_DIR, assert_engine_clean, mixed_prompts
 from tests.test_shared_attention import _mixed_step
 
 
@@ -151,12 +151,6 @@ def test_compaction_and_swap_move_scales_with_values():
         assert torch.equal(got, before[i][0][16:24])
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    # head_dim 16: the native kernels run (they need a multiple of 16)
-    return build_llama(str(tmp_path_factory.mktemp("kvq") / "llama"), num_hidden_layers=3)
-
-
 SCENARIOS = {
     "chunked_prefill": dict(max_num_batched_tokens=24, kv_cache_memory="2MiB"),
     "prefix_cache": dict(max_num_batched_tokens=512, kv_cache_memory="2MiB"),
@@ -169,15 +163,15 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_int8_tokens_do_not_depend_on_how_steps_are_cut(model_dir, scenario, native):
+def test_int8_tokens_do_not_depend_on_how_steps_are_cut(small_llama, scenario, native):
     """Fresh keys are attended as the cache holds them, so chunking, prefix hits, swap and recompute read
     the same int8 KV as one unchunked prefill: the same greedy tokens, exactly."""
     prompts = mixed_prompts(22, 256)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     common = dict(block_size=4, kv_cache_dtype="int8", native_kernels=native)
-    expected = LLM(model_dir, kv_cache_memory="8MiB", enable_prefix_caching=False, **common).generate(
+    expected = LLM(small_llama, kv_cache_memory="8MiB", enable_prefix_caching=False, **common).generate(
         prompts, params, use_tqdm=False)
-    llm = LLM(model_dir, **common | SCENARIOS[scenario])
+    llm = LLM(small_llama, **common | SCENARIOS[scenario])
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
     engine = llm.engine
@@ -202,12 +196,12 @@ def test_int8_close_to_transformers_fp32():
     assert_engine_clean(llm.engine)
 
 
-def test_int8_with_eviction_and_prefix_sharing(model_dir):
+def test_int8_with_eviction_and_prefix_sharing(small_llama):
     """Eviction compacts int8 KV (values and scales) behind a shared prefix; every block comes back."""
     rng = np.random.default_rng(0)
     shared = rng.integers(3, 256, 64).tolist()
     prompts = [shared + rng.integers(3, 256, 40).tolist() for _ in range(6)]
-    llm = LLM(model_dir, block_size=16, kv_cache_dtype="int8", kv_cache_memory="2MiB", kv_eviction_window=8)
+    llm = LLM(small_llama, block_size=16, kv_cache_dtype="int8", kv_cache_memory="2MiB", kv_eviction_window=8)
     for policy in ("snapkv", "h2o", "streaming_llm"):
         params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, kv_eviction=policy, kv_budget=48)
         outs = llm.generate(prompts, params, use_tqdm=False)
