@@ -113,7 +113,10 @@ class KVCacheManager:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list | None = None, restored: int = 0) -> bool:
         cached = cached or []
-        seals, new_blocks, new_tails = self._plan(seq, num_new_tokens, cached, restored)
+        return self._fits(self._plan(seq, num_new_tokens, cached, restored), cached)
+
+    def _fits(self, plan: tuple[list[int], int, int], cached: list) -> bool:
+        seals, new_blocks, new_tails = plan
         revived = sum(1 for b in cached if b.ref_count == 0)  # cached-but-free blocks leave the free list
         if new_tails > len(seals) + (self.tails.num_free_blocks if self.tails else 0):
             return False  # (a sealed tail is free again for a new one)
@@ -123,9 +126,10 @@ class KVCacheManager:
         """Give the sequence blocks for `num_new_tokens` more tokens, after taking any cached prefix blocks;
         the first `restored` new blocks will be copied back from host slots. Returns False (and changes
         nothing) if the pool cannot hold them."""
-        if not self.can_allocate(seq, num_new_tokens, cached, restored):
+        plan = self._plan(seq, num_new_tokens, cached or [], restored)
+        if not self._fits(plan, cached or []):
             return False
-        seals, _, new_tails = self._plan(seq, num_new_tokens, cached or [], restored)
+        seals, _, new_tails = plan
         if cached:
             for block in cached:
                 self.pool.share(block)
