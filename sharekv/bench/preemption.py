@@ -23,7 +23,7 @@ from sharekv.bench.prefix_batch import kv_memory_for_tokens, run_policy
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.bench.workloads import BenchRequest
 from sharekv.config import EngineArgs
-from sharekv.kv.manager import cdiv
+from sharekv.kv.block_pool import cdiv
 from sharekv.llm import LLM
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.sampling_params import SamplingParams

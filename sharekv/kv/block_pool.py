@@ -17,6 +17,10 @@ from dataclasses import dataclass
 BlockKey = bytes
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @dataclass(eq=False)
 class Block:
     block_id: int

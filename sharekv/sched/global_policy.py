@@ -23,8 +23,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from sharekv.kv.block_pool import Block
-from sharekv.kv.manager import cdiv
+from sharekv.kv.block_pool import Block, cdiv
 from sharekv.kv.prefix_forest import PrefixForest, group_prompts
 from sharekv.sched.policy import Policy
 from sharekv.sched.scheduler import Admission, Scheduler
