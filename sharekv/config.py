@@ -95,7 +95,8 @@ class EngineArgs:
                                                               "can no longer meet its TTFT target instead of "
                                                               "serving it late"})
     kv_eviction: str | None = field(default=None, metadata={
-        "help": "KV eviction policy of requests that set none (kv_eviction): streaming_llm | snapkv | h2o"})
+        "help": "KV eviction policy of requests that set none (kv_eviction): streaming_llm | snapkv | h2o | "
+                "pyramidkv | cake"})
     kv_budget: str | None = field(default=None, metadata={
         "help": "KV each sequence keeps under --kv-eviction: tokens (512) or the fraction kept (0.5)"})
     kv_eviction_window: int = field(default=64, metadata={

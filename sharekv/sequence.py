@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sharekv.kv.block_pool import cdiv
 from sharekv.kv.eviction import EvictionState
+from sharekv.kv.layer_slots import LayerSlots
 from sharekv.sampling_params import SamplingParams
 
 
@@ -36,6 +38,7 @@ class Sequence:
     num_evicted_tokens: int = 0
     kv_intact_blocks: int | None = None  # None: nothing evicted
     eviction: EvictionState | None = None  # the request's eviction policy and what it has observed
+    layer_slots: LayerSlots | None = None  # after an eviction with per-layer budgets: each layer's slots
     block_table: list[int] = field(default_factory=list)
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
@@ -75,12 +78,21 @@ class Sequence:
 
     @property
     def num_kv_slots(self) -> int:
-        """Cache slots its KV fills (the computed tokens, less those evicted)."""
+        """Cache slots its KV fills (the computed tokens, less those evicted; with per-layer budgets, the
+        slots of a plain table holding as much)."""
+        if self.layer_slots is not None:
+            return self.layer_slots.equivalent_slots(self.num_computed_tokens)
         return self.num_computed_tokens - self.num_evicted_tokens
+
+    def blocks_needed(self, num_new_tokens: int, block_size: int) -> int:
+        """Blocks its table needs once `num_new_tokens` more tokens are computed."""
+        if self.layer_slots is not None:
+            return self.layer_slots.table_blocks(self.num_computed_tokens + num_new_tokens)
+        return cdiv(self.num_kv_slots + num_new_tokens, block_size)
 
     def forget_evictions(self) -> None:
         """Its KV is gone (preempted to recompute): it will be computed in full, and evicted afresh."""
-        self.num_evicted_tokens, self.kv_intact_blocks = 0, None
+        self.num_evicted_tokens, self.kv_intact_blocks, self.layer_slots = 0, None, None
         if self.eviction is not None:
             self.eviction.reset()
 

@@ -55,6 +55,19 @@ def streaming_keep(length: int, kv_heads: int, n_keep: int) -> torch.Tensor:
     return torch.tensor(kept).expand(kv_heads, -1)
 
 
+def pyramid_budget(layer: int, num_layers: int, q_len: int, compression_ratio: float, beta: int = 20) -> int:
+    """kvpress's PyramidKVPress.get_layer_budget, as its docstring derives it."""
+    max_capacity_prompt = WINDOW + q_len * (1 - compression_ratio)
+    min_num = (max_capacity_prompt - WINDOW) / beta
+    max_num = (max_capacity_prompt - WINDOW) * 2 - min_num
+    if max_num >= q_len - WINDOW:
+        max_num = q_len - WINDOW
+        min_num = (max_capacity_prompt - WINDOW) * 2 - max_num
+    if not (q_len >= max_num >= min_num >= WINDOW):
+        return max(1, round(q_len * (1 - compression_ratio)))
+    return round(max_num - layer * (max_num - min_num) / (num_layers - 1))
+
+
 def hf_compressed_greedy(model_dir: str, context: list[int], question: list[int], policy: str, ratio: float,
                          max_new_tokens: int) -> tuple[list[torch.Tensor], list[int]]:
     """transformers with its cache pruned after the context (kvpress's pipeline): the kept indices per layer
@@ -69,14 +82,22 @@ def hf_compressed_greedy(model_dir: str, context: list[int], question: list[int]
         out = model(torch.tensor([context]), use_cache=True, output_attentions=True)
         cache = out.past_key_values
         for i, layer in enumerate(cache.layers):
-            keep = (snapkv_keep(out.attentions[i][0], kv_heads, n_keep) if policy == "snapkv"
-                    else streaming_keep(len(context), kv_heads, n_keep))
+            if policy == "pyramidkv":
+                budget = pyramid_budget(i, len(cache.layers), len(context), 1 - ratio)
+                keep = snapkv_keep(out.attentions[i][0], kv_heads, budget)
+            else:
+                keep = (snapkv_keep(out.attentions[i][0], kv_heads, n_keep) if policy == "snapkv"
+                        else streaming_keep(len(context), kv_heads, n_keep))
             kept.append(keep.sort(dim=-1).values)
             index = keep[None, :, :, None].expand(-1, -1, -1, layer.keys.shape[-1])
             layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        # Under per-layer budgets the layers' caches differ in length: one token at a time through SDPA, which
+        # needs no mask for a single query (eager attention would add layer 0's mask to every layer).
+        model.set_attn_implementation("sdpa")
         if question:
-            pos = torch.arange(len(context), len(context) + len(question))[None]
-            logits = model(torch.tensor([question]), cache=cache, position_ids=pos).logits
+            for j, token in enumerate(question):
+                pos = torch.tensor([[len(context) + j]])
+                logits = model(torch.tensor([[token]]), cache=cache, position_ids=pos).logits
         else:  # compressed after the whole prompt: its first token comes from the full prompt
             logits = out.logits
         tokens = [int(logits[0, -1].argmax())]
@@ -94,14 +115,14 @@ def recorded_compactions(llm: LLM) -> list:
     compact = runner.compact
 
     def record(compactions):
-        seen.extend(c.keep.clone() for c in compactions)
+        seen.extend([k.clone() for k in c.keep] if c.layered else c.keep.clone() for c in compactions)
         compact(compactions)
 
     runner.compact = record
     return seen
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "streaming_llm"])
+@pytest.mark.parametrize("policy", ["snapkv", "streaming_llm", "pyramidkv"])
 @pytest.mark.parametrize("chunk", [4096, 40])
 def test_kept_sets_and_tokens_equal_transformers_reference(model_dir, policy, chunk):
     """Our policy in kvpress's protocol keeps the same (layer, KV head, position) sets as the reference and
@@ -262,7 +283,7 @@ def test_protected_slots_survive_a_policys_forced_picks():
     from sharekv.kv.eviction import EvictionState, make_policy
 
     state = EvictionState(make_policy("h2o"), KVBudget(tokens=20))
-    state.observe(torch.rand(2, 2, 40), 1)
+    state.observe(torch.rand(2, 2, 40), None, 1)
     kept = state.keep(40, 20, 16, (2, 2))
     assert (kept[..., :16] == torch.arange(16)).all()
     assert (kept[..., 16:] >= 16).all() and kept.shape == (2, 2, 20)
@@ -308,5 +329,5 @@ def test_native_decode_kernel_returns_the_attention_mass():
         tables, starts, [1, 1, 1], bs, share_prefixes=False)), atol=1e-5)
     for o in observed:
         assert len(o.mass) == 1
-        torch.testing.assert_close(o.mass[0], attention.attention_mass(q, cache, o), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(o.mass[0], attention.attention_mass(q, cache, o)[0], atol=1e-6, rtol=1e-5)
         assert torch.allclose(o.mass[0].sum(-1), torch.ones(kv_heads))

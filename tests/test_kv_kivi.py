@@ -203,7 +203,7 @@ class KiviManagerMachine(KVManagerMachine):
         self.kv.pending_seals.clear()  # (the runner's copies)
         super()._compute(seq, n)
 
-    evict = None  # not a rule here
+    evict = evict_layered = None  # not rules here
 
     @rule(running=st.integers(1, 6))
     def share_tails(self, running):

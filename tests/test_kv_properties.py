@@ -15,12 +15,13 @@ from sharekv.sampling_params import SamplingParams
 from sharekv.sequence import Sequence
 
 BLOCK = 4
+LAYERS = 3  # of the layered evictions
 PARAMS = SamplingParams()
 
 
 class KVManagerMachine(RuleBasedStateMachine):
-    """Random interleavings of admit (with prefix-cache hits), compute, grow, evict and free of sequences
-    over a small token alphabet, so prefixes collide often."""
+    """Random interleavings of admit (with prefix-cache hits), compute, grow, evict (alike in every layer, or
+    with a budget per layer) and free of sequences over a small token alphabet, so prefixes collide often."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,16 +65,20 @@ class KVManagerMachine(RuleBasedStateMachine):
         if self.kv.allocate(seq, n):
             self._compute(seq, n)
 
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def evict(self, data):
-        """An eviction policy keeps some of a sequence's slots: shared leading blocks always among them."""
-        seq = data.draw(st.sampled_from(self.live))
+    def _shared_blocks(self, seq: Sequence) -> int:
         blocks = self.kv.pool.blocks
         shared = 0
         while shared < len(seq.block_table) and blocks[seq.block_table[shared]].ref_count > 1:
             shared += 1
-        protected = min(shared * BLOCK, seq.num_kv_slots)
+        return shared
+
+    @precondition(lambda self: any(seq.layer_slots is None for seq in self.live))
+    @rule(data=st.data())
+    def evict(self, data):
+        """An eviction policy keeps some of a sequence's slots: shared leading blocks always among them."""
+        seq = data.draw(st.sampled_from([seq for seq in self.live if seq.layer_slots is None]))
+        blocks = self.kv.pool.blocks
+        protected = min(self._shared_blocks(seq) * BLOCK, seq.num_kv_slots)
         if protected >= seq.num_kv_slots:
             return
         kept = data.draw(st.integers(protected, seq.num_kv_slots - 1))
@@ -89,6 +94,29 @@ class KVManagerMachine(RuleBasedStateMachine):
             assert blocks[block_id].key is None
         if target is not None:  # copied from: the old blocks keep what the index says they hold
             assert all(blocks[b].key == keys[b] for b in old[first // BLOCK:])
+
+    @precondition(lambda self: any(seq.layer_slots is None for seq in self.live))
+    @rule(data=st.data())
+    def evict_layered(self, data):
+        """An eviction with a budget per layer: each layer keeps its own number of slots (the shared leading
+        blocks among them), in layer-blocks of fresh blocks or of the sequence's own."""
+        seq = data.draw(st.sampled_from([seq for seq in self.live if seq.layer_slots is None]))
+        slots = seq.num_kv_slots
+        first = self._shared_blocks(seq) * BLOCK
+        if first >= slots:
+            return
+        kept = data.draw(st.lists(st.integers(first + 1, slots), min_size=LAYERS, max_size=LAYERS))
+        old = list(seq.block_table)
+        layer_map, target = self.kv.layered_compaction(seq, kept, first)
+        if target is not None and data.draw(st.booleans()):  # or as if the pool had had no room
+            for block_id in target[first // BLOCK:]:
+                self.kv.pool.release(self.kv.pool.blocks[block_id])
+            target = None
+        self.kv.evict_layered(seq, kept, first, target)
+        assert seq.block_table[:first // BLOCK] == old[:first // BLOCK]
+        assert len(seq.block_table) == layer_map.table_blocks(seq.num_computed_tokens)
+        assert len(seq.block_table) <= len(old)
+        assert seq.layer_slots.lengths == [k - first for k in kept]
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -109,6 +137,27 @@ class KVManagerMachine(RuleBasedStateMachine):
         written = Counter(b for seq in self.live for b in seq.block_table[seq.num_kv_slots // BLOCK:])
         for block_id, owners in written.items():  # a block still being written belongs to one sequence
             assert owners == 1, f"partial block {block_id} handed out twice"
+        for seq in self.live:
+            if seq.layer_slots is not None:
+                self._check_layer_map(seq)
+
+    def _check_layer_map(self, seq: Sequence) -> None:
+        """Each layer's layer-blocks hold its slots, lie in the sequence's own blocks, and no two layers
+        share one."""
+        m = seq.layer_slots
+        assert len(seq.block_table) == m.table_blocks(seq.num_computed_tokens)
+        for i, layer_blocks in enumerate(m.blocks):
+            assert len(layer_blocks) * BLOCK >= m.length(i, seq.num_computed_tokens) >= 0
+        handed = [k for layer_blocks in m.blocks for k in layer_blocks]
+        assert sorted(handed) == list(range(m.num_layer_blocks))
+        assert m.num_layer_blocks <= LAYERS * (len(seq.block_table) - m.shared_blocks)
+        n = self.kv.pool.num_blocks
+        tables = m.layer_tables(seq.block_table, n)
+        private = [x for i, table in enumerate(tables) for x in table[m.shared_blocks:]]
+        assert len(set(private)) == len(private)  # (part, block) pairs: one layer each
+        assert {x % n for x in private} <= set(seq.block_table[m.shared_blocks:])
+        for i, table in enumerate(tables):  # the shared blocks, in layer i's part
+            assert table[:m.shared_blocks] == [i * n + b for b in seq.block_table[:m.shared_blocks]]
 
     def teardown(self):
         for seq in self.live:

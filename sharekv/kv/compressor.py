@@ -105,14 +105,16 @@ class KVCompressor:
         end = state.prefill_end(seq.num_tokens)
         return max(end, min(self._kept(state, shared, end) + total - end, cap))
 
-    def plan(self, seq: Sequence, chunk: ScheduledChunk, mass: torch.Tensor | None) -> Compaction | None:
-        """After a step ran `chunk` of the sequence: record what its policy observed, and the compaction
-        due now, if any."""
+    def plan(self, seq: Sequence, chunk: ScheduledChunk, observed: tuple[torch.Tensor, torch.Tensor | None] | None
+             ) -> Compaction | None:
+        """After a step ran `chunk` of the sequence: record what its policy observed (the attention mass of
+        its observed queries and the sum of its squares, `StepResult.attention_mass`), and the compaction due
+        now, if any."""
         state = seq.eviction
         if state is None or seq.is_finished:
             return None
-        if mass is not None:
-            state.observe(mass, chunk.observe)
+        if observed is not None:
+            state.observe(*observed, chunk.observe)
         slots = seq.num_kv_slots
         protected = min(slots, self._shared_blocks(seq) * self.block_size)
         kept = min(slots, self._kept(state, protected, seq.num_computed_tokens))
@@ -123,18 +125,35 @@ class KVCompressor:
         else:
             return None
         compaction = None
-        if due and kept < slots:
+        layer_kept = self._layer_kept(state, slots, protected) if due and not state.policy.during_decode else None
+        if layer_kept is not None and len(set(layer_kept)) == 1:  # a layer-budget policy keeping alike
+            kept, layer_kept = layer_kept[0], None
+        if layer_kept is not None:
+            compaction = Compaction(list(seq.block_table), state.keep_layers(slots, layer_kept, protected, self.shape),
+                                    protected)
+            self._record(seq, compaction, slots * len(layer_kept) - sum(layer_kept))
+        elif due and kept < slots:
             keep = state.keep(slots, kept, protected, self.shape)
             unmoved = (keep == torch.arange(kept)).all(dim=0).all(dim=0)
             first = int(unmoved.long().cumprod(0).sum())
             compaction = Compaction(list(seq.block_table), keep, first)
-            if self.history is not None:
-                self.history.append((seq.request_id, keep))
-            self.num_compactions += 1
-            self.num_evicted_tokens += slots - kept
+            self._record(seq, compaction, (slots - kept) * self.shape[0])
         if not state.policy.observes_decode:
-            state.mass = None  # read once, after the prefill
+            state.mass = state.squares = None  # read once, after the prefill
         return compaction
+
+    def _layer_kept(self, state: EvictionState, slots: int, protected: int) -> list[int] | None:
+        """Slots each layer keeps under a policy with per-layer budgets (the protected ones among them), or
+        None: the policy keeps as many in every layer."""
+        budgets = state.policy.layer_budgets(state, slots - protected, self.shape[0])
+        return None if budgets is None else [min(slots, protected + max(1, b)) for b in budgets]
+
+    def _record(self, seq: Sequence, compaction: Compaction, evicted: int) -> None:
+        """Count a compaction; `evicted`: the (layer, slot) pairs it removes."""
+        if self.history is not None:
+            self.history.append((seq.request_id, compaction.keep))
+        self.num_compactions += 1
+        self.num_evicted_tokens += round(evicted / self.shape[0])
 
     def _shared_blocks(self, seq: Sequence) -> int:
         """Leading blocks of the sequence that another sequence or a pin also holds."""

@@ -16,12 +16,9 @@ import hashlib
 import sys
 from array import array
 
-from sharekv.kv.block_pool import Block, BlockKey, BlockPool
+from sharekv.kv.block_pool import Block, BlockKey, BlockPool, cdiv
+from sharekv.kv.layer_slots import LayerSlots
 from sharekv.sequence import Sequence
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVCacheManager:
@@ -95,7 +92,7 @@ class KVCacheManager:
         bs = self.block_size
         slots = seq.num_kv_slots + len(cached) * bs + num_new_tokens
         held = len(seq.block_table) + len(cached)
-        new = max(0, cdiv(slots, bs) - held)
+        new = max(0, seq.blocks_needed(len(cached) * bs + num_new_tokens, bs) - held)
         if self.tails is None:
             return [], new, 0
         window = max(0, cdiv(slots, bs) - self.window_blocks)  # blocks from here on stay in full precision
@@ -138,10 +135,12 @@ class KVCacheManager:
         for i in seals:
             self._seal(seq, i)
         held = len(seq.block_table)
-        needed = cdiv(seq.num_kv_slots + num_new_tokens, self.block_size)
+        needed = seq.blocks_needed(num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
             pool = self.tails if needed - len(seq.block_table) <= new_tails else self.pool
             seq.block_table.append(pool.allocate().block_id)
+        if seq.layer_slots is not None:
+            seq.layer_slots.grow(seq.num_computed_tokens + num_new_tokens)
         if held and needed - held > new_tails and self.is_tail(seq.block_table[held - 1]):
             self._orphan_tails[seq.seq_id] = held - 1
         return True
@@ -234,6 +233,41 @@ class KVCacheManager:
         seq.block_table[:] = target_table
         seq.num_evicted_tokens += seq.num_kv_slots - kept
         intact = first // bs
+        seq.kv_intact_blocks = intact if seq.kv_intact_blocks is None else min(intact, seq.kv_intact_blocks)
+
+    def layered_compaction(self, seq: Sequence, kept: list[int], first: int) -> tuple[LayerSlots, list[int] | None]:
+        """The map of an eviction that keeps kept[l] slots in layer l, the first `first` (whole blocks, shared
+        with others) as they are; and fresh blocks for the rest (copy-on-write), or None when the pool cannot
+        hold the copy (the kept KV then goes into the sequence's own blocks, which always suffice)."""
+        slots = self._layer_map(seq, kept, first)
+        needed = slots.table_blocks(seq.num_computed_tokens) - slots.shared_blocks
+        if needed > self.pool.num_free_blocks:
+            return slots, None
+        return slots, seq.block_table[:slots.shared_blocks] + [self.pool.allocate().block_id for _ in range(needed)]
+
+    def _layer_map(self, seq: Sequence, kept: list[int], first: int) -> LayerSlots:
+        return LayerSlots(len(kept), self.block_size, first // self.block_size, [k - first for k in kept],
+                          seq.num_computed_tokens)
+
+    def evict_layered(self, seq: Sequence, kept: list[int], first: int, target_table: list[int] | None) -> None:
+        """A layered eviction moved the sequence's kept KV into `target_table` (or its own blocks), as
+        `layered_compaction` mapped it: give back the blocks it no longer needs (rewritten ones leave the
+        prefix index first)."""
+        slots = self._layer_map(seq, kept, first)
+        blocks = self.pool.blocks
+        needed = slots.table_blocks(seq.num_computed_tokens)
+        if target_table is None:
+            for block_id in seq.block_table[slots.shared_blocks:needed]:
+                self.pool.unregister(blocks[block_id])
+            target_table, released = seq.block_table[:needed], seq.block_table[needed:]
+        else:
+            released = seq.block_table[slots.shared_blocks:]
+        for block_id in reversed(released):
+            self.pool.release(blocks[block_id])
+        seq.num_evicted_tokens += seq.num_kv_slots - slots.equivalent_slots(seq.num_computed_tokens)
+        seq.block_table[:] = target_table
+        seq.layer_slots = slots
+        intact = slots.shared_blocks
         seq.kv_intact_blocks = intact if seq.kv_intact_blocks is None else min(intact, seq.kv_intact_blocks)
 
     def pin_prefix(self, seq: Sequence, num_blocks: int) -> list[Block]:

@@ -57,12 +57,14 @@ class ObservedQueries:
     first: int  # offset of the first observed token among the step's tokens
     rows: int
     context_len: int  # slots of the sequence's KV after this step
-    block_ids: torch.Tensor  # blocks covering context_len slots
+    block_ids: torch.Tensor | None  # blocks covering context_len slots (set for each view of the pool)
     # a decode the native kernel observes as it attends: its row among the kernel's mass rows
     mass_row: int | None = None
     # per layer: [kv_heads, context_len], the attention each slot got, summed over the rows and averaged
-    # over the query heads of each KV head
+    # over the query heads of each KV head; and the same of its square (none from the native kernel, whose
+    # single row's square is its mass squared)
     mass: list[torch.Tensor] = field(default_factory=list)
+    squares: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +87,9 @@ class AttentionMetadata:
     observed: list[ObservedQueries] = field(default_factory=list)
     decode_mass_rows: torch.Tensor | None = None  # per paged-kernel row: its observed mass row, or -1
     kv_tokens_read: int = 0  # cache slots the step's attention reads (a shared prefix once for its group)
+    # Per layer, when a sequence of the step keeps per-layer budgets: each layer's own metadata over the
+    # pool's flat view (`KVCache.for_layer`); the fields above are then layer 0's.
+    layers: list[AttentionMetadata] | None = None
 
 
 def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
@@ -162,19 +167,24 @@ class PagedAttention:
             self._merge_shared_prefixes(q, cache, shared, out, lse)
         for observed in meta.observed:
             if observed.mass_row is None:
-                observed.mass.append(self.attention_mass(q, cache, observed))
+                mass, squares = self.attention_mass(q, cache, observed)
+                observed.mass.append(mass)
+                observed.squares.append(squares)
         return out
 
-    def attention_mass(self, q: torch.Tensor, cache: LayerKV | KiviLayerKV, observed: ObservedQueries) -> torch.Tensor:
-        """What each KV slot of a sequence got of its observed queries' attention: [kv_heads, context_len].
-        Computed apart from the step's attention, so sequences without an eviction policy pay nothing."""
+    def attention_mass(self, q: torch.Tensor, cache: LayerKV | KiviLayerKV, observed: ObservedQueries
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each KV slot of a sequence got of its observed queries' attention, and the sum of its squares
+        (for its variance over the queries): [kv_heads, context_len] each. Computed apart from the step's
+        attention, so sequences without an eviction policy pay nothing."""
         kvh, g, d, ctx, rows = self.num_kv_heads, self.group, self.head_dim, observed.context_len, observed.rows
         keys = cache.keys(observed.block_ids).view(-1, kvh, d)[:ctx].float()
         queries = q[observed.first:observed.first + rows].float().view(rows, kvh, g, d)
         scores = torch.einsum("rkgd,ckd->kgrc", queries, keys) * self.scale
         query_slots = torch.arange(ctx - rows, ctx, device=q.device)[:, None]
         scores.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > query_slots, float("-inf"))
-        return scores.softmax(dim=-1).sum(dim=2).mean(dim=1)
+        per_row = scores.softmax(dim=-1).mean(dim=1)  # [kv_heads, rows, context_len]
+        return per_row.sum(dim=1), per_row.square().sum(dim=1)
 
     def _window_mask(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """True where a key is hidden from a query: in the future, or outside the sliding window."""

@@ -19,7 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from sharekv.kv.quant import (
@@ -37,6 +39,9 @@ from sharekv.kv.quant import (
 )
 from sharekv.model.config import ModelConfig
 from sharekv.sched.output import Compaction
+
+if TYPE_CHECKING:
+    from sharekv.model.attention import AttentionMetadata
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
@@ -295,12 +300,30 @@ class KVCache:
                 scales = (None, None) if self.scales is None else (self.scales[i, 0], self.scales[i, 1])
                 tails = (None, None) if self.tail is None else (self.tail[i, 0], self.tail[i, 1])
                 self._layers.append(LayerKV(self.data[i, 0], self.data[i, 1], dtype, *scales, native, *tails, self))
+        # Every layer's blocks as one array, for steps whose sequences keep per-layer budgets: the keys of
+        # block b in layer l are row l * 2 * num_blocks + b (`flat_block_ids`), its values num_blocks rows on.
+        self._flat: LayerKV | None = None
+        if self.bits is None and self.tail is None:
+            flat = [t.view(layers * 2 * num_blocks, *t.shape[3:]) for t in (self.data, self.scales) if t is not None]
+            scales = (None, None) if len(flat) == 1 else (flat[1], flat[1][num_blocks:])
+            self._flat = LayerKV(flat[0], flat[0][num_blocks:], dtype, *scales, native, cache=self)
         self._parts = [(t, torch.empty((*t.shape[:dim], num_swap_slots, *t.shape[dim + 1:]), dtype=t.dtype,
                                        device="cpu", pin_memory=pinned), dim) for t, dim in parts]
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
 
     def layer(self, i: int) -> LayerKV:
         return self._layers[i]
+
+    def for_layer(self, i: int, meta: AttentionMetadata) -> tuple[LayerKV | KiviLayerKV, AttentionMetadata]:
+        """Layer i's view of the pool and its step metadata: the layer's own blocks, or, in a step with
+        per-layer metadata (`AttentionMetadata.layers`), every layer's blocks, addressed by flat ids."""
+        if meta.layers is None:
+            return self._layers[i], meta
+        return self._flat, meta.layers[i]
+
+    def flat_block_ids(self, layer_blocks: np.ndarray) -> np.ndarray:
+        """Rows of the flat view (`for_layer`) of layer-blocks named part * num_blocks + block."""
+        return layer_blocks + layer_blocks // self.num_blocks * self.num_blocks
 
     def writes_for(self, slots: torch.Tensor) -> TailWrites:
         """The write plan of a step's slot mapping over a pool with tails, made by the first layer and reused
@@ -347,19 +370,52 @@ class KVCache:
 
     def compact(self, compactions: list[Compaction]) -> None:
         """Move each sequence's kept KV (and scales) to the front of its slots, in its target blocks, per
-        layer and KV head, in one gather and one scatter per sequence and part (an eviction)."""
+        layer and KV head (an eviction): every move of the step in one gather, then one scatter, per part
+        (so a move in place never reads a slot another move has written)."""
         if self.bits is not None:
             raise NotImplementedError("KV eviction does not run on a KIVI (int4, int2) cache")
         layers, _, num_blocks, bs, kv_heads = self.data.shape[:5]
-        layer = torch.arange(layers, device=self.device)[:, None, None]
-        head = torch.arange(kv_heads, device=self.device)[None, :, None]
+        moves = [self._layered_moves(c) if c.layered else self._moves(c) for c in compactions]
+        source, target, head = (torch.cat([m[i].reshape(-1) for m in moves]) for i in range(3))
+        values = num_blocks * bs  # a slot's values lie this many rows after its keys
+        for pool, _, _ in self._parts:
+            flat = pool.view(layers * 2 * num_blocks * bs, *pool.shape[4:])
+            for offset in (0, values):
+                flat[target + offset, head] = flat[source + offset, head]
 
-        def slots(table: list[int], pos: torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(table, device=self.device)[pos // bs] * bs + pos % bs
+    def _slots(self, flat_blocks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat-view rows of the slots at `positions` of tables of flat block ids (gathered along the last
+        dimension)."""
+        bs = self.block_size
+        return flat_blocks.gather(-1, positions // bs) * bs + positions % bs
 
-        flats = [pool.view(layers, 2, num_blocks * bs, *pool.shape[4:]) for pool, _, _ in self._parts]
-        for c in compactions:
-            source = slots(c.block_table, c.keep[..., c.first:].to(self.device))
-            target = slots(c.target_table or c.block_table, torch.arange(c.first, c.kept, device=self.device))
-            for flat in flats:
-                flat[layer, :, target[None, None, :], head] = flat[layer, :, source, head]
+    def _layer_tables(self, table: list[int]) -> torch.Tensor:
+        """A table read by every layer, as flat block ids per layer: [layers, blocks]."""
+        ids = torch.as_tensor(table, device=self.device)
+        layers = torch.arange(self.data.shape[0], device=self.device)[:, None]
+        return ids[None, :] + layers * 2 * self.num_blocks
+
+    def _moves(self, c: Compaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat-view rows to move from and to, and their KV heads, [layers, kv_heads, moved] each, of a
+        compaction alike in every layer."""
+        layers, kv_heads = c.keep.shape[:2]
+        keep = c.keep[..., c.first:].to(self.device)
+        source = self._slots(self._layer_tables(c.block_table)[:, None, :].expand(-1, kv_heads, -1), keep)
+        positions = torch.arange(c.first, c.kept, device=self.device).expand(layers, kv_heads, -1)
+        target = self._slots(self._layer_tables(c.target_table or c.block_table)[:, None, :]
+                             .expand(-1, kv_heads, -1), positions)
+        return source, target, torch.arange(kv_heads, device=self.device)[:, None].expand_as(source)
+
+    def _layered_moves(self, c: Compaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same, flattened, of a compaction with a budget per layer: layer l's kept slots go to its
+        layer-blocks."""
+        old = self._layer_tables(c.block_table)
+        moves = []
+        for i, keep in enumerate(c.keep):
+            kv_heads, kept = keep.shape
+            source = self._slots(old[i].expand(kv_heads, -1), keep[:, c.first:].to(self.device))
+            blocks = torch.from_numpy(self.flat_block_ids(np.asarray(c.layer_targets[i]))).to(self.device)
+            positions = torch.arange(c.first, kept, device=self.device).expand(kv_heads, -1)
+            target = self._slots(blocks.expand(kv_heads, -1), positions)
+            moves.append((source, target, torch.arange(kv_heads, device=self.device)[:, None].expand_as(source)))
+        return tuple(torch.cat([m[i].reshape(-1) for m in moves]) for i in range(3))

@@ -95,7 +95,7 @@ class LlamaModel:
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = ops.rope(self.rotary, positions, q.view(n, c.num_heads, c.head_dim),
                             k.view(n, c.num_kv_heads, c.head_dim))
-            attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), kv_cache.layer(i), meta)
+            attn = self.attention(q, k, v.view(n, c.num_kv_heads, c.head_dim), *kv_cache.for_layer(i, meta))
             h, x = ops.add_rms_norm(h, layer.o_proj(attn), layer.post_norm, c.rms_norm_eps)
             mlp_out = layer.down(ops.silu_mul(layer.gate_up(x)))
         return ops.add_rms_norm(h, mlp_out, self.norm, c.rms_norm_eps)[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,12 +26,13 @@ class StepResult:
     """What a step returns. `logits`: rows of the chunks that reach their sequence's end (they sample a
     token), whose indices in `step.chunks` are `sampled`; then rows of the prompt positions the chunks ask
     for (`prompt_logits`), as spans (chunk index, first position, rows). `attention_mass`: per chunk that
-    observes queries, [layers, kv_heads, slots] (`ObservedQueries`)."""
+    observes queries, the attention mass [layers, kv_heads, slots] and the sum of its squares (None where
+    the native kernel observed one row) (`ObservedQueries`)."""
 
     logits: torch.Tensor
     sampled: list[int]
     prompt_spans: list[tuple[int, int, int]]
-    attention_mass: dict[int, torch.Tensor]
+    attention_mass: dict[int, tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def shared_block_prefixes(tables: np.ndarray, usable: np.ndarray) -> list[tuple[np.ndarray, int]]:
@@ -184,11 +186,9 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput) -> StepResult:
         """Run the step: the logits of the chunks that sample and of the prompt positions asked for, and the
         attention of the observed queries."""
-        bs = self.block_size
         chunks = step.chunks
         input_ids: list[int] = []
         positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
         logit_rows: list[int] = []
         sampled: list[int] = []
         prompt_rows: list[np.ndarray] = []
@@ -199,12 +199,8 @@ class ModelRunner:
             n = len(chunk.token_ids)
             input_ids.extend(chunk.token_ids)
             positions.append(np.arange(chunk.start, chunk.start + n))
-            kv_pos = np.arange(chunk.kv_start, chunk.kv_start + n)  # apart from positions after an eviction
-            slots.append(np.asarray(chunk.block_table)[kv_pos // bs] * bs + kv_pos % bs)
-            if chunk.observe:
-                end = chunk.kv_start + n
-                ids = torch.as_tensor(chunk.block_table[:-(-end // bs)], device=self.device)
-                observed[i] = ObservedQueries(offset + n - chunk.observe, chunk.observe, end, ids)
+            if chunk.observe:  # (its blocks are set per view of the pool, in _attention_metadata)
+                observed[i] = ObservedQueries(offset + n - chunk.observe, chunk.observe, chunk.kv_start + n, None)
             if chunk.prompt_logits is not None:
                 first, count = chunk.prompt_logits
                 prompt_rows.append(np.arange(offset + first - chunk.start, offset + first - chunk.start + count))
@@ -217,18 +213,15 @@ class ModelRunner:
         num_decodes = sum(1 for c in chunks if len(c.token_ids) == 1)
         kernel_observed = [i for i, o in observed.items() if o.rows == 1 and i < num_decodes
                            and self.model.attention.native is not None]
+        for row, i in enumerate(kernel_observed):
+            observed[i].mass_row = row
         kv_starts = [c.kv_start for c in chunks]
         counts = [len(c.token_ids) for c in chunks]
-        meta = step_metadata([c.block_table for c in chunks], kv_starts, counts, bs, self.share_prefixes, self.device,
-                             self.max_shared_chunk, kernel_observed)
-        meta.observed = list(observed.values())
-        if kernel_observed:
-            mass_rows = np.full(meta.decode_context_lens.numel(), -1, dtype=np.int64)
-            for row, i in enumerate(kernel_observed):
-                observed[i].mass_row = row
-                mass_rows[i] = row  # decodes come first among the kernel's rows
-            meta.decode_mass_rows = torch.from_numpy(mass_rows).to(self.device)
-        meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
+        if any(c.layer_tables is not None for c in chunks):
+            meta = self._layered_metadata(chunks, counts, observed, kernel_observed)
+        else:
+            meta = self._attention_metadata([c.block_table for c in chunks], kv_starts, counts, observed,
+                                            kernel_observed)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.from_numpy(np.concatenate(positions)).to(self.device)
         t0 = time.perf_counter()
@@ -242,7 +235,51 @@ class ModelRunner:
         if self.cost_log is not None:
             self.cost_log.add(step_cost(self.shapes, np.asarray(kv_starts), np.asarray(counts), len(logit_rows),
                                         meta.kv_tokens_read, self.model.config.sliding_window))
-        return StepResult(logits, sampled, prompt_spans, {i: torch.stack(o.mass) for i, o in observed.items()})
+        return StepResult(logits, sampled, prompt_spans, {i: (torch.stack(o.mass), torch.stack(o.squares) if o.squares
+                                                              else None) for i, o in observed.items()})
+
+    def _attention_metadata(self, tables: list, kv_starts: list[int], counts: list[int],
+                            observed: dict[int, ObservedQueries], kernel_observed: list[int]) -> AttentionMetadata:
+        """What the step's tokens attend to and where their KV goes, through `tables` (each chunk's blocks,
+        as the cache layer that reads them names them); sequence i's first token goes to slot kv_starts[i]."""
+        bs = self.block_size
+        meta = step_metadata(tables, kv_starts, counts, bs, self.share_prefixes, self.device, self.max_shared_chunk,
+                             kernel_observed)
+        slots = []
+        for table, start, n in zip(tables, kv_starts, counts, strict=True):
+            kv_pos = np.arange(start, start + n)  # apart from positions after an eviction
+            slots.append(np.asarray(table)[kv_pos // bs] * bs + kv_pos % bs)
+        meta.slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device)
+        meta.observed = [dataclasses.replace(o, block_ids=torch.as_tensor(tables[i][:-(-o.context_len // bs)],
+                                                                          device=self.device))
+                         for i, o in observed.items()]  # (each layer appends to the same lists of mass)
+        if kernel_observed:
+            mass_rows = np.full(meta.decode_context_lens.numel(), -1, dtype=np.int64)
+            for row, i in enumerate(kernel_observed):
+                mass_rows[i] = row  # decodes come first among the kernel's rows
+            meta.decode_mass_rows = torch.from_numpy(mass_rows).to(self.device)
+        return meta
+
+    def _layered_metadata(self, chunks: list, counts: list[int], observed: dict[int, ObservedQueries],
+                          kernel_observed: list[int]) -> AttentionMetadata:
+        """A step with sequences that keep per-layer budgets: metadata for each layer, over every layer's
+        blocks as one array (`KVCache.for_layer`), whose rows the chunks' layer-blocks name."""
+        num_blocks = self.kv_cache.num_blocks
+        views = []
+        for layer in range(self.model.config.num_layers):
+            tables, starts = [], []
+            for c in chunks:
+                if c.layer_tables is None:
+                    tables.append(np.asarray(c.block_table) + layer * num_blocks)
+                    starts.append(c.kv_start)
+                else:
+                    tables.append(np.asarray(c.layer_tables[layer]))
+                    starts.append(c.layer_kv_starts[layer])
+            tables = [self.kv_cache.flat_block_ids(t) for t in tables]
+            views.append(self._attention_metadata(tables, starts, counts, observed, kernel_observed))
+        meta = dataclasses.replace(views[0], layers=views)
+        meta.kv_tokens_read = round(sum(v.kv_tokens_read for v in views) / len(views))
+        return meta
 
     def compact(self, compactions: list[Compaction]) -> None:
         self.kv_cache.compact(compactions)

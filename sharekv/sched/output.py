@@ -28,6 +28,11 @@ class ScheduledChunk:
     # Observe the attention of the chunk's last `observe` queries over all of its KV (an eviction policy's
     # input): the runner returns it per layer and KV head.
     observe: int = 0
+    # After an eviction with per-layer budgets (`kv/layer_slots.py`): per layer, the layer-blocks holding its
+    # slots (part * num_blocks + block) and the slot of token_ids[0]; block_table and kv_start then apply to
+    # no layer.
+    layer_tables: list[list[int]] | None = None
+    layer_kv_starts: list[int] | None = None
 
     @property
     def end(self) -> int:
@@ -45,16 +50,29 @@ class Compaction:
     layer l and KV head h, for every i >= first. The slots are read through `block_table` and written
     through `target_table`: fresh blocks after the first `first // block_size` (copy-on-write, so no
     block another request may find in the prefix cache is ever rewritten), or the same table (in place,
-    when the pool has no room for the copy)."""
+    when the pool has no room for the copy).
+
+    With per-layer budgets, `keep` is a list with each layer's [kv_heads, kept] and each layer's slots are
+    written through its own layer-blocks, `layer_targets` (see `ScheduledChunk.layer_tables`)."""
 
     block_table: list[int]
-    keep: torch.Tensor  # [layers, kv_heads, kept], ascending
+    keep: torch.Tensor | list[torch.Tensor]  # [layers, kv_heads, kept] (per layer if layered), ascending
     first: int  # slots before it are already where they belong
     target_table: list[int] | None = None  # None: block_table (in place)
+    layer_targets: list[list[int]] | None = None
+
+    @property
+    def layered(self) -> bool:
+        return isinstance(self.keep, list)
 
     @property
     def kept(self) -> int:
         return self.keep.shape[-1]
+
+    @property
+    def layer_kept(self) -> list[int]:
+        """Slots each layer keeps."""
+        return [k.shape[-1] for k in self.keep]
 
 
 @dataclass

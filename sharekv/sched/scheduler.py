@@ -21,9 +21,9 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sharekv.kv.block_pool import Block
+from sharekv.kv.block_pool import Block, cdiv
 from sharekv.kv.compressor import KVCompressor
-from sharekv.kv.manager import KVCacheManager, cdiv
+from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
 from sharekv.sched.output import Compaction, ScheduledChunk, SchedulerOutput
 from sharekv.sched.policy import Policy
@@ -199,8 +199,11 @@ class Scheduler:
             if last > first:
                 prompt_logits = (first, last - first)
         observe = self.compressor.observed_rows(seq, start, n) if self.compressor is not None else 0
+        layers = seq.layer_slots
         return ScheduledChunk(seq.seq_id, seq.token_ids[start:end], start, seq.block_table, end == seq.num_tokens,
-                              prompt_logits, seq.num_evicted_tokens, observe)
+                              prompt_logits, seq.num_evicted_tokens, observe,
+                              layers and layers.layer_tables(seq.block_table, self.kv.pool.num_blocks),
+                              layers and layers.kv_starts(start))
 
     def _grant(self, budget: _Budget, seq: Sequence, start: int) -> int:
         """How many of the sequence's tokens from `start` run now. With an eviction policy, a prefill stops
@@ -224,7 +227,12 @@ class Scheduler:
 
     def prepare_eviction(self, seq: Sequence, compaction: Compaction) -> None:
         """Give an eviction fresh blocks to write the kept KV into, when the pool has room (copy-on-write
-        from the first block that changes)."""
+        from the first block that changes). A layered eviction gets the map of its layer-blocks too."""
+        if compaction.layered:
+            slots, compaction.target_table = self.kv.layered_compaction(seq, compaction.layer_kept, compaction.first)
+            compaction.layer_targets = slots.layer_tables(compaction.target_table or seq.block_table,
+                                                          self.kv.pool.num_blocks)
+            return
         target = self.kv.compaction_target(seq, compaction.kept, compaction.first)
         if target is not None:
             compaction.first -= compaction.first % self.kv.block_size  # whole blocks are copied
@@ -232,7 +240,10 @@ class Scheduler:
 
     def evict(self, seq: Sequence, compaction: Compaction) -> None:
         """The runner moved the kept KV of a sequence (an eviction): free what it no longer needs."""
-        self.kv.evict(seq, compaction.kept, compaction.first, compaction.target_table)
+        if compaction.layered:
+            self.kv.evict_layered(seq, compaction.layer_kept, compaction.first, compaction.target_table)
+        else:
+            self.kv.evict(seq, compaction.kept, compaction.first, compaction.target_table)
 
     def _fill(self, out: SchedulerOutput, scheduled: list[tuple[Sequence, int]]) -> None:
         """Running sequences, then (unless keeping them running needed a preemption) waiting ones."""
@@ -346,7 +357,10 @@ class Scheduler:
 
     def _swap_saves_work(self, seq: Sequence) -> bool:
         """Recompute only when other sequences hold nearly all of this one's blocks (they stay on the
-        device, so recomputing is mostly prefix-cache hits); otherwise copying out and back is cheaper."""
+        device, so recomputing is mostly prefix-cache hits); otherwise copying out and back is cheaper. A
+        sequence with per-layer budgets is recomputed: its policy runs again at the recompute's end."""
+        if seq.layer_slots is not None:
+            return False
         held_by_others = 0
         for block_id in seq.block_table:
             if self.kv.block(block_id).ref_count < 2:
