@@ -155,7 +155,7 @@ def test_bench_kv_fidelity(tmp_path):
                  "--output", str(out)]) == 0
     result = _result(out)
     runs = result["teacher_forced"]["runs"]
-    assert set(runs) == {"streaming_llm@0.5", "snapkv@0.5", "h2o@0.5"}
+    assert set(runs) == {f"{p}@0.5" for p in ("streaming_llm", "snapkv", "h2o", "pyramidkv", "cake")}
     assert result["teacher_forced"]["positions"] > 200
     for fid in runs.values():  # compressed: close to the full cache, not equal to it
         assert 0.3 < fid["top1_agreement"] < 1.0 and fid["mean_kl"] > 0
@@ -175,7 +175,7 @@ def test_bench_kv_fidelity(tmp_path):
     assert batch["none"]["evicted_tokens"] == 0
     assert batch["int8 KV"]["pool_tokens"] > 3 * batch["none"]["pool_tokens"]
     assert batch["int4 KV"]["pool_tokens"] > batch["int8 KV"]["pool_tokens"] / 2  # (the tails take up to half)
-    for name in ("streaming_llm", "snapkv", "h2o"):
+    for name in ("streaming_llm", "snapkv", "h2o", "pyramidkv", "cake"):
         assert batch[name]["evicted_tokens"] > 0 and batch[name]["compactions"] >= result["memory_bound"]["requests"]
 
 

@@ -214,13 +214,14 @@ def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Need
 
 def _kvpress_part(args: EngineArgs, needles: list[Needle], kvpress_python: str, ratio: float = 0.5,
                   max_new_tokens: int = 16) -> dict:
-    """Our snapkv and streaming_llm beside kvpress's presses on the same token ids, in kvpress's protocol:
-    kept (layer, KV head, position) sets, the question's log-probabilities, the greedy answers."""
+    """Our snapkv, streaming_llm and pyramidkv beside kvpress's presses on the same token ids, in kvpress's
+    protocol: kept (layer, KV head, position) sets, the question's log-probabilities, the greedy answers."""
     cases = needles[DEPTHS.index(0.5)::len(DEPTHS)]  # each fact in the middle of the document
-    presses = [{"name": "none"},
-               {"name": "snapkv", "compression_ratio": 1 - ratio, "window_size": args.kv_eviction_window,
-                "kernel_size": args.kv_eviction_kernel},
-               {"name": "streaming_llm", "compression_ratio": 1 - ratio, "n_sink": args.kv_eviction_sinks}]
+    snap = {"compression_ratio": 1 - ratio, "window_size": args.kv_eviction_window,
+            "kernel_size": args.kv_eviction_kernel}
+    presses = [{"name": "none"}, {"name": "snapkv"} | snap,
+               {"name": "streaming_llm", "compression_ratio": 1 - ratio, "n_sink": args.kv_eviction_sinks},
+               {"name": "pyramidkv"} | snap]
     llm = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False})
     with tempfile.TemporaryDirectory() as tmp:
         workload, result_path = os.path.join(tmp, "workload.json"), os.path.join(tmp, "result.json")
@@ -246,7 +247,7 @@ def _kvpress_part(args: EngineArgs, needles: list[Needle], kvpress_python: str, 
             kept = compressor.history[0][1] if eviction else None
             for layer, heads in enumerate(run["kept"] or []):
                 for head, positions in enumerate(heads):
-                    mine = set(kept[layer, head].tolist())
+                    mine = set(kept[layer][head].tolist())
                     equal_sets += mine == set(positions)
                     differing += len(mine ^ set(positions)) // 2
                     total_sets += 1

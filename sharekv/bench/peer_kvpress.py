@@ -5,9 +5,10 @@ Runs under the Python of a separate venv that has kvpress (it never imports shar
 transformers than sharekv's):
     KVPRESS_PYTHON peer_kvpress.py WORKLOAD.json RESULT.json
 The workload holds {"model" (an HF directory or a .gguf file), "presses": [{"name": "snapkv" |
-"streaming_llm" | "none", "compression_ratio", and the press's settings}], "cases": [{"context": ids, "question":
-ids}], "max_new_tokens"}. The result holds, per press and case, the kept (layer, KV head) positions
-(recovered by matching the compressed cache's keys to the full cache's) and the greedy answer's token ids;
+"streaming_llm" | "pyramidkv" | "none", "compression_ratio", and the press's settings}], "cases":
+[{"context": ids, "question": ids}], "max_new_tokens"}. The result holds, per press and case, the kept
+(layer, KV head) positions (recovered by matching the compressed cache's keys to the full cache's) and the
+greedy answer's token ids;
 RESULT.pt holds the question's log-probabilities (rows for its positions but the last) per press and case.
 `sharekv bench kv-fidelity --kvpress-python PATH` writes the workload, runs this, and reads the result.
 """
@@ -32,11 +33,11 @@ def load_model(path: str):
 
 def press_context(spec: dict, model):
     """The press's hooks on the model while the context is prefilled ("none": the full cache)."""
-    from kvpress import SnapKVPress, StreamingLLMPress
+    from kvpress import PyramidKVPress, SnapKVPress, StreamingLLMPress
 
     if spec["name"] == "none":
         return contextlib.nullcontext()
-    kinds = {"snapkv": SnapKVPress, "streaming_llm": StreamingLLMPress}
+    kinds = {"snapkv": SnapKVPress, "streaming_llm": StreamingLLMPress, "pyramidkv": PyramidKVPress}
     settings = {k: v for k, v in spec.items() if k != "name"}
     return kinds[spec["name"]](**settings)(model)
 
@@ -77,7 +78,13 @@ def main(workload_path: str, result_path: str) -> None:
                 compressed = [layer.keys[0].clone() for layer in cache.layers]
                 n = context.shape[1]
                 pos = torch.arange(n, n + question.shape[1])[None]
-                logits = model(input_ids=question, past_key_values=cache, position_ids=pos).logits[0].float()
+                if len({layer.keys.shape[2] for layer in cache.layers}) == 1:
+                    logits = model(input_ids=question, past_key_values=cache, position_ids=pos).logits[0].float()
+                else:  # per-layer budgets: transformers makes one mask for every layer (its issue #35168), so
+                    # the question goes a token at a time, whose single query needs none
+                    logits = torch.cat([model(input_ids=question[:, i:i + 1], past_key_values=cache,
+                                              position_ids=pos[:, i:i + 1]).logits[0].float()
+                                        for i in range(question.shape[1])])
                 tokens = [int(logits[-1].argmax())]
                 for i in range(work["max_new_tokens"] - 1):
                     step = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
