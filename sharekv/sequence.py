@@ -79,9 +79,7 @@ class Sequence:
     @property
     def num_kv_slots(self) -> int:
         """Cache slots its KV fills (the computed tokens, less those evicted; with per-layer budgets, the
-        slots of a plain table holding as much)."""
-        if self.layer_slots is not None:
-            return self.layer_slots.equivalent_slots(self.num_computed_tokens)
+        slots of a plain table holding as much, `LayerSlots.equivalent_slots`)."""
         return self.num_computed_tokens - self.num_evicted_tokens
 
     def blocks_needed(self, num_new_tokens: int, block_size: int) -> int:

@@ -95,16 +95,24 @@ def test_sequences_beside_layered_ones_are_unchanged(model_dir, native):
     assert_engine_clean(engine)
 
 
-def test_layered_sequences_recompute_when_preempted(model_dir):
-    """A layered sequence preempted is recomputed (its policy runs again at the recompute's end), never
-    swapped; every block and swap slot comes back."""
+def test_preempted_layered_sequences_resume_as_they_were(model_dir):
+    """Swapped out and back, a layered sequence's blocks land in new places and its layer-blocks with them:
+    the tokens equal an unpreempted run. Preempted by recompute, its policy runs again. Nothing leaks."""
     prompts = [prompt(150 + i, 64) for i in range(6)]
-    llm = make_llm(model_dir, kv_cache_memory="128KiB", swap_space="8MiB", enable_prefix_caching=False,
-                   schedule="fcfs")
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], layered("pyramidkv", 60))
-    assert llm.engine.scheduler.num_preemptions > 0
+    params = layered("pyramidkv", 60)
+    roomy = make_llm(model_dir).generate([{"prompt_token_ids": p} for p in prompts], params)
+    tight = make_llm(model_dir, kv_cache_memory="128KiB", swap_space="8MiB", enable_prefix_caching=False,
+                     schedule="fcfs")
+    outs = tight.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert tight.engine.scheduler.num_swapped_out > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
+    assert_engine_clean(tight.engine)
+    recompute = make_llm(model_dir, kv_cache_memory="128KiB", swap_space="0", enable_prefix_caching=False,
+                         schedule="fcfs")
+    outs = recompute.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert recompute.engine.scheduler.num_preemptions > 0
     assert all(len(o.outputs[0].token_ids) == 60 for o in outs)
-    assert_engine_clean(llm.engine)
+    assert_engine_clean(recompute.engine)
 
 
 def test_layered_eviction_on_an_int8_cache(model_dir):

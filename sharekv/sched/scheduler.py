@@ -300,7 +300,7 @@ class Scheduler:
         if self.compressor is not None and seq.eviction is not None:
             cached = cached[:self.compressor.cacheable_blocks(seq)]
         if seq.swap_slots is not None:
-            host = seq.swap_slots[len(cached):cdiv(seq.num_swapped_tokens, bs)]
+            host = seq.swap_slots[len(cached):]
             restored = max(len(cached) * bs, seq.num_swapped_tokens + seq.num_evicted_tokens)
         else:
             host = []
@@ -357,23 +357,20 @@ class Scheduler:
 
     def _swap_saves_work(self, seq: Sequence) -> bool:
         """Recompute only when other sequences hold nearly all of this one's blocks (they stay on the
-        device, so recomputing is mostly prefix-cache hits); otherwise copying out and back is cheaper. A
-        sequence with per-layer budgets is recomputed: its policy runs again at the recompute's end."""
-        if seq.layer_slots is not None:
-            return False
+        device, so recomputing is mostly prefix-cache hits); otherwise copying out and back is cheaper."""
         held_by_others = 0
         for block_id in seq.block_table:
             if self.kv.block(block_id).ref_count < 2:
                 break
             held_by_others += 1
-        return (cdiv(seq.num_kv_slots, self.kv.block_size) - held_by_others) > 1
+        return seq.blocks_needed(0, self.kv.block_size) - held_by_others > 1
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         slots = None
         # a full-precision tail (a KIVI cache) stays behind: its tokens are recomputed on resume
         blocks = [b for b in seq.block_table if not self.kv.is_tail(b)]
         if blocks and seq.num_computed_tokens and self._swap_saves_work(seq):
-            slots = self.swap.take(min(len(blocks), cdiv(seq.num_kv_slots, self.kv.block_size)))
+            slots = self.swap.take(min(len(blocks), seq.blocks_needed(0, self.kv.block_size)))
         if slots is not None:  # the KV goes out as it is, evicted or not
             out.swap_out.extend(zip(blocks, slots, strict=False))
             seq.swap_slots = slots
