@@ -82,7 +82,7 @@ def engine_for_job(args: EngineArgs, input_path: str) -> LLMEngine:
                       checkpoint.config.max_position_embeddings)
         tokens = job_kv_tokens(input_path, checkpoint, context, args.block_size)
         job_bytes = kv_bytes_for_tokens(checkpoint.config, args.block_size, DTYPES[args.dtype], tokens,
-                                        args.kv_cache_dtype)
+                                        args.kv_cache_dtype, args.kv_group_size)
         args = dataclasses.replace(args, kv_cache_memory=str(min(args.kv_cache_bytes(), job_bytes)))
     return LLMEngine(args, checkpoint)
 

@@ -71,7 +71,11 @@ class EngineArgs:
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "how the KV pool stores keys and values: auto (the model's dtype) | int8 (a one-byte scale "
                 "per token and KV head; 3.9x the tokens of fp32) | int4 | int2 (KIVI: keys per channel over "
-                "a block, values per token in groups of 32; each sequence's unfilled block in full precision)"})
+                "a block, values per token in groups of --kv-group-size; each sequence's unfilled block in "
+                "full precision)"})
+    kv_group_size: int = field(default=32, metadata={
+        "help": "int4 and int2: channels of a value that share a scale and minimum (KIVI's group size; a key "
+                "channel's are shared over a block, --block-size). Larger groups hold more tokens, less exactly"})
     kv_residual: int | None = field(default=None, metadata={
         "help": "quantized KV: the most recent tokens of each sequence kept in the model's dtype (KIVI's "
                 "residual window), in whole blocks (default: 128 for int4 and int2, at least a block; 0 for int8)"})
@@ -117,6 +121,12 @@ class EngineArgs:
             return parse_bytes(self.kv_cache_memory)
         return min(int(available_memory_bytes() * 0.4), 8 * 2**30)
 
+    def kv_format(self) -> str:
+        """What the pool stores, as prefix-cache keys name it (a KIVI format with its group size)."""
+        if self.kv_cache_dtype in KIVI_BITS:
+            return f"{self.kv_cache_dtype}/g{self.kv_group_size}"
+        return self.kv_cache_dtype
+
     def residual_blocks(self) -> int:
         """Blocks of each sequence's newest KV kept in the model's dtype beside a quantized pool (0: none)."""
         if self.kv_cache_dtype in KIVI_BITS:  # a block is quantized only once full: at least one
@@ -139,6 +149,8 @@ class EngineArgs:
         if self.kv_eviction not in (None, "none") and self.residual_blocks():
             raise ValueError(f"--kv-eviction does not run on a KV cache with a residual window ({self.kv_cache_dtype}) "
                              "yet; use --kv-cache-dtype int8 (without --kv-residual) or auto")
+        if self.kv_group_size < 1 or self.kv_group_size & (self.kv_group_size - 1):
+            raise ValueError(f"kv_group_size must be a positive power of two, got {self.kv_group_size}")
         if self.kv_residual is not None and (self.kv_residual < 0 or self.kv_cache_dtype == "auto"):
             raise ValueError("kv_residual must be >= 0, and applies to a quantized KV cache (--kv-cache-dtype)")
         if self.kv_eviction_window < 1 or self.kv_eviction_kernel < 1 or self.kv_eviction_sinks < 0:

@@ -86,8 +86,8 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         dtype = DTYPES[args.dtype]
         device = torch.device(args.device)
-        check_kv_format(config.head_dim, args.kv_cache_dtype)
-        per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype)
+        check_kv_format(config.head_dim, args.kv_cache_dtype, args.kv_group_size)
+        per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype, args.kv_group_size)
         residual_blocks, kivi = args.residual_blocks(), kivi_bits(args.kv_cache_dtype) is not None
         num_blocks, num_tail_blocks, max_num_seqs = kv_pool_blocks(
             args.kv_cache_bytes(), per_block, args.max_num_seqs,
@@ -104,9 +104,9 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
         num_swap_slots = parse_bytes(args.swap_space) // per_block
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots,
-                                  args.kv_cache_dtype, num_tail_blocks)
+                                  args.kv_cache_dtype, num_tail_blocks, args.kv_group_size)
         # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
-        namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_cache_dtype}|{args.block_size}"
+        namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_format()}|{args.block_size}"
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace, num_tail_blocks,
                                  residual_blocks, min_window_blocks=int(kivi))
         self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),

@@ -20,6 +20,7 @@ from sharekv.config import EngineArgs
 from sharekv.engine import kv_pool_blocks
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import (
+    check_kv_format,
     dequantize_kivi_keys,
     dequantize_kivi_values,
     kv_bytes_per_head_block,
@@ -77,19 +78,26 @@ def test_keys_per_channel_values_per_token():
     assert err[..., 5].max() > 10 * err[..., :5].max() and err[..., :5].max() < 0.3
     x = torch.randn(1, 16, 2, 64)
     x[:, 3] *= 100  # an outlier value token
-    packed, params = quantize_kivi_values(x, 4)
+    packed, params = quantize_kivi_values(x, 4, groups=2)
     err = (dequantize_kivi_values(packed, params, 4, torch.float32) - x).abs()
     assert err[:, 3].max() > 10 * err[:, 4:].max() and err[:, 4:].max() < 0.3
 
 
 def test_capacity_of_the_formats():
     """Tokens per byte against fp32 for a 64-dim head: int4 5.8x at 16-token blocks and 6.7x at 64 (the
-    keys' per-channel params are amortised over the block), int2 9.1x and 11.6x."""
-    def ratio(bs: int, fmt: str) -> float:
-        return kv_bytes_per_head_block(64, bs, torch.float32, "auto") / kv_bytes_per_head_block(64, bs, torch.float32,
-                                                                                                 fmt)
+    keys' per-channel params are amortised over the block), 7.1x with value groups of 64; int2 9.1x and
+    11.6x. A value group that does not divide the head is refused."""
+    def ratio(bs: int, fmt: str, group: int = 32) -> float:
+        return (kv_bytes_per_head_block(64, bs, torch.float32, "auto")
+                / kv_bytes_per_head_block(64, bs, torch.float32, fmt, group))
     assert ratio(16, "int4") == pytest.approx(8192 / 1408) and ratio(64, "int4") == pytest.approx(32768 / 4864)
+    assert ratio(64, "int4", 64) == pytest.approx(32768 / 4608) and 32768 / 4608 > 7
     assert ratio(16, "int2") == pytest.approx(8192 / 896) and ratio(64, "int2") == pytest.approx(32768 / 2816)
+    check_kv_format(96, "int4", 32)
+    with pytest.raises(ValueError, match="--kv-group-size 64"):
+        check_kv_format(96, "int4", 64)
+    with pytest.raises(ValueError, match="power of two"):
+        EngineArgs(kv_cache_dtype="int4", kv_group_size=48).validate()
 
 
 def _kivi_cache(num_blocks: int = 6, tails: int = 3, bs: int = 4, fmt: str = "int4") -> KVCache:
@@ -110,7 +118,7 @@ def test_whole_blocks_tails_and_seals_read_back(fmt):
     ids = torch.tensor([2, 0, 7])
     keys, values = layer.keys(ids).view(-1, 2, 16), layer.values(ids).view(-1, 2, 16)
     expected_k = dequantize_kivi_keys(*quantize_kivi_keys(k[:8].view(2, 4, 2, 16), bits), bits, torch.float32)
-    expected_v = dequantize_kivi_values(*quantize_kivi_values(v[:8], bits), bits, torch.float32)
+    expected_v = dequantize_kivi_values(*quantize_kivi_values(v[:8], bits, groups=1), bits, torch.float32)
     assert torch.equal(keys[:8], expected_k.view(8, 2, 16)) and torch.equal(values[:8], expected_v)
     assert torch.equal(keys[8:11], k[8:]) and torch.equal(values[8:11], v[8:])
     assert stored_k is k and stored_v is v  # a chunk attends to its own tokens in full precision (KIVI)
@@ -144,8 +152,9 @@ def test_a_partly_written_block_keeps_its_other_slots():
 @pytest.mark.parametrize("seed", range(2))
 def test_attention_over_kivi_equals_attention_over_what_it_reads(fmt, native, seed):
     """Decode rows, prefix groups and prefill chunks (the native kernels or the torch paths) over a KIVI
-    cache, or an int8 one with a residual window, whose tables end in tail blocks equal attention over an
-    fp32 cache holding exactly what the quantized cache reads, block for block."""
+    cache (value groups of a whole 64-dim head, or of 16 channels in a 32-dim one), or an int8 one with a
+    residual window, whose tables end in tail blocks equal attention over an fp32 cache holding exactly
+    what the quantized cache reads, block for block."""
     heads, bs = 8, 16
     kv_heads, dim = 2, [64, 32][seed]  # (the test config has two KV heads)
     tables, starts, counts, k_cache, v_cache, _, _ = _mixed_step(seed, kv_heads, dim, bs)
@@ -155,7 +164,8 @@ def test_attention_over_kivi_equals_attention_over_what_it_reads(fmt, native, se
     tails = {b: num_blocks + i for i, b in enumerate(b for b, n in last.items() if n == 1)}
     tables = [t[:-1] + [tails.get(t[-1], t[-1])] for t in tables]
     config = _config(num_layers=1, num_heads=heads, head_dim=dim)
-    cache = KVCache(config, num_blocks, bs, torch.float32, fmt, num_tail_blocks=len(tails))
+    cache = KVCache(config, num_blocks, bs, torch.float32, fmt, num_tail_blocks=len(tails),
+                    value_group_size=[64, 16][seed])
     layer = cache.layer(0)
     ids = torch.tensor([tails.get(b, b) for b in range(num_blocks)])
     slots = (ids[:, None] * bs + torch.arange(bs)).flatten()

@@ -22,6 +22,7 @@ middle budget, and each quantized format, against neither.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -30,12 +31,13 @@ import tempfile
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from sharekv.bench.quality import HELD_TEXTS, TeacherForced, compare, greedy_agreement, held_text, teacher_forced
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.config import EngineArgs
 from sharekv.kv.eviction import POLICIES
-from sharekv.kv.quant import KV_FORMATS, QUANTIZED_KV_CACHE_DTYPES
+from sharekv.kv.quant import KIVI_BITS, KV_FORMATS, QUANTIZED_KV_CACHE_DTYPES
 from sharekv.llm import LLM
 from sharekv.model.config import ModelConfig
 from sharekv.model.kv_cache import kv_bytes_for_tokens, kv_bytes_per_block
@@ -103,9 +105,8 @@ def _teacher_forced_part(llm: LLM, texts: list[list[int]], contexts: list[int], 
 
     reference = run(None, 1.0)
     results = {}
-    for policy in POLICIES:
-        for budget in budgets:
-            results[f"{policy}@{budget}"] = dataclasses.asdict(compare(reference, run(policy, budget)))
+    for policy, budget in tqdm(list(itertools.product(POLICIES, budgets)), desc="teacher-forced", unit="run"):
+        results[f"{policy}@{budget}"] = dataclasses.asdict(compare(reference, run(policy, budget)))
     return {"positions": sum(len(r.logprobs) for r in reference), "runs": results}
 
 
@@ -128,34 +129,37 @@ def _accuracy(full: list[bool], candidate: list[bool]) -> float | None:
 def _needle_part(llm: LLM, needles: list[Needle], budgets: list[float]) -> dict:
     full = _needle_answers(llm, needles)
     results = {}
-    for policy in POLICIES:
-        for budget in budgets:
-            results[f"{policy}@{budget}"] = _accuracy(full, _needle_answers(llm, needles, policy, budget))
+    for policy, budget in tqdm(list(itertools.product(POLICIES, budgets)), desc="needles", unit="run"):
+        results[f"{policy}@{budget}"] = _accuracy(full, _needle_answers(llm, needles, policy, budget))
     return {"needles": len(needles), "full_cache_correct": sum(full), "full_cache_answers": full,
             "context_tokens_mean": sum(len(n.context) for n in needles) / len(needles), "accuracy": results}
 
 
 def format_settings(name: str) -> dict:
-    """A KV format to measure, `DTYPE` or `DTYPE@RESIDUAL` (int8@128: int8 with a 128-token residual window),
-    as engine settings."""
-    dtype, _, residual = name.partition("@")
-    if dtype not in QUANTIZED_KV_CACHE_DTYPES or (residual and not residual.isdigit()):
+    """A KV format to measure, `DTYPE[@RESIDUAL][/gGROUP]` (int8@128: int8 with a 128-token residual window;
+    int4/g64: int4 with value groups of 64 channels), as engine settings."""
+    spec, _, group = name.partition("/g")
+    dtype, _, residual = spec.partition("@")
+    if dtype not in QUANTIZED_KV_CACHE_DTYPES or not all(x.isdigit() for x in (residual, group) if x):
         raise ValueError(f"a KV format is one of {', '.join(QUANTIZED_KV_CACHE_DTYPES)}, optionally @TOKENS of "
-                         f"residual window, got {name!r}")
-    return {"kv_cache_dtype": dtype} | ({"kv_residual": int(residual)} if residual else {})
+                         f"residual window and /gCHANNELS of value group, got {name!r}")
+    return ({"kv_cache_dtype": dtype} | ({"kv_residual": int(residual)} if residual else {})
+            | ({"kv_group_size": int(group)} if group else {}))
 
 
 def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[int]], reference: list[TeacherForced],
                        needles: list[Needle], full_answers: list[bool], kv_cache_dtypes: tuple[str, ...]) -> dict:
     """Each quantized format on the whole cache against the reference run (the engine's own KV format, the
     model's dtype by default): every teacher-forced position, the needles, and the pool's tokens per GiB."""
-    def tokens_per_gib(kv_cache_dtype: str) -> float:
-        return 2**30 / kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype], kv_cache_dtype) * args.block_size
+    def tokens_per_gib(kv_cache_dtype: str, group: int = args.kv_group_size) -> float:
+        block = kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype], kv_cache_dtype, group)
+        return 2**30 / block * args.block_size
 
     results = {}
-    for name in kv_cache_dtypes:
+    for name in tqdm(kv_cache_dtypes, desc="KV formats", unit="format"):
         settings = format_settings(name)
         kv_cache_dtype = settings["kv_cache_dtype"]
+        group = settings.get("kv_group_size", args.kv_group_size)
         stepwise = LLM(**dataclasses.asdict(args) | {"enable_prefix_caching": False,
                                                      "max_num_batched_tokens": args.block_size} | settings)
         forced = compare(reference, teacher_forced(stepwise, texts))
@@ -170,8 +174,9 @@ def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[i
             "teacher_forced": dataclasses.asdict(forced),
             "teacher_forced_tokens_per_step": args.block_size,
             "needle_accuracy": _accuracy(full_answers, _needle_answers(llm, needles)),
-            "tokens_per_gib": tokens_per_gib(kv_cache_dtype),
-            "capacity_vs_model_dtype": tokens_per_gib(kv_cache_dtype) / tokens_per_gib("auto"),
+            "value_group": group if kv_cache_dtype in KIVI_BITS else None,
+            "tokens_per_gib": tokens_per_gib(kv_cache_dtype, group),
+            "capacity_vs_model_dtype": tokens_per_gib(kv_cache_dtype, group) / tokens_per_gib("auto"),
         }
         del llm
     return {"model_dtype_tokens_per_gib": tokens_per_gib("auto"), "formats": results}
@@ -186,7 +191,7 @@ def _memory_bound_part(args: EngineArgs, config: ModelConfig, needles: list[Need
     variants = {"none": ({}, {})} | {p: ({}, _eviction(p, budget)) for p in POLICIES}
     variants |= {f"{d} KV": (format_settings(d), {}) for d in kv_cache_dtypes}
     runs = {}
-    for name, (engine_settings, eviction) in variants.items():
+    for name, (engine_settings, eviction) in tqdm(variants.items(), desc="memory-bound batch", unit="run"):
         llm = LLM(**dataclasses.asdict(args) | {"kv_cache_memory": str(pool_bytes)} | engine_settings)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **eviction)
         start = time.perf_counter()

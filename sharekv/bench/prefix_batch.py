@@ -80,7 +80,8 @@ def run_policy(args: EngineArgs, requests: list[BenchRequest], machine: MachineP
 
 def kv_memory_for_tokens(config: ModelConfig, args: EngineArgs, tokens: int) -> str:
     """The `kv_cache_memory` value of a pool holding `tokens` tokens of this model."""
-    return str(kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens, args.kv_cache_dtype))
+    return str(kv_bytes_for_tokens(config, args.block_size, DTYPES[args.dtype], tokens, args.kv_cache_dtype,
+                                   args.kv_group_size))
 
 
 def run_prefix_batch_bench(args: EngineArgs, workload: PrefixBatchWorkload, pool_tokens: list[int],

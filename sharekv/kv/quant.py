@@ -14,9 +14,9 @@ scale gives 0.74e-3 at 68 bytes).
 
 `int4` and `int2` follow KIVI (Liu et al. 2024): keys are quantized per channel, each channel over the tokens
 of one block (a key's outlier channels then get their own range), values per token in groups of
-`VALUE_GROUP` channels; both asymmetric (codes 0..2^bits-1 between a minimum and a scale, fp16 each, as
-KIVI stores them). Per-channel scales need a block's tokens all at once, so the block a sequence is still
-filling stays in full precision (KIVI's residual window) and is quantized when it is full
+`--kv-group-size` channels (32, KIVI's default); both asymmetric (codes 0..2^bits-1 between a minimum and a
+scale, fp16 each, as KIVI stores them). Per-channel scales need a block's tokens all at once, so the block a
+sequence is still filling stays in full precision (KIVI's residual window) and is quantized when it is full
 (`model/kv_cache.py`, `kv/manager.py`).
 """
 
@@ -32,7 +32,7 @@ KV_FORMATS = ("int8", "int8@128", "int4", "int2")
 INT8_MAX = 127
 SCALE_DTYPE = torch.float8_e5m2
 _SCALE_MAX = torch.finfo(SCALE_DTYPE).max
-VALUE_GROUP = 32  # channels of a value that share a scale and minimum (KIVI's group size)
+VALUE_GROUP = 32  # channels of a value that share a scale and minimum, by default (KIVI's group size)
 PARAM_DTYPE = torch.float16  # a KIVI group's scale and minimum
 _PARAM_MAX = torch.finfo(PARAM_DTYPE).max
 
@@ -46,28 +46,31 @@ def kivi_bits(kv_cache_dtype: str) -> int | None:
     return KIVI_BITS.get(kv_cache_dtype)
 
 
-def value_group(head_dim: int) -> int:
-    return min(VALUE_GROUP, head_dim)
+def value_group(head_dim: int, group: int = VALUE_GROUP) -> int:
+    """Channels per value group in a head of `head_dim` (a head narrower than the group is one group)."""
+    return min(group, head_dim)
 
 
-def kv_bytes_per_head_block(head_dim: int, block_size: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
-    """Bytes of one block's keys and values in one KV head, scales included."""
+def kv_bytes_per_head_block(head_dim: int, block_size: int, dtype: torch.dtype, kv_cache_dtype: str,
+                            group: int = VALUE_GROUP) -> int:
+    """Bytes of one block's keys and values in one KV head, scales included (`group`: a KIVI format's value
+    group size)."""
     bits = kivi_bits(kv_cache_dtype)
     if bits is not None:
         codes = block_size * head_dim * bits // 8
         key_params = 2 * head_dim * PARAM_DTYPE.itemsize  # scale and minimum per channel
-        value_params = block_size * 2 * (head_dim // value_group(head_dim)) * PARAM_DTYPE.itemsize
+        value_params = block_size * 2 * (head_dim // value_group(head_dim, group)) * PARAM_DTYPE.itemsize
         return 2 * codes + key_params + value_params
     per_token = head_dim + 1 if kv_cache_dtype == "int8" else head_dim * dtype.itemsize
     return 2 * block_size * per_token
 
 
-def check_kv_format(head_dim: int, kv_cache_dtype: str) -> None:
+def check_kv_format(head_dim: int, kv_cache_dtype: str, group: int = VALUE_GROUP) -> None:
     """Raise if a model's heads cannot be stored in the format."""
     bits = kivi_bits(kv_cache_dtype)
-    if bits is not None and (head_dim * bits % 8 or head_dim % value_group(head_dim)):
+    if bits is not None and (head_dim * bits % 8 or head_dim % value_group(head_dim, group)):
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} needs head_dim packing into whole bytes and a "
-                         f"multiple of {VALUE_GROUP} (or below it); this model's head_dim is {head_dim}")
+                         f"multiple of --kv-group-size {group} (or below it); this model's head_dim is {head_dim}")
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,11 +135,10 @@ def dequantize_kivi_keys(packed: torch.Tensor, params: torch.Tensor, bits: int, 
     return (unpack(packed, bits).float() * scale + low).to(dtype)
 
 
-def quantize_kivi_values(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values x [..., d], each token in groups of `value_group(d)` channels: packed codes [..., d * bits / 8]
-    and params [..., 2, groups]."""
-    d = x.shape[-1]
-    codes, scale, low = quantize_asymmetric(x.reshape(*x.shape[:-1], d // value_group(d), -1), bits, dim=-1)
+def quantize_kivi_values(x: torch.Tensor, bits: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values x [..., d], each token in `groups` groups of channels: packed codes [..., d * bits / 8] and
+    params [..., 2, groups]."""
+    codes, scale, low = quantize_asymmetric(x.reshape(*x.shape[:-1], groups, -1), bits, dim=-1)
     return pack(codes.flatten(-2), bits), torch.stack([scale[..., 0], low[..., 0]], dim=-2)
 
 

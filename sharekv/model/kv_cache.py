@@ -15,6 +15,7 @@ planned by the KV manager, done before the next step's forward).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 
 from sharekv.kv.quant import (
     PARAM_DTYPE,
+    VALUE_GROUP,
     dequantize_int8,
     dequantize_kivi_keys,
     dequantize_kivi_values,
@@ -44,15 +46,16 @@ if TYPE_CHECKING:
     from sharekv.model.attention import AttentionMetadata
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    per_head = kv_bytes_per_head_block(config.head_dim, block_size, dtype, kv_cache_dtype)
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto",
+                       group: int = VALUE_GROUP) -> int:
+    per_head = kv_bytes_per_head_block(config.head_dim, block_size, dtype, kv_cache_dtype, group)
     return config.num_layers * config.num_kv_heads * per_head
 
 
 def kv_bytes_for_tokens(config: ModelConfig, block_size: int, dtype: torch.dtype, tokens: int,
-                        kv_cache_dtype: str = "auto") -> int:
+                        kv_cache_dtype: str = "auto", group: int = VALUE_GROUP) -> int:
     """Bytes of a KV pool of whole blocks holding at least `tokens` tokens (at least one block)."""
-    return max(1, -(-tokens // block_size)) * kv_bytes_per_block(config, block_size, dtype, kv_cache_dtype)
+    return max(1, -(-tokens // block_size)) * kv_bytes_per_block(config, block_size, dtype, kv_cache_dtype, group)
 
 
 _NO_SCALES = torch.empty(0, dtype=torch.uint8)
@@ -216,7 +219,7 @@ class KiviLayerKV:
         plan = self.cache.writes_for(slots)
         for x, tail, codes, params, quantize, dequantize in (
                 (k, self.tail_k, self.k, self.k_params, quantize_kivi_keys, dequantize_kivi_keys),
-                (v, self.tail_v, self.v, self.v_params, quantize_kivi_values, dequantize_kivi_values)):
+                (v, self.tail_v, self.v, self.v_params, self.cache.quantize_values, dequantize_kivi_values)):
             kv_heads, d = x.shape[1:]
             if len(plan.tail_rows):
                 tail.view(-1, kv_heads, d)[plan.tail_slots] = x[plan.tail_rows]
@@ -259,7 +262,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
                  kv_cache_dtype: str = "auto", device: torch.device | str = "cpu", num_swap_slots: int = 0,
-                 native: ModuleType | None = None, num_tail_blocks: int = 0) -> None:
+                 native: ModuleType | None = None, num_tail_blocks: int = 0, value_group_size: int = VALUE_GROUP
+                 ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
         self.bits = kivi_bits(kv_cache_dtype)
@@ -280,8 +284,9 @@ class KVCache:
             self.data = pool((layers, 2, num_blocks, block_size, kv_heads, d * self.bits // 8), torch.uint8, 2)
             # zeroed params: a block never written reads as zeros, never NaN
             self.k_params = pool((layers, num_blocks, kv_heads, 2, d), PARAM_DTYPE, 1, zeroed=True)
-            groups = d // value_group(d)
+            groups = d // value_group(d, value_group_size)
             self.v_params = pool((layers, num_blocks, block_size, kv_heads, 2, groups), PARAM_DTYPE, 1, zeroed=True)
+            self.quantize_values = functools.partial(quantize_kivi_values, groups=groups)
         else:
             shape = (layers, 2, num_blocks, block_size, kv_heads, d)
             self.data = pool(shape, torch.int8 if is_quantized(kv_cache_dtype) else dtype, 2)
@@ -344,7 +349,7 @@ class KVCache:
             return
         layers, _, n = x.shape[:3]
         for i, (quantize, params) in enumerate(((quantize_kivi_keys, self.k_params),
-                                                (quantize_kivi_values, self.v_params))):
+                                                (self.quantize_values, self.v_params))):
             packed, p = quantize(x[:, i].flatten(0, 1), self.bits)
             self.data[:, i, blocks] = packed.view(layers, n, *packed.shape[1:])
             params[:, blocks] = p.view(layers, n, *p.shape[1:])

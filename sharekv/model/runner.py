@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
+from sharekv.kv.quant import VALUE_GROUP
 from sharekv.model.attention import AttentionMetadata, ObservedQueries, PrefillChunk, SharedPrefixes
 from sharekv.model.cost import CostLog, ModelShapes, step_cost
 from sharekv.model.kv_cache import KVCache, kv_bytes_per_block
@@ -150,7 +151,8 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, share_prefixes: bool = True,
-                 num_swap_slots: int = 0, kv_cache_dtype: str = "auto", num_tail_blocks: int = 0) -> None:
+                 num_swap_slots: int = 0, kv_cache_dtype: str = "auto", num_tail_blocks: int = 0,
+                 kv_group_size: int = VALUE_GROUP) -> None:
         c = model.config
         # Sliding-window attention does not see a whole prefix, so it never shares one.
         self.share_prefixes = share_prefixes and c.sliding_window is None
@@ -158,13 +160,14 @@ class ModelRunner:
         self.device = model.device
         self.block_size = block_size
         self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots,
-                                model.attention.native, num_tail_blocks)
+                                model.attention.native, num_tail_blocks, kv_group_size)
         # The portable per-row path gathers each row's blocks: there a chunk's own part is better off as one
         # chunk, so only decodes share. The native per-row kernel reads in place, so prefill chunks join too.
         self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if model.attention.native is not None else 1
         self.forward_seconds = 0.0
         self.shapes = ModelShapes.of(c, model.dtype.itemsize,
-                                     kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype) // block_size)
+                                     kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype, kv_group_size)
+                                     // block_size)
         self.cost_log: CostLog | None = None  # while a benchmark records: every step's FLOPs and bytes
 
     @contextlib.contextmanager
