@@ -242,12 +242,14 @@ class ModelRunner:
                                                               else None) for i, o in observed.items()})
 
     def _attention_metadata(self, tables: list, kv_starts: list[int], counts: list[int],
-                            observed: dict[int, ObservedQueries], kernel_observed: list[int]) -> AttentionMetadata:
+                            observed: dict[int, ObservedQueries], kernel_observed: list[int],
+                            alone: list[int] | None = None) -> AttentionMetadata:
         """What the step's tokens attend to and where their KV goes, through `tables` (each chunk's blocks,
-        as the cache layer that reads them names them); sequence i's first token goes to slot kv_starts[i]."""
+        as the cache layer that reads them names them); sequence i's first token goes to slot kv_starts[i].
+        Sequences in `alone` (default: those whose decode the native kernel observes) join no prefix group."""
         bs = self.block_size
         meta = step_metadata(tables, kv_starts, counts, bs, self.share_prefixes, self.device, self.max_shared_chunk,
-                             kernel_observed)
+                             kernel_observed if alone is None else alone)
         slots = []
         for table, start, n in zip(tables, kv_starts, counts, strict=True):
             kv_pos = np.arange(start, start + n)  # apart from positions after an eviction
@@ -266,23 +268,60 @@ class ModelRunner:
     def _layered_metadata(self, chunks: list, counts: list[int], observed: dict[int, ObservedQueries],
                           kernel_observed: list[int]) -> AttentionMetadata:
         """A step with sequences that keep per-layer budgets: metadata for each layer, over every layer's
-        blocks as one array (`KVCache.for_layer`), whose rows the chunks' layer-blocks name."""
-        num_blocks = self.kv_cache.num_blocks
-        views = []
-        for layer in range(self.model.config.num_layers):
-            tables, starts = [], []
-            for c in chunks:
-                if c.layer_tables is None:
-                    tables.append(np.asarray(c.block_table) + layer * num_blocks)
-                    starts.append(c.kv_start)
-                else:
-                    tables.append(np.asarray(c.layer_tables[layer]))
-                    starts.append(c.layer_kv_starts[layer])
-            tables = [self.kv_cache.flat_block_ids(t) for t in tables]
-            views.append(self._attention_metadata(tables, starts, counts, observed, kernel_observed))
-        meta = dataclasses.replace(views[0], layers=views)
-        meta.kv_tokens_read = round(sum(v.kv_tokens_read for v in views) / len(views))
-        return meta
+        blocks as one array (`KVCache.for_layer`), whose rows the chunks' layer-blocks name.
+
+        Built once, for layer 0, with the layered sequences outside prefix groups (so every layer groups
+        alike); each other layer's block ids are layer 0's moved by the layer's offset in the flat array,
+        except the layered sequences' own rows, filled in per layer."""
+        bs, layers, num_blocks = self.block_size, self.model.config.num_layers, self.kv_cache.num_blocks
+        flat = self.kv_cache.flat_block_ids
+        layered = {i: [flat(np.asarray(t)) for t in c.layer_tables] for i, c in enumerate(chunks)
+                   if c.layer_tables is not None}
+        tables = [layered[i][0] if i in layered else np.asarray(c.block_table) for i, c in enumerate(chunks)]
+        starts = [c.layer_kv_starts[0] if i in layered else c.kv_start for i, c in enumerate(chunks)]
+        base = self._attention_metadata(tables, starts, counts, observed, kernel_observed,
+                                        sorted(set(kernel_observed) | set(layered)))
+        shift = (2 * num_blocks * np.arange(layers))[:, None]  # layer l's blocks in the flat array
+        slots = base.slot_mapping.cpu().numpy()[None, :] + shift * bs
+        offsets = np.cumsum([0, *counts])
+        for i, per_layer in layered.items():
+            for layer, (table, start) in enumerate(zip(per_layer, chunks[i].layer_kv_starts, strict=True)):
+                kv_pos = np.arange(start, start + counts[i])
+                slots[layer, offsets[i]:offsets[i + 1]] = table[kv_pos // bs] * bs + kv_pos % bs
+        views = [dataclasses.replace(base, slot_mapping=torch.from_numpy(s).to(self.device)) for s in slots]
+        if base.decode_block_tables is not None:
+            rows = base.decode_block_tables.cpu().numpy()
+            width = max([rows.shape[1]] + [len(t) for i in layered if i < base.num_decode_tokens for t in layered[i]])
+            block_tables = np.zeros((layers, *rows.shape[:1], width), dtype=np.int64)
+            block_tables[:, :, :rows.shape[1]] = rows[None] + shift[:, :, None]
+            lens = np.repeat(base.decode_context_lens.cpu().numpy()[None], layers, axis=0)
+            for i in (i for i in layered if i < base.num_decode_tokens):  # a decode's row is its index
+                for layer, (table, start) in enumerate(zip(layered[i], chunks[i].layer_kv_starts, strict=True)):
+                    block_tables[layer, i, :len(table)], block_tables[layer, i, len(table):] = table, 0
+                    lens[layer, i] = start + 1
+            block_tables, lens = (torch.from_numpy(a).to(self.device) for a in (block_tables, lens))
+            for layer, view in enumerate(views):
+                view.decode_block_tables, view.decode_context_lens = block_tables[layer], lens[layer]
+        layered_prefills = {int(offsets[i]): i for i in layered}
+        for layer, view in enumerate(views):
+            offset = int(shift[layer, 0])
+            if base.shared_prefixes is not None:
+                view.shared_prefixes = dataclasses.replace(base.shared_prefixes,
+                                                           block_ids=base.shared_prefixes.block_ids + offset)
+            view.prefills = [self._layer_prefill(p, layered, layered_prefills, chunks, layer, offset)
+                             for p in base.prefills]
+            view.observed = [dataclasses.replace(o, block_ids=o.block_ids + offset) for o in base.observed]
+        return dataclasses.replace(base, layers=views)
+
+    def _layer_prefill(self, chunk: PrefillChunk, layered: dict[int, list[np.ndarray]], layered_prefills: dict,
+                       chunks: list, layer: int, offset: int) -> PrefillChunk:
+        """A prefill chunk of layer 0's metadata as another layer reads it."""
+        i = layered_prefills.get(chunk.query_start)
+        if i is None:
+            return dataclasses.replace(chunk, block_ids=chunk.block_ids + offset)
+        end = chunks[i].layer_kv_starts[layer] + chunk.query_len
+        ids = torch.from_numpy(layered[i][layer][:-(-end // self.block_size)]).to(self.device)
+        return PrefillChunk(chunk.query_start, chunk.query_len, end, ids)
 
     def compact(self, compactions: list[Compaction]) -> None:
         self.kv_cache.compact(compactions)
