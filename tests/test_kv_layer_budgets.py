@@ -178,3 +178,41 @@ def test_cake_budgets_follow_each_layers_dispersion():
     kept = state.keep_layers(length, budgets, 0, (layers, heads))
     assert [k.shape[-1] for k in kept] == budgets
     assert all((k[:, -window:] == torch.arange(length - window, length)).all() for k in kept)
+
+
+@pytest.mark.parametrize("swap_space", ["4MiB", "0"])
+def test_churn_with_every_policy_leaves_nothing_held(model_dir, swap_space):
+    """Requests with every policy (and none) in a pool that forces preemption (by swap, or by recompute),
+    some aborted before they run, mid-prefill or mid-decode: all blocks, swap slots and pins come back, and
+    the requests that finish produce every token."""
+    import random
+
+    rng = random.Random(7)
+    policies = [None, "snapkv", "h2o", "streaming_llm", "pyramidkv", "cake"]
+    llm = make_llm(model_dir, kv_cache_memory="192KiB", swap_space=swap_space, max_num_seqs=16, schedule="fcfs")
+    seen = recorded_compactions(llm)
+    engine = llm.engine
+    shared = prompt(170, 32)
+    requests = {}
+    for i in range(30):
+        policy = policies[i % len(policies)]
+        ids = (shared if i % 2 else []) + prompt(200 + i, rng.randrange(40, 96))
+        params = SamplingParams(temperature=0, max_tokens=rng.randrange(4, 64), ignore_eos=True,
+                                kv_eviction=policy, kv_budget=0.5 if policy else None)
+        engine.add_request(str(i), ids, params)
+        requests[str(i)] = params.max_tokens
+    doomed = set(rng.sample(sorted(requests), 8))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = len(out.outputs[0].token_ids)
+        for request_id in [r for r in doomed if r in engine.requests and rng.random() < 0.3]:
+            engine.abort_request(request_id)
+            doomed.discard(request_id)
+    assert engine.scheduler.num_preemptions > 0 and (engine.scheduler.num_swapped_out > 0) == (swap_space != "0")
+    assert sum(isinstance(keep, list) for keep in seen) >= 3  # layered compactions among them
+    for request_id, n in finished.items():
+        assert n == requests[request_id]
+    assert len(finished) >= 30 - 8
+    assert_engine_clean(engine)
