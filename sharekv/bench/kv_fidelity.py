@@ -314,7 +314,7 @@ def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str |
 
 def _plot(result: dict, path: str) -> None:
     plt = pyplot()
-    fig, (agree, needle, speed) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, (agree, needle, speed) = plt.subplots(1, 3, figsize=(14, 5.4))
     budgets = result["budgets"]
     for policy in result["policies"]:
         runs = result["teacher_forced"]["runs"]
@@ -329,16 +329,17 @@ def _plot(result: dict, path: str) -> None:
             needle.axhline(fmt["needle_accuracy"], color="black", linestyle=style, label=label)
     agree.set_xlabel("KV budget (fraction of the context kept)")
     agree.set_ylabel("top-1 agreement with the full cache")
-    agree.legend(fontsize=7, loc="lower right")
     needle.set_xlabel("KV budget (fraction of the context kept)")
-    needle.set_ylabel(f"needle accuracy (of {result['needles']['full_cache_correct']} the full cache answers)")
+    needle.set_ylabel(f"needles right (of the {result['needles']['full_cache_correct']} the full cache gets)")
+    # one legend for both line plots, under them, so it covers no line
+    fig.legend(*agree.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=5)
     runs = result["memory_bound"]["runs"]
     names = list(runs)
     speed.bar(names, [runs[n]["output_tokens_per_second"] for n in names],
               color=["tab:gray" if n == "none" else "tab:green" if n.endswith(" KV") else "tab:blue" for n in names])
-    speed.tick_params(axis="x", labelsize=8, labelrotation=40)
+    plt.setp(speed.get_xticklabels(), rotation=45, ha="right", fontsize=8)
     speed.set_ylabel("output tokens/s")
     mb = result["memory_bound"]
     speed.set_title(f"{mb['requests']} requests, pool = 1/3 of their tokens, budget {mb['budget']}", fontsize=9)
     fig.suptitle(f"KV eviction and quantization on {os.path.basename(result['model'])}")
-    save_figure(fig, path)
+    save_figure(fig, path, rect=(0, 0.1, 1, 1))

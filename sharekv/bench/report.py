@@ -17,9 +17,10 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str) -> None:
-    """Lay out, write as PNG and close a benchmark's figure."""
-    fig.tight_layout()
+def save_figure(fig, path: str, rect: tuple[float, float, float, float] | None = None) -> None:
+    """Lay out (within `rect` of the figure, leaving the rest to a figure legend), write as PNG and close a
+    benchmark's figure."""
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     pyplot().close(fig)
 

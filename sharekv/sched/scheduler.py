@@ -21,7 +21,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sharekv.kv.block_pool import Block, cdiv
+from sharekv.kv.block_pool import Block
 from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.swap import SwapSpace
