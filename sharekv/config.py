@@ -146,9 +146,12 @@ class EngineArgs:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.kv_eviction not in (None, "none") and self.residual_blocks():
-            raise ValueError(f"--kv-eviction does not run on a KV cache with a residual window ({self.kv_cache_dtype}) "
-                             "yet; use --kv-cache-dtype int8 (without --kv-residual) or auto")
+        if self.kv_eviction not in (None, "none"):
+            from sharekv.kv.eviction import eviction_refusal
+
+            refusal = eviction_refusal(self.kv_eviction, self.kv_cache_dtype, self.residual_blocks() > 0)
+            if refusal:
+                raise ValueError(f"--kv-eviction {refusal}")
         if self.kv_group_size < 1 or self.kv_group_size & (self.kv_group_size - 1):
             raise ValueError(f"kv_group_size must be a positive power of two, got {self.kv_group_size}")
         if self.kv_residual is not None and (self.kv_residual < 0 or self.kv_cache_dtype == "auto"):

@@ -12,7 +12,7 @@ from torch.profiler import record_function
 
 from sharekv.config import EngineArgs, parse_bytes
 from sharekv.kv.compressor import KVCompressor
-from sharekv.kv.eviction import NONE
+from sharekv.kv.eviction import NONE, eviction_refusal
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import check_kv_format, kivi_bits
 from sharekv.kv.swap import SwapSpace
@@ -176,9 +176,10 @@ class LLMEngine:
             if self.model_config.sliding_window is not None:
                 raise InvalidParameter("kv_eviction", "KV eviction needs full attention; this model uses a "
                                                       "sliding window")
-            if self.kv.tails is not None:
-                raise InvalidParameter("kv_eviction", "KV eviction does not run on a KV cache with a residual "
-                                                      f"window ({self.args.kv_cache_dtype}) yet")
+            refusal = eviction_refusal(params.kv_eviction or self.args.kv_eviction, self.args.kv_cache_dtype,
+                                       self.kv.tails is not None)
+            if refusal:
+                raise InvalidParameter("kv_eviction", f"kv_eviction {refusal}")
             try:  # the compressor's own check: a policy needs a budget
                 self.compressor.state_for(params.kv_eviction, params.kv_budget, params.kv_compress_at)
             except ValueError as e:

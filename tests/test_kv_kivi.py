@@ -21,11 +21,13 @@ from sharekv.engine import kv_pool_blocks
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import (
     check_kv_format,
+    dequantize_int8,
     dequantize_kivi_keys,
     dequantize_kivi_values,
     kv_bytes_per_head_block,
     pack,
     quantize_asymmetric,
+    quantize_int8,
     quantize_kivi_keys,
     quantize_kivi_values,
     unpack,
@@ -35,6 +37,7 @@ from sharekv.model.kv_cache import KVCache, LayerKV
 from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import step_metadata
 from sharekv.sampling_params import InvalidParameter
+from sharekv.sched.output import Compaction
 from tests.conftest import STORIES_DIR, assert_engine_clean, mixed_prompts
 from tests.test_kv_properties import BLOCK, KVManagerMachine
 from tests.test_kv_quant import SCENARIOS as INT8_SCENARIOS
@@ -333,10 +336,69 @@ def test_kivi_keeps_a_trained_models_distributions():
     assert results["int2"].mean_kl > results["int4"].mean_kl
 
 
-def test_eviction_is_refused_on_kivi(small_llama):
-    with pytest.raises(ValueError, match=r"does not run on a KV cache with a residual window \(int4\)"):
+def test_eviction_is_refused_on_kivi_and_layer_budgets_on_a_window(small_llama):
+    with pytest.raises(ValueError, match=r"does not run on a KIVI cache \(int4\)"):
         EngineArgs(kv_cache_dtype="int4", kv_eviction="h2o", kv_budget="0.5").validate()
+    with pytest.raises(ValueError, match=r"pyramidkv does not run on a KV cache with a residual window"):
+        EngineArgs(kv_cache_dtype="int8", kv_residual=32, kv_eviction="pyramidkv", kv_budget="0.5").validate()
     llm = LLM(small_llama, kv_cache_dtype="int2", kv_cache_memory="1MiB", block_size=4)
-    with pytest.raises(InvalidParameter, match=r"does not run on a KV cache with a residual window \(int2\)"):
+    with pytest.raises(InvalidParameter, match=r"does not run on a KIVI cache \(int2\)"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="h2o", kv_budget="0.5"), use_tqdm=False)
     assert_engine_clean(llm.engine)
+    llm = LLM(small_llama, kv_cache_dtype="int8", kv_residual=8, kv_cache_memory="1MiB", block_size=4)
+    with pytest.raises(InvalidParameter, match=r"cake does not run on a KV cache with a residual window"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="cake", kv_budget="0.5"), use_tqdm=False)
+    assert_engine_clean(llm.engine)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_compaction_moves_slots_between_int8_blocks_and_tails(in_place):
+    """On an int8 pool with a residual window, a compaction reads each kept slot as the cache held it: int8
+    blocks to int8 blocks bit for bit, a tail's slot into an int8 block quantized as a seal quantizes it,
+    and any slot into a tail as it reads."""
+    bs, num_blocks = 4, 8
+    cache = KVCache(_config(num_layers=2), num_blocks, bs, torch.float32, "int8", num_tail_blocks=2)
+    torch.manual_seed(0)
+    layer_kv = [cache.layer(i) for i in range(2)]
+    table = [0, 1, num_blocks, num_blocks + 1]  # two int8 blocks, then two tails
+    slots = (torch.tensor(table)[:, None] * bs + torch.arange(bs)).flatten()
+    for kv in layer_kv:
+        kv.write(slots, torch.randn(16, 2, 16), torch.randn(16, 2, 16))
+    ids = torch.tensor(table)
+    before = [(kv.keys(ids).view(-1, 2, 16).clone(), kv.values(ids).view(-1, 2, 16).clone()) for kv in layer_kv]
+    keep = torch.stack([torch.stack([torch.randperm(16)[:10].sort().values for _ in range(2)]) for _ in range(2)])
+    target = table[:3] if in_place else [2, 3, num_blocks]  # (a copy keeps the last block a tail here)
+    cache.compact([Compaction(table, keep, 0, None if in_place else target)])
+    after = torch.tensor(target)
+    for layer, kv in enumerate(layer_kv):
+        keys, values = kv.keys(after).view(-1, 2, 16), kv.values(after).view(-1, 2, 16)
+        for h in range(2):
+            for i, src in enumerate(keep[layer, h].tolist()):
+                for got, old in ((keys, before[layer][0]), (values, before[layer][1])):
+                    expected = old[src, h]
+                    if src >= 8 and after[i // bs] < num_blocks:  # from a tail into an int8 block
+                        q, scale = quantize_int8(expected[None])
+                        expected = dequantize_int8(q, scale, torch.float32)[0]
+                    assert torch.equal(got[i, h], expected), (layer, h, i, src)
+
+
+def test_eviction_with_an_int8_residual_window(small_llama):
+    """int8 with a residual window runs every uniform policy: budgets hold while decoding, the window comes
+    back after each compaction, and every block and tail is given back."""
+    prompts = [list(range(3, 3 + 60)), list(range(70, 70 + 44))]
+    for policy in ("snapkv", "h2o", "streaming_llm"):
+        llm = LLM(small_llama, kv_cache_dtype="int8", kv_residual=16, kv_cache_memory="2MiB", block_size=8,
+                  kv_eviction_window=8)
+        engine = llm.engine
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_eviction=policy, kv_budget=24)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        tails_seen = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            for seq in engine.scheduler.running:
+                if seq.eviction is not None and seq.eviction.settled:
+                    assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8  # within a block of the budget
+                    tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
+        assert engine.compressor.num_compactions >= 2 and tails_seen > 0
+        assert_engine_clean(engine)

@@ -85,8 +85,8 @@ class KVManagerMachine(RuleBasedStateMachine):
         before = seq.num_evicted_tokens + seq.num_kv_slots
         old = list(seq.block_table)
         keys = {b: blocks[b].key for b in old}
-        target = self.kv.compaction_target(seq, kept, protected) if data.draw(st.booleans()) else None
-        first = protected - protected % BLOCK if target is not None else protected
+        copy = self.kv.compaction_target(seq, kept, protected) if data.draw(st.booleans()) else None
+        target, first = copy if copy is not None else (None, protected)
         self.kv.evict(seq, kept, first, target)
         assert seq.num_kv_slots == kept and seq.num_evicted_tokens + kept == before
         assert len(seq.block_table) == -(-kept // BLOCK)

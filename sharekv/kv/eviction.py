@@ -31,6 +31,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from sharekv.kv.quant import KIVI_BITS
+
 
 @dataclass(frozen=True)
 class KVBudget:
@@ -70,6 +72,7 @@ class EvictionPolicy:
     """Scores slots; the highest `n_keep` of each (layer, KV head) stay."""
 
     name: ClassVar[str]
+    per_layer: ClassVar[bool] = False  # gives each layer its own budget (`layer_budgets`)
     observes_prompt: ClassVar[bool] = False  # reads the attention of the prompt's last window of queries
     observes_decode: ClassVar[bool] = False  # reads the attention of every decode query
     during_decode: ClassVar[bool] = False  # keeps the cache within budget while decoding, not only after prefill
@@ -114,6 +117,7 @@ class SnapKV(EvictionPolicy):
 
 class PyramidKV(SnapKV):
     name = "pyramidkv"
+    per_layer = True
     beta = 20  # kvpress's default: the first layer keeps up to beta times what the last keeps
 
     def layer_budgets(self, state: EvictionState, length: int, num_layers: int) -> list[int] | None:
@@ -132,6 +136,7 @@ class PyramidKV(SnapKV):
 
 class Cake(SnapKV):
     name = "cake"
+    per_layer = True
     gamma = 200.0  # weight of the attention's variance over the window in a slot's score (CAKE's default)
 
     def scores(self, state: EvictionState, length: int, n_keep: int, shape: tuple[int, int]) -> torch.Tensor:
@@ -185,6 +190,18 @@ class H2O(EvictionPolicy):
 
 POLICIES: dict[str, type[EvictionPolicy]] = {p.name: p for p in (StreamingLLM, SnapKV, H2O, PyramidKV, Cake)}
 NONE = "none"  # a request's way to turn off the engine's default policy
+
+
+def eviction_refusal(name: str, kv_cache_dtype: str, residual_window: bool) -> str | None:
+    """Why policy `name` cannot run on the KV cache, or None. A KIVI format's per-channel keys would have to
+    be requantized by a compaction; a layer budget's layer-blocks lie in the quantized pool, not in the
+    residual window's tails."""
+    if kv_cache_dtype in KIVI_BITS:
+        return f"does not run on a KIVI cache ({kv_cache_dtype}) yet; use --kv-cache-dtype int8 or auto"
+    policy = POLICIES.get(name)
+    if residual_window and policy is not None and policy.per_layer:
+        return f"{name} does not run on a KV cache with a residual window (--kv-residual) yet"
+    return None
 
 
 def make_policy(name: str, **options) -> EvictionPolicy:

@@ -205,32 +205,40 @@ class KVCacheManager:
                 break  # everything before this block was indexed by an earlier step or request
             self.pool.register(block, seq.block_keys[i])
 
-    def compaction_target(self, seq: Sequence, kept: int, first: int) -> list[int] | None:
-        """Fresh blocks for an eviction to write the sequence's kept slots from slot `first` into (copy-on-
-        write: the blocks it had keep their KV, and their prefix-cache entries stay true). The table it will
-        have, or None when the pool cannot hold the copy (the eviction then rewrites in place)."""
+    def compaction_target(self, seq: Sequence, kept: int, first: int) -> tuple[list[int], int] | None:
+        """Fresh blocks for an eviction to write the sequence's kept slots into (copy-on-write: the blocks it
+        had keep their KV, and their prefix-cache entries stay true), from the block of slot `first`, or from
+        its first tail if that comes sooner (the copies are quantized blocks, and tails stay at a table's
+        end). The table it will have and the slot the copy starts at, or None when the pool cannot hold the
+        copy (the eviction then rewrites in place)."""
         bs = self.block_size
-        needed = cdiv(kept, bs) - first // bs
+        start = first // bs
+        if self.tails is not None:
+            start = min(start, self.first_tail(seq, len(seq.block_table)))
+        needed = cdiv(kept, bs) - start
         if needed > self.pool.num_free_blocks:
             return None
-        return seq.block_table[:first // bs] + [self.pool.allocate().block_id for _ in range(needed)]
+        return seq.block_table[:start] + [self.pool.allocate().block_id for _ in range(needed)], start * bs
 
     def evict(self, seq: Sequence, kept: int, first: int, target_table: list[int] | None) -> None:
         """An eviction kept the sequence's first `kept` slots, moving those from slot `first` on, into
         `target_table` or in place. Copied from, the old blocks go back to the pool as they are (still
         indexed); rewritten in place, they leave the prefix index, and those past the kept slots go back."""
         bs = self.block_size
-        blocks = self.pool.blocks
         if target_table is None:
             for block_id in seq.block_table[first // bs:cdiv(kept, bs)]:
-                self.pool.unregister(blocks[block_id])
+                if not self.is_tail(block_id):
+                    self.pool.unregister(self.pool.blocks[block_id])
             target_table = seq.block_table[:cdiv(kept, bs)]
             released = seq.block_table[cdiv(kept, bs):]
         else:
             released = seq.block_table[first // bs:]
         for block_id in reversed(released):
-            self.pool.release(blocks[block_id])
+            self._release(block_id)
         seq.block_table[:] = target_table
+        orphan = self._orphan_tails.get(seq.seq_id)
+        if orphan is not None and (orphan >= len(target_table) or not self.is_tail(target_table[orphan])):
+            del self._orphan_tails[seq.seq_id]  # copied into a quantized block, or given back
         seq.num_evicted_tokens += seq.num_kv_slots - kept
         intact = first // bs
         seq.kv_intact_blocks = intact if seq.kv_intact_blocks is None else min(intact, seq.kv_intact_blocks)

@@ -379,6 +379,9 @@ class KVCache:
         (so a move in place never reads a slot another move has written)."""
         if self.bits is not None:
             raise NotImplementedError("KV eviction does not run on a KIVI (int4, int2) cache")
+        if self.tail is not None:
+            self._compact_over_tails(compactions)
+            return
         layers, _, num_blocks, bs, kv_heads = self.data.shape[:5]
         moves = [self._layered_moves(c) if c.layered else self._moves(c) for c in compactions]
         source, target, head = (torch.cat([m[i].reshape(-1) for m in moves]) for i in range(3))
@@ -387,6 +390,45 @@ class KVCache:
             flat = pool.view(layers * 2 * num_blocks * bs, *pool.shape[4:])
             for offset in (0, values):
                 flat[target + offset, head] = flat[source + offset, head]
+
+    def _compact_over_tails(self, compactions: list[Compaction]) -> None:
+        """`compact` on an int8 pool with a residual window, whose tables may end in tail blocks: a slot moves
+        between int8 blocks as its bytes and scale, from a tail into an int8 block quantized as a seal does,
+        into a tail dequantized. Every move is read before any is written, as in `compact`."""
+        layers, _, num_blocks, bs, kv_heads, d = self.data.shape
+        data, scales = self.data.view(layers, 2, -1, kv_heads, d), self.scales.view(layers, 2, -1, kv_heads)
+        tail = self.tail.view(layers, 2, -1, kv_heads, d)
+        moves = [self._table_moves(c) for c in compactions]
+        layer, source, target, head = (torch.cat([m[i].reshape(-1) for m in moves]) for i in range(4))
+        first_tail = num_blocks * bs  # slots from here on lie in tail blocks
+        from_block, to_block = source < first_tail, target < first_tail
+        for kv in (0, 1):
+            at = (layer[from_block], kv, source[from_block], head[from_block])
+            codes, scale = data[at], scales[at]
+            rows = torch.empty(len(source), d, dtype=self.dtype, device=self.device)
+            rows[from_block] = dequantize_int8(codes, scale, self.dtype)
+            rows[~from_block] = tail[layer[~from_block], kv, source[~from_block] - first_tail, head[~from_block]]
+            all_codes = torch.empty(len(source), d, dtype=codes.dtype, device=self.device)
+            all_scales = torch.empty(len(source), dtype=scale.dtype, device=self.device)
+            all_codes[from_block], all_scales[from_block] = codes, scale
+            if bool((~from_block).any()):
+                all_codes[~from_block], all_scales[~from_block] = quantize_int8(rows[~from_block])
+            into = (layer[to_block], kv, target[to_block], head[to_block])
+            data[into], scales[into] = all_codes[to_block], all_scales[to_block]
+            tail[layer[~to_block], kv, target[~to_block] - first_tail, head[~to_block]] = rows[~to_block]
+
+    def _table_moves(self, c: Compaction) -> tuple[torch.Tensor, ...]:
+        """The moves of a compaction alike in every layer as (layer, source slot, target slot, KV head),
+        [layers, kv_heads, moved] each, slots numbered as block tables name them (block * size + offset)."""
+        bs = self.block_size
+        layers, kv_heads = c.keep.shape[:2]
+        keep = c.keep[..., c.first:].to(self.device)
+        source = torch.as_tensor(c.block_table, device=self.device)[keep // bs] * bs + keep % bs
+        positions = torch.arange(c.first, c.kept, device=self.device)
+        target = (torch.as_tensor(c.target_table or c.block_table, device=self.device)[positions // bs] * bs
+                  + positions % bs).expand_as(source)
+        layer = torch.arange(layers, device=self.device)[:, None, None].expand_as(source)
+        return layer, source, target, torch.arange(kv_heads, device=self.device)[:, None].expand_as(source)
 
     def _slots(self, flat_blocks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat-view rows of the slots at `positions` of tables of flat block ids (gathered along the last
@@ -403,13 +445,9 @@ class KVCache:
     def _moves(self, c: Compaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat-view rows to move from and to, and their KV heads, [layers, kv_heads, moved] each, of a
         compaction alike in every layer."""
-        layers, kv_heads = c.keep.shape[:2]
-        keep = c.keep[..., c.first:].to(self.device)
-        source = self._slots(self._layer_tables(c.block_table)[:, None, :].expand(-1, kv_heads, -1), keep)
-        positions = torch.arange(c.first, c.kept, device=self.device).expand(layers, kv_heads, -1)
-        target = self._slots(self._layer_tables(c.target_table or c.block_table)[:, None, :]
-                             .expand(-1, kv_heads, -1), positions)
-        return source, target, torch.arange(kv_heads, device=self.device)[:, None].expand_as(source)
+        layer, source, target, head = self._table_moves(c)
+        shift = layer * 2 * self.num_blocks * self.block_size  # layer l's keys in the flat view
+        return source + shift, target + shift, head
 
     def _layered_moves(self, c: Compaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The same, flattened, of a compaction with a budget per layer: layer l's kept slots go to its

@@ -234,9 +234,8 @@ class Scheduler:
                                                           self.kv.pool.num_blocks)
             return
         target = self.kv.compaction_target(seq, compaction.kept, compaction.first)
-        if target is not None:
-            compaction.first -= compaction.first % self.kv.block_size  # whole blocks are copied
-            compaction.target_table = target
+        if target is not None:  # whole blocks are copied
+            compaction.target_table, compaction.first = target
 
     def evict(self, seq: Sequence, compaction: Compaction) -> None:
         """The runner moved the kept KV of a sequence (an eviction): free what it no longer needs."""
