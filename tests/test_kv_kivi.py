@@ -384,8 +384,11 @@ def test_compaction_moves_slots_between_int8_blocks_and_tails(in_place):
 
 def test_eviction_with_an_int8_residual_window(small_llama):
     """int8 with a residual window runs every uniform policy: budgets hold while decoding, the window comes
-    back after each compaction, and every block and tail is given back."""
-    prompts = [list(range(3, 3 + 60)), list(range(70, 70 + 44))]
+    back after each compaction, and every block and tail is given back; also behind a shared prefix (whose
+    blocks are followed by tails) and for a prompt that fits in its window."""
+    shared = list(range(100, 124))
+    prompts = [list(range(3, 3 + 60)), list(range(70, 70 + 44)), shared + [5, 6, 7], shared + list(range(30, 50)),
+               [9, 8, 7, 6]]
     for policy in ("snapkv", "h2o", "streaming_llm"):
         llm = LLM(small_llama, kv_cache_dtype="int8", kv_residual=16, kv_cache_memory="2MiB", block_size=8,
                   kv_eviction_window=8)
@@ -398,7 +401,8 @@ def test_eviction_with_an_int8_residual_window(small_llama):
             engine.step()
             for seq in engine.scheduler.running:
                 if seq.eviction is not None and seq.eviction.settled:
-                    assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8  # within a block of the budget
+                    # within a block of the budget, and a shared prefix on top
+                    assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8 + len(shared)
                     tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
         assert engine.compressor.num_compactions >= 2 and tails_seen > 0
         assert_engine_clean(engine)

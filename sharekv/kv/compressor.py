@@ -156,9 +156,10 @@ class KVCompressor:
         self.num_evicted_tokens += round(evicted / self.shape[0])
 
     def _shared_blocks(self, seq: Sequence) -> int:
-        """Leading blocks of the sequence that another sequence or a pin also holds."""
-        blocks = self.pool.blocks
+        """Leading blocks of the sequence that another sequence or a pin also holds (a residual window's tail
+        blocks, whose ids follow the pool's, never are)."""
+        table, blocks = seq.block_table, self.pool.blocks
         n = 0
-        while n < len(seq.block_table) and blocks[seq.block_table[n]].ref_count > 1:
+        while n < len(table) and table[n] < len(blocks) and blocks[table[n]].ref_count > 1:
             n += 1
         return n
