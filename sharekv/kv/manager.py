@@ -103,7 +103,7 @@ class KVCacheManager:
             seals.append(i)
             i -= 1
         orphan = self._orphan_tails.get(seq.seq_id)
-        if orphan is not None and orphan < full:
+        if orphan is not None and orphan < full and orphan not in seals:  # (the walk back may have reached it)
             seals.append(orphan)
         new_tails = max(0, min(new, cdiv(slots, bs) - max(window, held + restored)))
         return seals, new - new_tails + len(seals), new_tails
@@ -237,8 +237,8 @@ class KVCacheManager:
             self._release(block_id)
         seq.block_table[:] = target_table
         orphan = self._orphan_tails.get(seq.seq_id)
-        if orphan is not None and (orphan >= len(target_table) or not self.is_tail(target_table[orphan])):
-            del self._orphan_tails[seq.seq_id]  # copied into a quantized block, or given back
+        if orphan is not None and (orphan >= len(target_table) - 1 or not self.is_tail(target_table[orphan])):
+            del self._orphan_tails[seq.seq_id]  # copied into a quantized block, given back, or the last block now
         seq.num_evicted_tokens += seq.num_kv_slots - kept
         intact = first // bs
         seq.kv_intact_blocks = intact if seq.kv_intact_blocks is None else min(intact, seq.kv_intact_blocks)
