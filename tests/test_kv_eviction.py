@@ -213,24 +213,29 @@ def test_shared_prefix_blocks_are_never_edited(model_dir):
     assert_engine_clean(engine)
 
 
-def test_swap_keeps_compressed_kv_and_recompute_reapplies(model_dir):
-    """Preempted by swap, a compressed sequence resumes with the same KV: the tokens equal an unpreempted
-    run. Preempted by recompute, its policy runs again; nothing leaks either way."""
-    prompts = [prompt(60 + i, 60) for i in range(6)]
-    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, kv_eviction="streaming_llm", kv_budget=56)
+def check_preemption_of_compressed_sequences(model_dir: str, prompts: list[list[int]], params: SamplingParams,
+                                             pool: str) -> None:
+    """In a pool of `pool` bytes: swapped out and back, compressed sequences give the tokens of an unpreempted
+    run; preempted by recompute, they run to the end (their policy runs again); nothing leaks either way."""
     roomy = make_llm(model_dir).generate([{"prompt_token_ids": p} for p in prompts], params)
-    tight = make_llm(model_dir, kv_cache_memory="144KiB", swap_space="8MiB", enable_prefix_caching=False,
-                      schedule="fcfs")
+    tight = make_llm(model_dir, kv_cache_memory=pool, swap_space="8MiB", enable_prefix_caching=False, schedule="fcfs")
     outs = tight.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert tight.engine.scheduler.num_swapped_out > 0
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
     assert_engine_clean(tight.engine)
-    recompute = make_llm(model_dir, kv_cache_memory="144KiB", swap_space="0", enable_prefix_caching=False,
+    recompute = make_llm(model_dir, kv_cache_memory=pool, swap_space="0", enable_prefix_caching=False,
                          schedule="fcfs")
     outs = recompute.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert recompute.engine.scheduler.num_preemptions > 0
-    assert all(len(o.outputs[0].token_ids) == 60 for o in outs)
+    assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in outs)
     assert_engine_clean(recompute.engine)
+
+
+def test_swap_keeps_compressed_kv_and_recompute_reapplies(model_dir):
+    """Preempted by swap, a compressed sequence resumes with the same KV; by recompute, its policy runs
+    again."""
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, kv_eviction="streaming_llm", kv_budget=56)
+    check_preemption_of_compressed_sequences(model_dir, [prompt(60 + i, 60) for i in range(6)], params, "144KiB")
 
 
 def test_abort_mid_decode_returns_blocks(model_dir):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharekv import LLM, SamplingParams
+from sharekv import SamplingParams
 from sharekv.kv.block_pool import cdiv
 from sharekv.kv.eviction import EvictionState, KVBudget, make_policy
 from sharekv.kv.layer_slots import LayerSlots
@@ -16,7 +16,14 @@ from sharekv.model.config import ModelConfig
 from sharekv.model.kv_cache import KVCache
 from sharekv.sched.output import Compaction
 from tests.conftest import STORIES_DIR, assert_engine_clean, build_llama
-from tests.test_kv_eviction import CONTEXT, KERNEL, SINKS, WINDOW, prompt, recorded_compactions
+from tests.test_kv_eviction import (
+    CONTEXT,
+    WINDOW,
+    check_preemption_of_compressed_sequences,
+    make_llm,
+    prompt,
+    recorded_compactions,
+)
 
 LAYERS = 4
 
@@ -24,12 +31,6 @@ LAYERS = 4
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     return build_llama(str(tmp_path_factory.mktemp("layered") / "llama"), num_hidden_layers=LAYERS)
-
-
-def make_llm(model_dir: str, **kwargs) -> LLM:
-    args = dict(kv_cache_memory="8MiB", block_size=16, kv_eviction_window=WINDOW, kv_eviction_kernel=KERNEL,
-                kv_eviction_sinks=SINKS) | kwargs
-    return LLM(model=model_dir, **args)
 
 
 def layered(policy: str, max_tokens: int = 24, **more) -> SamplingParams:
@@ -98,21 +99,8 @@ def test_sequences_beside_layered_ones_are_unchanged(model_dir, native):
 def test_preempted_layered_sequences_resume_as_they_were(model_dir):
     """Swapped out and back, a layered sequence's blocks land in new places and its layer-blocks with them:
     the tokens equal an unpreempted run. Preempted by recompute, its policy runs again. Nothing leaks."""
-    prompts = [prompt(150 + i, 64) for i in range(6)]
-    params = layered("pyramidkv", 60)
-    roomy = make_llm(model_dir).generate([{"prompt_token_ids": p} for p in prompts], params)
-    tight = make_llm(model_dir, kv_cache_memory="128KiB", swap_space="8MiB", enable_prefix_caching=False,
-                     schedule="fcfs")
-    outs = tight.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert tight.engine.scheduler.num_swapped_out > 0
-    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in roomy]
-    assert_engine_clean(tight.engine)
-    recompute = make_llm(model_dir, kv_cache_memory="128KiB", swap_space="0", enable_prefix_caching=False,
-                         schedule="fcfs")
-    outs = recompute.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert recompute.engine.scheduler.num_preemptions > 0
-    assert all(len(o.outputs[0].token_ids) == 60 for o in outs)
-    assert_engine_clean(recompute.engine)
+    check_preemption_of_compressed_sequences(model_dir, [prompt(150 + i, 64) for i in range(6)],
+                                             layered("pyramidkv", 60), "128KiB")
 
 
 def test_layered_eviction_on_an_int8_cache(model_dir):
