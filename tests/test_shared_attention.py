@@ -13,7 +13,7 @@ from sharekv import LLM, SamplingParams
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.kv_cache import LayerKV
 from sharekv.model.native import cpu_kernels
-from sharekv.model.runner import pack_shared_prefixes, shared_block_prefixes, step_metadata
+from sharekv.model.runner import pack_shared_prefixes, plan_prefix_sharing, shared_block_prefixes, step_metadata
 from tests.conftest import assert_engine_clean
 
 
@@ -73,11 +73,11 @@ def _random_case(members, prefix_len, suffix_max, heads=8, kv_heads=2, dim=64, b
 def _metadata(padded, lens, bs, shared: bool) -> AttentionMetadata:
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decode_tokens=len(lens),
                              decode_block_tables=padded, decode_context_lens=lens)
-    groups = shared_block_prefixes(padded.numpy(), (lens.numpy() - 1) // bs)
-    if shared and groups:
+    sharing = plan_prefix_sharing(padded.tolist(), (lens - 1).tolist(), [1] * len(lens), bs, True)
+    if shared and sharing.groups:
         rows = [np.array([i]) for i in range(len(lens))]
-        meta.shared_prefixes, starts = pack_shared_prefixes(groups, padded.numpy(), rows, bs)
-        meta.decode_starts = torch.from_numpy(starts)
+        meta.shared_prefixes = pack_shared_prefixes(sharing.groups, sharing.padded, rows, bs)
+        meta.decode_starts = torch.from_numpy(sharing.own_starts)
     return meta
 
 

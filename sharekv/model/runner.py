@@ -71,20 +71,17 @@ def shared_block_prefixes(tables: np.ndarray, usable: np.ndarray) -> list[tuple[
 
 
 def pack_shared_prefixes(groups: list[tuple[np.ndarray, int]], tables: np.ndarray, token_rows: list[np.ndarray],
-                         block_size: int, device: torch.device | str = "cpu") -> tuple[SharedPrefixes, np.ndarray]:
+                         block_size: int, device: torch.device | str = "cpu") -> SharedPrefixes:
     """Pad the groups into one batch: each group's tokens (token_rows[r]: row r's positions among the step's
-    tokens) and prefix blocks. Also returns the position where each row's own attention starts."""
+    tokens) and prefix blocks."""
     tokens = [np.concatenate([token_rows[r] for r in rows]) for rows, _ in groups]
     rows = np.full((len(groups), max(map(len, tokens))), -1, dtype=np.int64)
     block_ids = np.zeros((len(groups), max(n for _, n in groups)), dtype=np.int64)
-    starts = np.zeros(len(tables), dtype=np.int64)
     for i, ((members, n), t) in enumerate(zip(groups, tokens, strict=True)):
         rows[i, :len(t)] = t
         block_ids[i, :n] = tables[members[0], :n]
-        starts[members] = n * block_size
     lens = np.array([n * block_size for _, n in groups], dtype=np.int64)
-    shared = SharedPrefixes(*(torch.from_numpy(a).to(device) for a in (rows, lens, block_ids)))
-    return shared, starts
+    return SharedPrefixes(*(torch.from_numpy(a).to(device) for a in (rows, lens, block_ids)))
 
 
 def padded_tables(tables: list[list[int]]) -> np.ndarray:
@@ -98,6 +95,46 @@ def padded_tables(tables: list[list[int]]) -> np.ndarray:
 # Prefill chunks longer than this do not join prefix groups: such a chunk is already a matrix product over
 # its prefix (each key read once per this many queries), and it would make the rows' own part costly.
 SHARED_CHUNK_MAX_TOKENS = 128
+
+
+@dataclass
+class PrefixSharing:
+    """Which sequences of a step read a shared prefix together: `groups` of rows with the number of prefix
+    blocks they share, and per row whether it is in a group and where its own part of the KV starts."""
+
+    groups: list[tuple[np.ndarray, int]]
+    in_group: np.ndarray
+    own_starts: np.ndarray
+    padded: np.ndarray | None = None  # the block tables as one array, when there are groups
+
+    def kv_slots_read(self, starts: list[int], counts: list[int], num_decodes: int, block_size: int) -> int:
+        """Cache slots the step's attention reads: each group's prefix once, each paged row (a decode, a
+        group member's prefill token) its own part, each other prefill chunk all it attends to, once."""
+        s, n = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+        paged = self.in_group.copy()
+        paged[:num_decodes] = True
+        own = s[paged] + 1 - self.own_starts[paged]
+        rows = int((n[paged] * own + n[paged] * (n[paged] - 1) // 2).sum())
+        return rows + sum(k for _, k in self.groups) * block_size + int((s + n)[~paged].sum())
+
+
+def plan_prefix_sharing(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
+                        share_prefixes: bool, max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS,
+                        alone: list[int] = ()) -> PrefixSharing:
+    """Group the step's sequences that start with the same cached blocks (see `step_metadata`); plain data,
+    so a simulator's cost model reads the same plan the kernels run."""
+    own_starts = np.zeros(len(counts), dtype=np.int64)
+    in_group = np.zeros(len(counts), dtype=bool)
+    usable = np.asarray(starts) // block_size * (np.asarray(counts) <= max_shared_chunk)
+    usable[list(alone)] = 0
+    if not share_prefixes or np.count_nonzero(usable) < 2:
+        return PrefixSharing([], in_group, own_starts)
+    padded = padded_tables(tables)
+    groups = shared_block_prefixes(padded, usable)
+    for members, n in groups:
+        in_group[members] = True
+        own_starts[members] = n * block_size
+    return PrefixSharing(groups, in_group, own_starts, padded)
 
 
 def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
@@ -114,17 +151,12 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
     nd = sum(1 for n in counts if n == 1)
     offsets = np.cumsum([0, *counts])
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device), num_decode_tokens=nd)
-    own_starts = np.zeros(len(counts), dtype=np.int64)
-    in_group = np.zeros(len(counts), dtype=bool)
-    usable = np.asarray(starts) // block_size * (np.asarray(counts) <= max_shared_chunk)
-    usable[list(alone)] = 0
-    if share_prefixes and np.count_nonzero(usable) >= 2:
-        padded = padded_tables(tables)
-        groups = shared_block_prefixes(padded, usable)
-        if groups:
-            token_rows = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(counts))]
-            meta.shared_prefixes, own_starts = pack_shared_prefixes(groups, padded, token_rows, block_size, device)
-            in_group[np.concatenate([members for members, _ in groups])] = True
+    sharing = plan_prefix_sharing(tables, starts, counts, block_size, share_prefixes, max_shared_chunk, alone)
+    own_starts, in_group = sharing.own_starts, sharing.in_group
+    if sharing.groups:
+        token_rows = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(counts))]
+        meta.shared_prefixes = pack_shared_prefixes(sharing.groups, sharing.padded, token_rows, block_size,
+                                                     device)
     # rows of the paged kernel: every decode, then every token of a group member's prefill chunk
     row_seqs = [i for i in range(len(counts)) if i < nd or in_group[i]]
     if row_seqs:
@@ -137,15 +169,12 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
         if len(positions) > nd:
             meta.decode_rows = torch.from_numpy(np.concatenate([offsets[i] + np.arange(counts[i])
                                                                 for i in row_seqs])).to(device)
-        meta.kv_tokens_read = int((positions + 1 - np.repeat(own_starts[row_seqs], reps)).sum())
-    if meta.shared_prefixes is not None:
-        meta.kv_tokens_read += sum(n for _, n in groups) * block_size
     for i in range(nd, len(counts)):
         if not in_group[i]:
             end = starts[i] + counts[i]
             ids = torch.as_tensor(tables[i][:-(-end // block_size)], device=device)
             meta.prefills.append(PrefillChunk(int(offsets[i]), counts[i], end, ids))
-            meta.kv_tokens_read += end
+    meta.kv_tokens_read = sharing.kv_slots_read(starts, counts, nd, block_size)
     return meta
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +75,9 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
                  swap: SwapSpace | None = None, policies: Iterable[type[Policy]] = (),
                  policy_options: Mapping[str, dict[str, Any]] | None = None,
-                 compressor: KVCompressor | None = None) -> None:
+                 compressor: KVCompressor | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.kv = kv
+        self.clock = clock  # what "now" is to the policies: the wall clock, or a simulator's
         self.compressor = compressor  # the KV eviction policies' needs: observed queries, whole last chunks
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -286,7 +287,7 @@ class Scheduler:
             self._dequeue(seq)
             seq.status = SequenceStatus.RUNNING
             if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
+                seq.first_scheduled_time = self.clock()
             self.running.append(seq)
             scheduled.append((seq, admission.num_tokens))
             budget.spend(admission.num_tokens)

@@ -23,7 +23,6 @@ Priority still comes first; with `fair`, the order holds within each user's lane
 from __future__ import annotations
 
 import heapq
-import time
 from dataclasses import dataclass
 
 from sharekv.sched.output import SchedulerOutput
@@ -72,7 +71,7 @@ class SloPolicy(Policy):
         ahead = sum(w.prefill_seconds for w in self._waiting.values()
                     if not w.demoted and w.latest_start <= info.latest_start)
         decode_cost = model.predict(self._all_running_shape())
-        if time.monotonic() + ahead + prefill + decode_cost > deadline:
+        if self.sched.clock() + ahead + prefill + decode_cost > deadline:
             info.demoted = True
             self.num_demoted += 1
             if self.reject:
@@ -90,7 +89,7 @@ class SloPolicy(Policy):
             if seq.seq_id in self._waiting:  # not aborted meanwhile
                 self._refuse(seq)
         self._doomed = []
-        now = time.monotonic()
+        now = self.sched.clock()
         heap = self._by_latest_start
         while heap and heap[0][0] < now:
             _, seq_id, seq = heapq.heappop(heap)
@@ -131,7 +130,7 @@ class SloPolicy(Policy):
         self._step_target = float("inf")
         decodes = StepShape()
         allowed = float("inf")
-        now = time.monotonic()
+        now = self.sched.clock()
         prefill_start = 0  # the deepest running prefill: its chunk attends to the most context
         for seq in self.sched.running:
             self._step_target = min(self._step_target, seq.tpot_slo * TARGET_SHARE)
