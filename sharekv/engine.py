@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +123,7 @@ class LLMEngine:
         self.eos_token_ids = checkpoint.eos_token_ids
         self.requests: dict[str, RequestState] = {}
         self.stats = EngineStats()
+        self.step_log: list[tuple[SchedulerOutput, float]] | None = None  # see recording_steps
         self._next_seq_id = 0
         logger.info("%s loaded in %.1f s; KV pool (%s): %d blocks of %d tokens = %d tokens (%.1f MiB)%s; "
                     "max_model_len %d", checkpoint.name, self.load_seconds, args.kv_cache_dtype, num_blocks,
@@ -155,6 +158,16 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.runner.execute(step).logits.argmax(dim=-1).tolist()  # stands in for sampling
         return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def recording_steps(self) -> Iterator[list[tuple[SchedulerOutput, float]]]:
+        """Keep every step run inside the block with its measured seconds (a simulator's calibration and
+        its check that it makes the same decisions)."""
+        self.step_log = log = []
+        try:
+            yield log
+        finally:
+            self.step_log = None
 
     @property
     def num_kv_tokens(self) -> int:
@@ -296,6 +309,8 @@ class LLMEngine:
         seconds = time.perf_counter() - t0
         self.stats.step_seconds += seconds
         self.scheduler.step_time.observe(shape, seconds)
+        if self.step_log is not None:
+            self.step_log.append((step, seconds))
         return outputs
 
     def _compress_kv(self, step: SchedulerOutput, seqs: list[Sequence], mass: dict[int, torch.Tensor]) -> None:

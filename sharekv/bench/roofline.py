@@ -125,7 +125,7 @@ def roofline_figures(costs: CostLog, machine: MachineProfile, dtype: str, wall_s
     floor = costs.floor_seconds(machine.peak_flops(dtype), machine.bandwidth_gbs * 1e9)
     return {
         "gflop": {name: getattr(total, f"{name}_flops") / 1e9 for name in OP_CLASSES},
-        "gbytes": {"weights": total.weight_bytes / 1e9, "kv": total.kv_bytes / 1e9},
+        "gbytes": {"weights": (total.weight_bytes + total.lm_head_bytes) / 1e9, "kv": total.kv_bytes / 1e9},
         "peak_gflops": machine.peak_gflops[dtype],
         "bandwidth_gbs": machine.bandwidth_gbs,
         "floor_seconds": floor["floor"],

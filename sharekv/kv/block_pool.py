@@ -4,6 +4,10 @@ A block whose reference count drops to zero stays in the prefix-cache index (if 
 while it sits in the free list; it is evicted only when the allocator hands it out again. The free list
 is ordered so the least useful blocks go first: blocks with no cached content at the front, cached blocks
 in the order they were freed (least recently used first).
+
+Blocks are made on first use: ids are handed out in order the first time, so `blocks` holds ids first_id ..
+first_id + len(blocks) - 1, and a pool of many blocks (a simulator's thousand replicas) costs nothing until
+its blocks are used.
 """
 
 from __future__ import annotations
@@ -34,25 +38,33 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.first_id = first_id
-        self.blocks = [Block(first_id + i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((first_id + i, None) for i in range(num_blocks))
+        self._num_blocks = num_blocks
+        self.blocks: list[Block] = []  # those used so far
+        # Free blocks that were used, least useful first. Never-used blocks are free too: they come after
+        # the uncached ones here and before the cached ones.
+        self._free: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[BlockKey, Block] = {}
         self.num_evictions = 0
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return self._num_blocks
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (free, including those that only hold cached KV)."""
-        return len(self._free)
+        return len(self._free) + self._num_blocks - len(self.blocks)
 
     def allocate(self) -> Block:
-        if not self._free:
+        if not self.num_free_blocks:
             raise RuntimeError("KV pool exhausted: caller must check num_free_blocks first")
-        block_id, _ = self._free.popitem(last=False)
-        block = self.blocks[block_id - self.first_id]
+        uncached_first = self._free and self.blocks[next(iter(self._free)) - self.first_id].key is None
+        if uncached_first or len(self.blocks) == self._num_blocks:
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id - self.first_id]
+        else:
+            block = Block(self.first_id + len(self.blocks))
+            self.blocks.append(block)
         if block.key is not None:
             self.unregister(block)
             self.num_evictions += 1
@@ -92,14 +104,14 @@ class BlockPool:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (vLLM's `reset_prefix_cache`). Only when no block is in use, so no running
         sequence loses the index entries of its blocks; returns whether it reset."""
-        if len(self._free) != len(self.blocks):
+        if self.num_free_blocks != self._num_blocks:
             return False
         for block in list(self._cached.values()):
             self.unregister(block)
         return True
 
     def is_free(self, block: Block) -> bool:
-        return block.block_id in self._free
+        return block.block_id in self._free or block.block_id - self.first_id >= len(self.blocks)
 
     def check_invariants(self) -> None:
         """Raise if the pool's bookkeeping is inconsistent (used by tests after every scenario)."""

@@ -21,6 +21,24 @@ from sharekv.kv.layer_slots import LayerSlots
 from sharekv.sequence import Sequence
 
 
+def root_key(key_namespace: str) -> BlockKey:
+    """The key every chain of block keys starts from: what the KV depends on (model, dtype, block size)."""
+    return hashlib.sha256(f"sharekv-kv-v1|{key_namespace}".encode()).digest()
+
+
+def block_keys(parent: BlockKey, token_ids: list[int], block_size: int, first: int = 0) -> list[BlockKey]:
+    """Keys of the full blocks of `token_ids` from block `first` on, chained from `parent` (the key of
+    block first - 1, or the root)."""
+    keys = []
+    for i in range(first, len(token_ids) // block_size):
+        tokens = array("q", token_ids[i * block_size:(i + 1) * block_size])  # 8 bytes a token, little-endian
+        if sys.byteorder == "big":
+            tokens.byteswap()
+        parent = hashlib.sha256(parent + tokens.tobytes()).digest()
+        keys.append(parent)
+    return keys
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  key_namespace: str = "", num_tail_blocks: int = 0, residual_blocks: int = 1,
@@ -41,20 +59,14 @@ class KVCacheManager:
         self.num_seals = 0
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.root_key: BlockKey = hashlib.sha256(f"sharekv-kv-v1|{key_namespace}".encode()).digest()
+        self.root_key = root_key(key_namespace)
         self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.num_hit_tokens = 0
         self.num_pinned_blocks = 0  # references taken by pin_prefix and not yet given back
 
     def _update_keys(self, seq: Sequence) -> None:
-        bs = self.block_size
-        keys = seq.block_keys
-        for i in range(len(keys), seq.num_tokens // bs):
-            parent = keys[i - 1] if i else self.root_key
-            tokens = array("q", seq.token_ids[i * bs:(i + 1) * bs])  # 8 bytes a token, little-endian
-            if sys.byteorder == "big":
-                tokens.byteswap()
-            keys.append(hashlib.sha256(parent + tokens.tobytes()).digest())
+        seq.block_keys.extend(block_keys(seq.block_keys[-1] if seq.block_keys else self.root_key, seq.token_ids,
+                                         self.block_size, len(seq.block_keys)))
 
     def find_cached_prefix(self, seq: Sequence) -> list:
         """Cached blocks holding a prefix of the sequence's tokens. At least one token is left to compute,

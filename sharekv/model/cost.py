@@ -49,7 +49,8 @@ class StepCost:
     linear_flops: float = 0.0
     attention_flops: float = 0.0
     lm_head_flops: float = 0.0
-    weight_bytes: float = 0.0
+    weight_bytes: float = 0.0  # the linear layers' weights
+    lm_head_bytes: float = 0.0
     kv_bytes: float = 0.0
 
     @property
@@ -84,7 +85,8 @@ def step_cost(shapes: ModelShapes, kv_starts: np.ndarray, counts: np.ndarray, lo
         linear_flops=2.0 * tokens * sum(shapes.linear_macs.values()),
         attention_flops=2.0 * pairs * shapes.attention_macs_per_pair,
         lm_head_flops=2.0 * logit_rows * shapes.lm_head_macs,
-        weight_bytes=float(shapes.weight_bytes + (shapes.lm_head_bytes if logit_rows else 0)),
+        weight_bytes=float(shapes.weight_bytes),
+        lm_head_bytes=float(shapes.lm_head_bytes if logit_rows else 0),
         kv_bytes=float((kv_read_tokens + tokens) * shapes.kv_bytes_per_token),
     )
 

@@ -131,21 +131,9 @@ class StepTimeModel:
         self.calibrated = True
 
     def _refit(self) -> None:
-        """Non-negative ridge least squares toward the prior (active set: drop negative terms, refit)."""
+        """Non-negative ridge least squares toward the prior."""
         d = len(FEATURES)
-        gram = self._gram + RIDGE * np.eye(d)
-        moment = self._moment + RIDGE * self._prior
-        active = np.ones(d, dtype=bool)
-        weights = np.zeros(d)
-        for _ in range(d):
-            weights[:] = 0.0
-            idx = np.flatnonzero(active)
-            weights[idx] = np.linalg.solve(gram[np.ix_(idx, idx)], moment[idx])
-            negative = weights < 0
-            if not negative.any():
-                break
-            active &= ~negative
-        self._weights = np.clip(weights, 0.0, None)
+        self._weights = nonnegative_solve(self._gram + RIDGE * np.eye(d), self._moment + RIDGE * self._prior)
 
     @property
     def mean_relative_error(self) -> float | None:
@@ -169,6 +157,23 @@ class StepTimeModel:
             else:
                 high = mid - 1
         return low
+
+
+def nonnegative_solve(gram: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """The w >= 0 that solves the normal equations gram @ w = moment best (active set: terms that come out
+    negative are dropped and the rest refitted)."""
+    d = len(moment)
+    active = np.ones(d, dtype=bool)
+    weights = np.zeros(d)
+    for _ in range(d):
+        weights[:] = 0.0
+        idx = np.flatnonzero(active)
+        weights[idx] = np.linalg.solve(gram[np.ix_(idx, idx)], moment[idx])
+        negative = weights < 0
+        if not negative.any():
+            break
+        active &= ~negative
+    return np.clip(weights, 0.0, None)
 
 
 def calibration_steps(block_size: int, num_blocks: int, max_tokens: int, max_seqs: int,

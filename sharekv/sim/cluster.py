@@ -1,0 +1,197 @@
+"""The discrete-event loop of `sharekv simulate`: requests arrive, a router picks a replica, and each replica
+runs step after step of its real scheduler, every step lasting what the cost model says.
+
+Events are arrivals and step ends, in time order (ties in the order they were made). A replica that is idle
+when a request arrives starts a step at once; one that is busy finds the request in its queue when its step
+ends, as the engine does between steps. A session's next turn is sent once the turn before it finished (and
+not before its own time), as `sharekv bench serve` sends it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sharekv.bench.serve_trace import TraceRequest
+from sharekv.config import EngineArgs
+from sharekv.model.config import ModelConfig
+from sharekv.sim.hardware import HardwareProfile
+from sharekv.sim.replica import Replica, SimRequest, check_simulated_args, pool_blocks
+from sharekv.sim.router import make_router
+from sharekv.sim.step_model import StepCostModel
+
+_ARRIVAL, _STEP_END = 0, 1
+
+
+def requests_from_trace(trace: list[TraceRequest], ttft_slo: float | None = None,
+                        tpot_slo: float | None = None) -> list[SimRequest]:
+    return [SimRequest(f"req-{i}", t.prompt, t.max_tokens, t.send_at, t.user, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
+                       session=t.session) for i, t in enumerate(trace)]
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+@dataclass
+class SimulationResult:
+    replicas: int
+    router: str
+    hardware: str
+    estimate: bool  # figures of a profile whose knobs were not fitted to measured steps
+    requests: int
+    finished: int
+    rejected: int
+    makespan: float  # simulated seconds from the first arrival to the last finish
+    prompt_tokens: int
+    output_tokens: int
+    cached_prompt_tokens: int  # served from a replica's prefix cache at admission
+    goodput: float  # requests per second that met both SLOs
+    slo_attainment: float  # share of requests that met both SLOs
+    ttft: dict
+    tpot: dict
+    e2e: dict
+    steps: int
+    mean_step_seconds: float
+    kv_usage_mean: float  # blocks in use over the pool, time-weighted over busy time, mean over replicas
+    kv_usage_peak: float
+    preemptions: int
+    events: int
+    wall_seconds: float
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.makespan if self.makespan else 0.0
+
+    @property
+    def prefix_reuse(self) -> float:
+        return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "events_per_second": self.events_per_second,
+                "tokens_per_second": self.tokens_per_second, "prefix_reuse": self.prefix_reuse}
+
+
+class Cluster:
+    def __init__(self, args: EngineArgs, config: ModelConfig, profile: HardwareProfile, num_replicas: int,
+                 router: str = "round_robin") -> None:
+        check_simulated_args(args)
+        if num_replicas < 1:
+            raise ValueError("a cluster needs at least one replica")
+        self.args = args
+        self.profile = profile
+        self.cost = StepCostModel(config, args, profile)
+        num_blocks = pool_blocks(args, self.cost)
+        self.replicas = [Replica(i, args, config, self.cost, num_blocks) for i in range(num_replicas)]
+        self.router = make_router(router, self.replicas)
+        self.router_name = router
+        self.num_blocks = num_blocks
+        self.step_log: list[tuple[int, float, list[tuple[int, int, int]]]] | None = None  # see record_steps
+
+    def record_steps(self) -> None:
+        """Keep every step's (replica, start, [(seq id, first position, tokens) per chunk]), to compare the
+        decisions with a real engine's."""
+        self.step_log = []
+
+    def run(self, requests: list[SimRequest], use_tqdm: bool = False) -> SimulationResult:
+        start_wall = time.perf_counter()
+        order = itertools.count()
+        events: list[tuple[float, int, int, object]] = []
+        next_turn: dict[int, list[SimRequest]] = defaultdict(list)  # session -> its later turns, in order
+        for request in sorted(requests, key=lambda r: r.arrival):
+            if request.session is not None and request.session in next_turn:
+                next_turn[request.session].append(request)
+                continue
+            if request.session is not None:
+                next_turn[request.session] = []
+            heapq.heappush(events, (request.arrival, next(order), _ARRIVAL, request))
+        first_arrival = events[0][0] if events else 0.0
+        num_events = 0
+        done: list[SimRequest] = []
+
+        def start(replica: Replica, now: float) -> None:
+            seconds, refused = replica.start_step(now)
+            for request in refused:
+                end(request, now)
+            if seconds is not None:
+                if self.step_log is not None:
+                    self.step_log.append((replica.index, now, [(c.seq_id, c.start, len(c.token_ids))
+                                                               for c in replica.step.chunks]))
+                heapq.heappush(events, (now + seconds, next(order), _STEP_END, replica))
+
+        def end(request: SimRequest, now: float) -> None:
+            done.append(request)
+            bar.update(1)
+            self.router.on_finish(request)
+            turns = next_turn.get(request.session) if request.session is not None else None
+            if turns:
+                following = turns.pop(0)
+                following.arrival = max(following.arrival, now)
+                heapq.heappush(events, (following.arrival, next(order), _ARRIVAL, following))
+
+        with tqdm(total=len(requests), desc=f"simulate x{len(self.replicas)}", unit="req", disable=not use_tqdm) as bar:
+            while events:
+                now, _, kind, item = heapq.heappop(events)
+                num_events += 1
+                if kind == _ARRIVAL:
+                    # everything that arrives at this instant is queued before an idle replica schedules
+                    arrived = [item]
+                    while events and events[0][0] == now and events[0][2] == _ARRIVAL:
+                        arrived.append(heapq.heappop(events)[3])
+                        num_events += 1
+                    woken = {}
+                    for request in arrived:
+                        replica = self.router.pick(request)
+                        replica.add(request, now)
+                        woken[replica.index] = replica
+                    for replica in woken.values():
+                        if not replica.busy:
+                            start(replica, now)
+                else:
+                    replica = item
+                    for request in replica.finish_step(now):
+                        end(request, now)
+                    start(replica, now)
+        return self._result(requests, done, first_arrival, num_events, time.perf_counter() - start_wall)
+
+    def _result(self, requests: list[SimRequest], done: list[SimRequest], first_arrival: float, num_events: int,
+                wall: float) -> SimulationResult:
+        served = [r for r in done if not r.rejected]
+        makespan = max((r.finished for r in done), default=first_arrival) - first_arrival
+        met = [r for r in served
+               if r.ttft is not None and r.ttft <= (r.ttft_slo or self.args.slo_ttft)
+               and (r.tpot is None or r.tpot <= (r.tpot_slo or self.args.slo_tpot))]
+        steps = sum(r.steps for r in self.replicas)
+        busy = [r for r in self.replicas if r.busy_seconds]
+        usage = [r.kv_block_seconds / r.busy_seconds / self.num_blocks for r in busy]
+        return SimulationResult(
+            replicas=len(self.replicas), router=self.router_name, hardware=self.profile.name,
+            estimate=self.profile.estimate, requests=len(requests), finished=len(served),
+            rejected=len(done) - len(served), makespan=makespan,
+            prompt_tokens=sum(len(r.prompt) for r in served), output_tokens=sum(r.output_tokens for r in served),
+            cached_prompt_tokens=sum(r.cached_tokens for r in served),
+            goodput=len(met) / makespan if makespan else 0.0,
+            slo_attainment=len(met) / len(requests) if requests else 0.0,
+            ttft=_percentiles([r.ttft for r in served if r.ttft is not None]),
+            tpot=_percentiles([r.tpot for r in served if r.tpot is not None]),
+            e2e=_percentiles([r.finished - r.arrival for r in served]),
+            steps=steps, mean_step_seconds=sum(r.busy_seconds for r in self.replicas) / steps if steps else 0.0,
+            kv_usage_mean=float(np.mean(usage)) if usage else 0.0,
+            kv_usage_peak=max((r.peak_blocks for r in self.replicas), default=0) / self.num_blocks,
+            preemptions=sum(r.scheduler.num_preemptions for r in self.replicas),
+            events=num_events, wall_seconds=wall)
