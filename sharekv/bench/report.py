@@ -6,6 +6,8 @@ import json
 import os
 from collections.abc import Callable
 
+import numpy as np
+
 
 def pyplot():
     """matplotlib's pyplot on the file-only backend (benchmarks run without a screen)."""
@@ -32,3 +34,12 @@ def write_result(result: dict, out_path: str, plot: Callable[[dict, str], None])
         json.dump(result, f, indent=2)
     plot(result, os.path.splitext(out_path)[0] + ".png")
     return result
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and the mean (None for no values)."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}

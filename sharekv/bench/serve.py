@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from sharekv.bench.report import pyplot, save_figure, write_result
+from sharekv.bench.report import percentiles, pyplot, save_figure, write_result
 from sharekv.bench.serve_trace import TOKEN_RANGE, SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
 from sharekv.config import EngineArgs
 
@@ -108,14 +108,6 @@ async def replay(url: str, model: str, trace: list[TraceRequest], api_key: str |
     return records, duration
 
 
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
-
-
 def summarize(records: list[RequestRecord], duration: float, slo_ttft: float, slo_tpot: float) -> dict:
     ok = [r for r in records if r.status == 200 and r.error is None]
     itl = [b - a for r in ok for a, b in zip(r.token_times, r.token_times[1:], strict=False)]
@@ -141,9 +133,9 @@ def summarize(records: list[RequestRecord], duration: float, slo_ttft: float, sl
         "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration,
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
-        "ttft_s": _percentiles([r.ttft for r in ok if r.ttft is not None]),
-        "itl_s": _percentiles(itl),
-        "tpot_s": _percentiles([r.tpot for r in ok if r.tpot is not None]),
+        "ttft_s": percentiles([r.ttft for r in ok if r.ttft is not None]),
+        "itl_s": percentiles(itl),
+        "tpot_s": percentiles([r.tpot for r in ok if r.tpot is not None]),
         "goodput_requests_per_s": len(good) / duration,
         "goodput_fraction": len(good) / len(records) if records else 0.0,
         "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},

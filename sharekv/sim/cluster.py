@@ -13,12 +13,12 @@ import dataclasses
 import heapq
 import itertools
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from sharekv.bench.report import percentiles
 from sharekv.bench.serve_trace import TraceRequest
 from sharekv.config import EngineArgs
 from sharekv.model.config import ModelConfig
@@ -30,18 +30,33 @@ from sharekv.sim.step_model import StepCostModel
 _ARRIVAL, _STEP_END = 0, 1
 
 
+def split_sessions(requests: list[SimRequest]) -> tuple[list[SimRequest], dict[int, list[SimRequest]]]:
+    """The requests that can be sent from the start (in arrival order), and each session's later turns."""
+    first, later = [], {}
+    for request in sorted(requests, key=lambda r: r.arrival):
+        if request.session is not None:
+            if request.session in later:
+                later[request.session].append(request)
+                continue
+            later[request.session] = []
+        first.append(request)
+    return first, later
+
+
+def next_turn(later: dict[int, list[SimRequest]], finished: SimRequest) -> SimRequest | None:
+    """The session turn after `finished`, due at its own time or now, whichever is later."""
+    turns = later.get(finished.session) if finished.session is not None else None
+    if not turns:
+        return None
+    following = turns.pop(0)
+    following.arrival = max(following.arrival, finished.finished)
+    return following
+
+
 def requests_from_trace(trace: list[TraceRequest], ttft_slo: float | None = None,
                         tpot_slo: float | None = None) -> list[SimRequest]:
     return [SimRequest(f"req-{i}", t.prompt, t.max_tokens, t.send_at, t.user, ttft_slo=ttft_slo, tpot_slo=tpot_slo,
                        session=t.session) for i, t in enumerate(trace)]
-
-
-def _percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    a = np.asarray(values)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
 
 
 @dataclass
@@ -112,17 +127,10 @@ class Cluster:
         start_wall = time.perf_counter()
         order = itertools.count()
         events: list[tuple[float, int, int, object]] = []
-        next_turn: dict[int, list[SimRequest]] = defaultdict(list)  # session -> its later turns, in order
-        for request in sorted(requests, key=lambda r: r.arrival):
-            if request.session is not None and request.session in next_turn:
-                next_turn[request.session].append(request)
-                continue
-            if request.session is not None:
-                next_turn[request.session] = []
+        first, later = split_sessions(requests)
+        for request in first:
             heapq.heappush(events, (request.arrival, next(order), _ARRIVAL, request))
-        first_arrival = events[0][0] if events else 0.0
         num_events = 0
-        done: list[SimRequest] = []
 
         def start(replica: Replica, now: float) -> None:
             seconds, refused = replica.start_step(now)
@@ -135,13 +143,10 @@ class Cluster:
                 heapq.heappush(events, (now + seconds, next(order), _STEP_END, replica))
 
         def end(request: SimRequest, now: float) -> None:
-            done.append(request)
             bar.update(1)
             self.router.on_finish(request)
-            turns = next_turn.get(request.session) if request.session is not None else None
-            if turns:
-                following = turns.pop(0)
-                following.arrival = max(following.arrival, now)
+            following = next_turn(later, request)
+            if following is not None:
                 heapq.heappush(events, (following.arrival, next(order), _ARRIVAL, following))
 
         with tqdm(total=len(requests), desc=f"simulate x{len(self.replicas)}", unit="req", disable=not use_tqdm) as bar:
@@ -167,31 +172,36 @@ class Cluster:
                     for request in replica.finish_step(now):
                         end(request, now)
                     start(replica, now)
-        return self._result(requests, done, first_arrival, num_events, time.perf_counter() - start_wall)
+        return self._result(requests, num_events, time.perf_counter() - start_wall)
 
-    def _result(self, requests: list[SimRequest], done: list[SimRequest], first_arrival: float, num_events: int,
-                wall: float) -> SimulationResult:
-        served = [r for r in done if not r.rejected]
-        makespan = max((r.finished for r in done), default=first_arrival) - first_arrival
-        met = [r for r in served
-               if r.ttft is not None and r.ttft <= (r.ttft_slo or self.args.slo_ttft)
-               and (r.tpot is None or r.tpot <= (r.tpot_slo or self.args.slo_tpot))]
+    def _result(self, requests: list[SimRequest], num_events: int, wall: float) -> SimulationResult:
         steps = sum(r.steps for r in self.replicas)
         busy = [r for r in self.replicas if r.busy_seconds]
         usage = [r.kv_block_seconds / r.busy_seconds / self.num_blocks for r in busy]
         return SimulationResult(
             replicas=len(self.replicas), router=self.router_name, hardware=self.profile.name,
-            estimate=self.profile.estimate, requests=len(requests), finished=len(served),
-            rejected=len(done) - len(served), makespan=makespan,
-            prompt_tokens=sum(len(r.prompt) for r in served), output_tokens=sum(r.output_tokens for r in served),
-            cached_prompt_tokens=sum(r.cached_tokens for r in served),
-            goodput=len(met) / makespan if makespan else 0.0,
-            slo_attainment=len(met) / len(requests) if requests else 0.0,
-            ttft=_percentiles([r.ttft for r in served if r.ttft is not None]),
-            tpot=_percentiles([r.tpot for r in served if r.tpot is not None]),
-            e2e=_percentiles([r.finished - r.arrival for r in served]),
+            estimate=self.profile.estimate, **request_figures(requests, self.args.slo_ttft, self.args.slo_tpot),
             steps=steps, mean_step_seconds=sum(r.busy_seconds for r in self.replicas) / steps if steps else 0.0,
             kv_usage_mean=float(np.mean(usage)) if usage else 0.0,
             kv_usage_peak=max((r.peak_blocks for r in self.replicas), default=0) / self.num_blocks,
             preemptions=sum(r.scheduler.num_preemptions for r in self.replicas),
             events=num_events, wall_seconds=wall)
+
+
+def request_figures(requests: list[SimRequest], slo_ttft: float, slo_tpot: float) -> dict:
+    """Latency, throughput and goodput of requests that ran (simulated or real), each against its own SLOs
+    or these defaults."""
+    ended = [r for r in requests if r.finished is not None]
+    served = [r for r in ended if not r.rejected]
+    first_arrival = min((r.arrival for r in requests), default=0.0)
+    makespan = max((r.finished for r in ended), default=first_arrival) - first_arrival
+    met = [r for r in served if r.ttft is not None and r.ttft <= (r.ttft_slo or slo_ttft)
+           and (r.tpot is None or r.tpot <= (r.tpot_slo or slo_tpot))]
+    return dict(requests=len(requests), finished=len(served), rejected=len(ended) - len(served), makespan=makespan,
+                prompt_tokens=sum(len(r.prompt) for r in served), output_tokens=sum(r.output_tokens for r in served),
+                cached_prompt_tokens=sum(r.cached_tokens for r in served),
+                goodput=len(met) / makespan if makespan else 0.0,
+                slo_attainment=len(met) / len(requests) if requests else 0.0,
+                ttft=percentiles([r.ttft for r in served if r.ttft is not None]),
+                tpot=percentiles([r.tpot for r in served if r.tpot is not None]),
+                e2e=percentiles([r.finished - r.arrival for r in served]))
