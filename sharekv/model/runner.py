@@ -107,12 +107,17 @@ class PrefixSharing:
     own_starts: np.ndarray
     padded: np.ndarray | None = None  # the block tables as one array, when there are groups
 
+    def paged(self, num_decodes: int) -> np.ndarray:
+        """Which sequences run in the paged per-row kernel: the decodes and the group members."""
+        paged = self.in_group.copy()
+        paged[:num_decodes] = True
+        return paged
+
     def kv_slots_read(self, starts: list[int], counts: list[int], num_decodes: int, block_size: int) -> int:
         """Cache slots the step's attention reads: each group's prefix once, each paged row (a decode, a
         group member's prefill token) its own part, each other prefill chunk all it attends to, once."""
         s, n = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
-        paged = self.in_group.copy()
-        paged[:num_decodes] = True
+        paged = self.paged(num_decodes)
         own = s[paged] + 1 - self.own_starts[paged]
         rows = int((n[paged] * own + n[paged] * (n[paged] - 1) // 2).sum())
         return rows + sum(k for _, k in self.groups) * block_size + int((s + n)[~paged].sum())

@@ -25,31 +25,43 @@ from sharekv.sim.hardware import HardwareProfile, StepWork, fit_knobs, relative_
 from sharekv.sim.replica import SimRequest
 from sharekv.sim.step_model import StepCostModel
 
+# (requests, prompt tokens about, shared prefix tokens): decode batches of several sizes over short and long
+# contexts, and a group behind one prefix, each run alone so the fit sees steps of every kind.
+CALIBRATION_BATCHES = ((1, 64, 0), (1, 640, 0), (4, 64, 0), (4, 640, 0), (16, 64, 0), (16, 640, 0), (48, 96, 0),
+                       (48, 480, 0), (16, 640, 512))
+CALIBRATION_OUTPUT = (24, 40)  # tokens a calibration request generates, low and high
 
-def calibration_requests(vocab: int, num_requests: int = 40, seed: int = 1234) -> list[SimRequest]:
-    """Prompts of 16 to 512 tokens (a third behind one 256-token prefix), outputs of 4 to 64, all at once."""
+
+def calibration_batches(vocab: int, seed: int = 1234) -> list[list[SimRequest]]:
+    """The calibration workload (`CALIBRATION_BATCHES`): prompt lengths within 25% of the batch's, outputs
+    of 24 to 40 tokens."""
     rng = np.random.default_rng(seed)
     low, high = 16, min(1000, vocab)
-    shared = rng.integers(low, high, size=256).tolist()
-    requests = []
-    for i in range(num_requests):
-        own = rng.integers(low, high, size=int(rng.integers(16, 512))).tolist()
-        prompt = shared + own[:256] if i % 3 == 0 else own
-        requests.append(SimRequest(f"cal-{i}", prompt, int(rng.integers(4, 64)), 0.0))
-    return requests
+    batches = []
+    for k, (size, length, shared_len) in enumerate(CALIBRATION_BATCHES):
+        shared = rng.integers(low, high, size=shared_len).tolist()
+        batch = []
+        for i in range(size):
+            own = int(rng.integers(int(length * 0.75), int(length * 1.25) + 1)) - shared_len
+            prompt = shared + rng.integers(low, high, size=max(own, 8)).tolist()
+            batch.append(SimRequest(f"cal-{k}-{i}", prompt, int(rng.integers(*CALIBRATION_OUTPUT)), 0.0))
+        batches.append(batch)
+    return batches
 
 
 def replay_on_engine(engine: LLMEngine, requests: list[SimRequest],
                      use_tqdm: bool = False) -> list[tuple[SchedulerOutput, float]]:
     """Run the requests on the engine, each added once the wall clock passes its arrival (a session's next
     turn once the turn before it finished), filling in their outcomes; returns every step with its
-    measured seconds."""
+    measured seconds: from the loop's turn that ran it to the next (adding the requests that arrived, the
+    step, taking its outputs), the time between steps that a request sees."""
     waiting, later = split_sessions(requests)
     by_id = {r.request_id: r for r in requests}
     t0 = time.monotonic()
     with engine.recording_steps() as log, tqdm(total=len(requests), desc="engine", unit="req",
                                                disable=not use_tqdm) as bar:
         while waiting or engine.has_unfinished_requests():
+            turn_start = time.perf_counter()
             now = time.monotonic() - t0
             waiting.sort(key=lambda r: r.arrival)
             while waiting and waiting[0].arrival <= now:
@@ -75,6 +87,8 @@ def replay_on_engine(engine: LLMEngine, requests: list[SimRequest],
                 following = next_turn(later, r)
                 if following is not None:
                     waiting.append(following)
+            if log:
+                log[-1] = (log[-1][0], time.perf_counter() - turn_start)
     return list(log)
 
 
@@ -85,14 +99,18 @@ def measure_cpu_profile(engine: LLMEngine, use_tqdm: bool = False) -> tuple[Hard
     machine = quick_profile(engine.model_config, args.dtype)
     bandwidth = machine.bandwidth_gbs * 1e9
     base = HardwareProfile("cpu", machine.peak_flops(args.dtype), bandwidth, available_memory_bytes(), args.dtype,
-                           host_bandwidth=bandwidth)
+                           weight_bandwidth_efficiency=1.0, host_bandwidth=bandwidth)
     cost = StepCostModel(engine.model_config, args, base)
-    replay_on_engine(engine, calibration_requests(engine.model_config.vocab_size)[:2])  # warm-up: first-call packing
+    batches = calibration_batches(engine.model_config.vocab_size)
+    replay_on_engine(engine, fresh(batches[1]))  # warm-up: first calls
+    samples = []
+    for batch in tqdm(batches, desc="calibration", disable=not use_tqdm):
+        engine.reset_prefix_cache()
+        samples += [(cost.work(step), seconds) for step, seconds in replay_on_engine(engine, batch)]
     engine.reset_prefix_cache()
-    log = replay_on_engine(engine, calibration_requests(engine.model_config.vocab_size), use_tqdm)
-    engine.reset_prefix_cache()
-    samples = [(cost.work(step), seconds) for step, seconds in log]
-    return fit_knobs(base, samples), samples
+    # The read bandwidth was measured streaming memory as the weights stream, so their term keeps it (every
+    # step reads the weights once: a fitted rate would only trade against the fixed cost of a step).
+    return fit_knobs(base, samples, fixed=("weight_bandwidth_efficiency",)), samples
 
 
 def step_errors(profile: HardwareProfile, cost: StepCostModel, log: list[tuple[SchedulerOutput, float]]) -> dict:
