@@ -12,7 +12,9 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
@@ -54,40 +56,53 @@ class _Line:
     probe: Probe | None = None  # the semantic cache's lookup, to store the answer under
 
 
-def job_kv_tokens(input_path: str, checkpoint: Checkpoint, context_len: int, block_size: int) -> int:
-    """KV tokens that hold a whole batch file at once when shared prefixes are stored once: the distinct
-    prompt tokens (a prefix tree over every prompt) plus each continuation's longest output and a partial
-    block. Lines that do not parse count nothing (they never run)."""
-    prompts, outputs = [], 0
+def read_lines(input_path: str) -> list[tuple[int, str]]:
+    """The input file's lines, numbered from 1."""
     with open(input_path) as f:
-        for raw in f:
-            try:
-                record = json.loads(raw)
-                parsed = parse_request(record.get("body"), record.get("url"), checkpoint.tokenizer)
-            except (ValueError, AttributeError, APIError):
-                continue
-            for _, ids in parsed.prompts:
-                prompts.append(ids)
-                longest = max(0, context_len - len(ids))
-                outputs += parsed.params.n * (min(parsed.params.max_tokens or longest, longest) + block_size)
+        return list(enumerate(f.read().splitlines(), start=1))
+
+
+def line_prompts(raw: str, checkpoint: Checkpoint) -> ParsedRequest | None:
+    """A line's request as parsed without an engine (for sizing and sharding a job), or None if it does not
+    parse; the engine checks it again when the line runs."""
+    try:
+        record = json.loads(raw)
+        return parse_request(record.get("body"), record.get("url"), checkpoint.tokenizer)
+    except (ValueError, AttributeError, APIError):
+        return None
+
+
+def job_kv_tokens(lines: list[tuple[int, str]], checkpoint: Checkpoint, context_len: int, block_size: int) -> int:
+    """KV tokens that hold a whole batch at once when shared prefixes are stored once: the distinct prompt
+    tokens (a prefix tree over every prompt) plus each continuation's longest output and a partial block.
+    Lines that do not parse count nothing (they never run)."""
+    prompts, outputs = [], 0
+    for _, raw in lines:
+        parsed = line_prompts(raw, checkpoint)
+        if parsed is None:
+            continue
+        for _, ids in parsed.prompts:
+            prompts.append(ids)
+            longest = max(0, context_len - len(ids))
+            outputs += parsed.params.n * (min(parsed.params.max_tokens or longest, longest) + block_size)
     return PrefixForest(prompts).distinct_tokens + outputs
 
 
-def engine_for_job(args: EngineArgs, input_path: str) -> LLMEngine:
-    """The engine for a batch file. Without `kv_cache_memory` the pool is sized to the job (at most the
+def engine_for_job(args: EngineArgs, lines: list[tuple[int, str]]) -> LLMEngine:
+    """The engine for a batch's lines. Without `kv_cache_memory` the pool is sized to the job (at most the
     default, which follows free memory and the cgroup limit), not to the machine."""
     checkpoint = Checkpoint.open(args.model)
     if args.kv_cache_memory is None:
         context = min(args.max_model_len or checkpoint.config.max_position_embeddings,
                       checkpoint.config.max_position_embeddings)
-        tokens = job_kv_tokens(input_path, checkpoint, context, args.block_size)
+        tokens = job_kv_tokens(lines, checkpoint, context, args.block_size)
         job_bytes = kv_bytes_for_tokens(checkpoint.config, args.block_size, DTYPES[args.dtype], tokens,
                                         args.kv_cache_dtype, args.kv_group_size)
         args = dataclasses.replace(args, kv_cache_memory=str(min(args.kv_cache_bytes(), job_bytes)))
     return LLMEngine(args, checkpoint)
 
 
-def _done_keys(output_path: str) -> set[str]:
+def done_keys(output_path: str) -> set[str]:
     """What an earlier run answered: custom_ids that succeeded, and `line:N` for lines that got an error
     record (errors are keyed by line, so a duplicate id's error never hides the original's result).
     A torn last line from a crash is cut off."""
@@ -138,96 +153,107 @@ class _LineError(Exception):
 
 def run_batch(engine: LLMEngine, input_path: str, output_path: str, use_tqdm: bool = True,
               cache: SemanticCache | None = None, cache_args: SemanticCacheArgs | None = None) -> BatchSummary:
-    """With a semantic cache, a line whose request was answered before (by this job, an earlier one or a
-    server on the same cache file) is answered from it before the engine starts; the others are stored as
-    they finish."""
+    """Run the file's lines, appending each result to `output_path` as it finishes; lines already answered
+    there are skipped. With a semantic cache, a line whose request was answered before (by this job, an
+    earlier one or a server on the same cache file) is answered from it before the engine starts; the
+    others are stored as they finish."""
     summary = BatchSummary()
-    cache_args = cache_args or SemanticCacheArgs()
     start = time.perf_counter()
-    done = _done_keys(output_path)
-    with open(input_path) as f:
-        raw_lines = f.read().splitlines()
+    done = done_keys(output_path)
     with open(output_path, "a") as out:
-        def write(record: dict) -> None:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
+        for record in batch_records(engine, read_lines(input_path), done, summary, use_tqdm, cache, cache_args):
+            write_record(out, record)
+    summary.wall_seconds = time.perf_counter() - start
+    return summary
 
-        def write_result(custom_id: str, parsed: ParsedRequest, outputs: list[RequestOutput], model: str,
-                         cache_field: dict | None) -> None:
-            body = response_body(parsed, outputs, model)
-            if cache_field is not None:
-                body["semantic_cache"] = cache_field
-            write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                   "response": {"status_code": 200, "request_id": body["id"], "body": body}, "error": None})
-            summary.requests += 1
-            if cache_field is not None and cache_field["hit"]:
-                return  # answered from the cache: the engine ran none of its tokens
+
+def write_record(out: TextIO, record: dict) -> None:
+    """One result line, flushed at once: a crash loses nothing finished."""
+    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def batch_records(engine: LLMEngine, lines: list[tuple[int, str]], done: set[str], summary: BatchSummary,
+                  use_tqdm: bool = False, cache: SemanticCache | None = None,
+                  cache_args: SemanticCacheArgs | None = None) -> Iterator[dict]:
+    """The output records of numbered input lines, each as soon as it is known (errors and cache hits
+    before the engine starts, results as their requests finish), counted in `summary`. Lines whose key is
+    in `done` (`done_keys`) are skipped."""
+    cache_args = cache_args or SemanticCacheArgs()
+
+    def result(custom_id: str, parsed: ParsedRequest, outputs: list[RequestOutput], model: str,
+               cache_field: dict | None) -> dict:
+        body = response_body(parsed, outputs, model)
+        if cache_field is not None:
+            body["semantic_cache"] = cache_field
+        summary.requests += 1
+        if cache_field is None or not cache_field["hit"]:  # a hit ran none of its tokens
             u = usage(outputs)
             summary.prompt_tokens += u["prompt_tokens"]
             summary.cached_tokens += u["prompt_tokens_details"]["cached_tokens"]
             summary.generated_tokens += u["completion_tokens"]
+        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                "response": {"status_code": 200, "request_id": body["id"], "body": body}, "error": None}
 
-        pending: dict[str, _Line] = {}  # engine request id -> its line
-        seen: set[str] = set()
-        for number, raw in enumerate(raw_lines, start=1):
-            if not raw.strip():
+    pending: dict[str, _Line] = {}  # engine request id -> its line
+    seen: set[str] = set()
+    for number, raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            custom_id, parsed = _parse_line(raw, engine)
+        except _LineError as e:
+            if f"line:{number}" not in done:
+                summary.errors += 1
+                yield _error_record(e.custom_id, e.error, number)
+            seen.add(e.custom_id)
+            continue
+        except ValueError as e:
+            if f"line:{number}" not in done:
+                summary.errors += 1
+                yield {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": None, "response": None,
+                       "error": {"code": "invalid_request", "message": str(e)}, "line": number}
+            continue
+        if custom_id in seen:
+            if f"line:{number}" not in done:
+                summary.errors += 1
+                yield _error_record(custom_id, APIError(f"duplicate custom_id {custom_id!r}", param="custom_id"),
+                                    number)
+            continue
+        seen.add(custom_id)
+        if custom_id in done:
+            summary.skipped += 1
+            continue
+        model = parsed.model or engine.model_name
+        probe = None
+        if cache is not None and frontend.cacheable(parsed, cache_args):
+            probe = frontend.probe(cache, parsed, model, cache_args, frontend.tenant_of(parsed, None))
+            if probe.hit is not None:
+                summary.cache_hits += 1
+                yield result(custom_id, parsed, frontend.outputs_from_hit(probe.hit, parsed, custom_id), model,
+                             frontend.hit_field(probe.hit))
                 continue
-            try:
-                custom_id, parsed = _parse_line(raw, engine)
-            except _LineError as e:
-                if f"line:{number}" not in done:
-                    write(_error_record(e.custom_id, e.error, number))
-                    summary.errors += 1
-                seen.add(e.custom_id)
-                continue
-            except ValueError as e:
-                if f"line:{number}" not in done:
-                    write({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": None, "response": None,
-                           "error": {"code": "invalid_request", "message": str(e)}, "line": number})
-                    summary.errors += 1
-                continue
-            if custom_id in seen:
-                if f"line:{number}" not in done:
-                    write(_error_record(custom_id, APIError(f"duplicate custom_id {custom_id!r}", param="custom_id"),
-                                        number))
-                    summary.errors += 1
-                continue
-            seen.add(custom_id)
-            if custom_id in done:
-                summary.skipped += 1
-                continue
-            model = parsed.model or engine.model_name
-            probe = None
-            if cache is not None and frontend.cacheable(parsed, cache_args):
-                probe = frontend.probe(cache, parsed, model, cache_args, frontend.tenant_of(parsed, None))
-                if probe.hit is not None:
-                    outputs = frontend.outputs_from_hit(probe.hit, parsed, custom_id)
-                    write_result(custom_id, parsed, outputs, model, frontend.hit_field(probe.hit))
-                    summary.cache_hits += 1
+        line = _Line(number, custom_id, parsed, [], {}, probe)
+        for k, (text, ids) in enumerate(parsed.prompts):
+            request_id = f"{custom_id}#{k}#{uuid.uuid4().hex[:8]}"
+            engine.add_request(request_id, ids, parsed.params, prompt=text)
+            line.request_ids.append(request_id)
+            pending[request_id] = line
+
+    lines_left = len({id(line) for line in pending.values()})
+    with tqdm(total=lines_left, desc="batch", unit="req", disable=not use_tqdm) as bar:
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if not output.finished:
                     continue
-            line = _Line(number, custom_id, parsed, [], {}, probe)
-            for k, (text, ids) in enumerate(parsed.prompts):
-                request_id = f"{custom_id}#{k}#{uuid.uuid4().hex[:8]}"
-                engine.add_request(request_id, ids, parsed.params, prompt=text)
-                line.request_ids.append(request_id)
-                pending[request_id] = line
-
-        lines_left = len({id(line) for line in pending.values()})
-        with tqdm(total=lines_left, desc="batch", unit="req", disable=not use_tqdm) as bar:
-            while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if not output.finished:
-                        continue
-                    line = pending.pop(output.request_id)
-                    line.outputs[output.request_id] = output
-                    if len(line.outputs) < len(line.request_ids):
-                        continue
-                    outputs = [line.outputs[r] for r in line.request_ids]
-                    write_result(line.custom_id, line.parsed, outputs, line.parsed.model or engine.model_name,
-                                 None if cache is None else frontend.hit_field(None))
-                    answer = frontend.stored_answer(outputs) if line.probe is not None else None
-                    if answer is not None:
-                        cache.insert(line.probe, answer)
-                    bar.update(1)
-    summary.wall_seconds = time.perf_counter() - start
-    return summary
+                line = pending.pop(output.request_id)
+                line.outputs[output.request_id] = output
+                if len(line.outputs) < len(line.request_ids):
+                    continue
+                outputs = [line.outputs[r] for r in line.request_ids]
+                yield result(line.custom_id, line.parsed, outputs, line.parsed.model or engine.model_name,
+                             None if cache is None else frontend.hit_field(None))
+                answer = frontend.stored_answer(outputs) if line.probe is not None else None
+                if answer is not None:
+                    cache.insert(line.probe, answer)
+                bar.update(1)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 
@@ -45,16 +46,68 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return dataclass_from(EngineArgs, ns)
 
 
+def add_trace_args(parser: argparse.ArgumentParser, **defaults: typing.Any) -> None:
+    """The synthetic trace's flags (`bench/serve_trace.py`), and a BurstGPT file instead."""
+    group = parser.add_argument_group("trace")
+    group.add_argument("--num-requests", type=int, default=defaults.get("num_requests", 120))
+    group.add_argument("--gamma-shape", type=float, default=0.5, help="inter-arrival burstiness (1 = Poisson)")
+    group.add_argument("--prompt-len", default=defaults.get("prompt_len", "16,512"),
+                       help="Zipf-distributed prompt lengths: min,max")
+    group.add_argument("--output-len", default=defaults.get("output_len", "8,128"),
+                       help="Zipf-distributed response lengths: min,max")
+    group.add_argument("--zipf-a", type=float, default=1.2, help="length skew")
+    group.add_argument("--num-users", type=int, default=8)
+    group.add_argument("--user-zipf-a", type=float, default=1.2, help="user (and system prompt) popularity skew")
+    group.add_argument("--session-fraction", type=float, default=defaults.get("session_fraction", 0.3),
+                       help="share of requests in multi-turn sessions")
+    group.add_argument("--turns", type=int, default=3, help="turns per session; each extends the previous prompt")
+    group.add_argument("--shared-prefixes", type=int, default=defaults.get("shared_prefixes", 0),
+                       help="system prompts that requests start with (0: none)")
+    group.add_argument("--shared-prefix-len", type=int, default=defaults.get("shared_prefix_len", 0),
+                       help="tokens of each system prompt")
+    group.add_argument("--workload-seed", type=int, default=0)
+    group.add_argument("--burstgpt", default=None, help="replay this BurstGPT-layout CSV instead (its own arrivals)")
+    group.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT speed-up factor")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    low, high = (int(x) for x in text.split(","))
+    return low, high
+
+
+def trace_spec_from(ns: argparse.Namespace, rate: float | None = None) -> typing.Any:
+    from sharekv.bench.serve_trace import SyntheticTrace
+
+    return SyntheticTrace(num_requests=ns.num_requests, rate=rate or SyntheticTrace.rate, gamma_shape=ns.gamma_shape,
+                          prompt_len=_pair(ns.prompt_len), output_len=_pair(ns.output_len), zipf_a=ns.zipf_a,
+                          num_users=ns.num_users, user_zipf_a=ns.user_zipf_a, session_fraction=ns.session_fraction,
+                          turns=ns.turns, shared_prefixes=ns.shared_prefixes, shared_prefix_len=ns.shared_prefix_len,
+                          seed=ns.workload_seed)
+
+
 def _cmd_batch(ns: argparse.Namespace) -> int:
-    from sharekv.batch import engine_for_job, run_batch
+    from sharekv.batch import engine_for_job, read_lines, run_batch
     from sharekv.cache.frontend import open_cache
 
     cache_args = dataclass_from(SemanticCacheArgs, ns)
-    cache = open_cache(cache_args)
-    engine = engine_for_job(engine_args_from(ns), ns.input)
-    print(f"model {engine.model_name}: KV pool holds {engine.num_kv_tokens} tokens "
-          f"({engine.num_blocks} blocks of {ns.block_size})", file=sys.stderr)
-    summary = run_batch(engine, ns.input, ns.output, use_tqdm=not ns.no_progress, cache=cache, cache_args=cache_args)
+    if ns.ray:
+        from sharekv import ray as ray_batch
+
+        if cache_args.semantic_cache:
+            raise ValueError("--semantic-cache does not run with --ray yet: run the job without one of them")
+        summary = ray_batch.run_batch(engine_args_from(ns), ns.input, ns.output, ns.workers, ns.sharding,
+                                      ns.ray_address, ns.cpus_per_worker, use_tqdm=not ns.no_progress)
+        print(f"{ns.workers} workers ({ns.sharding} sharding): " + ", ".join(
+            f"{r.lines} lines, {r.prompt_tokens_computed} prompt tokens computed in {r.wall_seconds:.1f} s"
+            for r in summary.shards), file=sys.stderr)
+        cache = None
+    else:
+        cache = open_cache(cache_args)
+        engine = engine_for_job(engine_args_from(ns), read_lines(ns.input))
+        print(f"model {engine.model_name}: KV pool holds {engine.num_kv_tokens} tokens "
+              f"({engine.num_blocks} blocks of {ns.block_size})", file=sys.stderr)
+        summary = run_batch(engine, ns.input, ns.output, use_tqdm=not ns.no_progress, cache=cache,
+                            cache_args=cache_args)
     s = summary
     hits = f", {s.cache_hits} from the semantic cache" if cache is not None else ""
     print(f"requests {s.requests} (skipped {s.skipped} done earlier, {s.errors} errors{hits}) | prompt tokens "
@@ -221,16 +274,8 @@ def _engine_flags(ns: argparse.Namespace) -> list[str]:
 
 def _cmd_bench_serve(ns: argparse.Namespace) -> int:
     from sharekv.bench.serve import run_serve_bench
-    from sharekv.bench.serve_trace import SyntheticTrace
 
-    def pair(text: str) -> tuple[int, int]:
-        low, high = (int(x) for x in text.split(","))
-        return low, high
-
-    spec = SyntheticTrace(num_requests=ns.num_requests, gamma_shape=ns.gamma_shape, prompt_len=pair(ns.prompt_len),
-                          output_len=pair(ns.output_len), zipf_a=ns.zipf_a, num_users=ns.num_users,
-                          user_zipf_a=ns.user_zipf_a, session_fraction=ns.session_fraction, turns=ns.turns,
-                          seed=ns.workload_seed)
+    spec = trace_spec_from(ns)
     run_serve_bench(_engine_flags(ns), ns.schedules.split(","), [float(r) for r in ns.request_rates.split(",")],
                     spec, ns.output, ns.slo_ttft, ns.slo_tpot, url=ns.url, api_key=ns.api_key,
                     burstgpt=ns.burstgpt, time_scale=ns.time_scale, engine_args=engine_args_from(ns),
@@ -264,6 +309,66 @@ def _cmd_calibrate_cache(ns: argparse.Namespace) -> int:
           f"on the other {report['report_pairs']}: should-hit served {report['should_hit_served']:.1%}, false hits "
           f"{report['false_hit_rate']:.1%}, unrelated served {report['unrelated_served']:.2%}, precision "
           f"{report['precision']:.1%}\nwrote {ns.output}", file=sys.stderr)
+    return 0
+
+
+def _knobs(text: str | None) -> dict[str, float]:
+    """`gemm_efficiency=0.6,step_overhead=0.002` as a dict."""
+    if not text:
+        return {}
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"cannot read hardware knobs {text!r}; write name=value,name=value")
+    return {name.strip(): float(value) for name, value in pairs}
+
+
+def _cmd_simulate(ns: argparse.Namespace) -> int:
+    from sharekv.bench.serve_trace import burstgpt_trace, synthetic_trace
+    from sharekv.sim.calibrate import hardware_profile
+    from sharekv.sim.cluster import Cluster, requests_from_trace
+    from sharekv.sim.models import simulated_model
+
+    args = engine_args_from(ns)
+    name, config = simulated_model(args.model)
+    profile = hardware_profile(ns.hardware, args).with_knobs(**_knobs(ns.hardware_knobs))
+    trace = (burstgpt_trace(ns.burstgpt, ns.time_scale, ns.num_requests, seed=ns.workload_seed) if ns.burstgpt
+             else synthetic_trace(trace_spec_from(ns, ns.request_rate)))
+    cluster = Cluster(args, config, profile, ns.replicas, ns.router)
+    result = cluster.run(requests_from_trace(trace), use_tqdm=not ns.no_progress).as_dict()
+    result |= {"model": name, "profile": dataclasses.asdict(profile), "kv_pool_blocks": cluster.num_blocks}
+    label = "roofline estimate" if profile.estimate else "profile fitted to measured steps"
+    ttft, tpot = result["ttft"], result["tpot"]
+    print(f"{ns.replicas} x {profile.name} ({label}), {name}, router {ns.router}: {result['finished']}/"
+          f"{result['requests']} requests in {result['makespan']:.1f} s simulated; {result['tokens_per_second']:.0f} "
+          f"tokens/s; TTFT p50/p99 {ttft['p50']:.3f}/{ttft['p99']:.3f} s; TPOT p50/p99 {tpot['p50']:.4f}/"
+          f"{tpot['p99']:.4f} s; goodput {result['goodput']:.2f} req/s ({100 * result['slo_attainment']:.0f}% in SLO);"
+          f" prefix reuse {100 * result['prefix_reuse']:.0f}%; KV use mean {100 * result['kv_usage_mean']:.0f}%; "
+          f"{result['events_per_second']:.0f} events/s", file=sys.stderr)
+    if ns.output:
+        os.makedirs(os.path.dirname(os.path.abspath(ns.output)), exist_ok=True)
+        with open(ns.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _cmd_bench_simulator(ns: argparse.Namespace) -> int:
+    from sharekv.bench.simulator import ClusterWorkload, run_simulator_bench
+
+    run_simulator_bench(engine_args_from(ns), ns.parts.split(","), ns.output,
+                        [int(r) for r in ns.scaling_replicas.split(",")],
+                        [int(r) for r in ns.routing_replicas.split(",")], ns.hardware, ns.gpu_model,
+                        trace_spec_from(ns, ns.request_rate), ClusterWorkload(rate=ns.replica_rate),
+                        ns.routing_slo_ttft, ns.routing_slo_tpot)
+    return 0
+
+
+def _cmd_bench_sharding(ns: argparse.Namespace) -> int:
+    from sharekv.bench.prefix_batch import PrefixBatchWorkload
+    from sharekv.bench.sharding import run_sharding_bench
+
+    workload = PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions_per_doc, doc_len=ns.doc_len,
+                                   system_len=ns.system_len)
+    run_sharding_bench(engine_args_from(ns), workload, ns.workers, ns.cpus_per_worker, ns.output)
     return 0
 
 
@@ -387,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("-i", "--input", required=True, help="input JSONL (OpenAI batch format)")
     batch.add_argument("-o", "--output", required=True, help="output JSONL; rerun with the same file to resume")
     batch.add_argument("--no-progress", action="store_true")
+    dist = batch.add_argument_group("Ray (pip install 'sharekv[ray]')")
+    dist.add_argument("--ray", action="store_true", help="run the job over --workers engines on Ray, sharded by the "
+                      "prefix tree")
+    dist.add_argument("--workers", type=int, default=2, help="engines (Ray actors), one shard each")
+    dist.add_argument("--sharding", default="prefix", help="prefix (whole prefix groups, balanced by cost) | hash | "
+                      "round_robin")
+    dist.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    dist.add_argument("--cpus-per-worker", type=int, default=None, help="CPUs (and torch threads) of each worker "
+                      "(default: this machine's cores over --workers)")
     add_dataclass_args(batch, SemanticCacheArgs, "semantic cache")
     add_engine_args(batch, schedule="global")
     batch.set_defaults(func=_cmd_batch)
@@ -480,18 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="bearer key for --url")
     sv.add_argument("--schedules", default="fcfs,fair", help="start a server per schedule and compare them")
     sv.add_argument("--request-rates", default="2,4,8", help="offered request rates (req/s) of the synthetic trace")
-    sv.add_argument("--num-requests", type=int, default=120)
-    sv.add_argument("--gamma-shape", type=float, default=0.5, help="inter-arrival burstiness (1 = Poisson)")
-    sv.add_argument("--prompt-len", default="16,512", help="Zipf-distributed prompt lengths: min,max")
-    sv.add_argument("--output-len", default="8,128", help="Zipf-distributed response lengths: min,max")
-    sv.add_argument("--zipf-a", type=float, default=1.2, help="length skew")
-    sv.add_argument("--num-users", type=int, default=8)
-    sv.add_argument("--user-zipf-a", type=float, default=1.2, help="user popularity skew (heavy vs light users)")
-    sv.add_argument("--session-fraction", type=float, default=0.3, help="share of requests in multi-turn sessions")
-    sv.add_argument("--turns", type=int, default=3, help="turns per session; each extends the previous prompt")
-    sv.add_argument("--workload-seed", type=int, default=0)
-    sv.add_argument("--burstgpt", default=None, help="replay this BurstGPT-layout CSV instead (its own arrivals)")
-    sv.add_argument("--time-scale", type=float, default=1.0, help="BurstGPT speed-up factor")
+    add_trace_args(sv)
     sv.add_argument("--overhead-requests", type=int, default=64, help="also send this many requests at once and "
                     "compare the server's time per token with LLM.generate on the same requests (0: skip)")
     sv.add_argument("--overhead-repeats", type=int, default=3, help="measured bursts per side (after a warm-up "
@@ -568,6 +671,50 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--semantic-cache-embedder", default=None, help="sentence-transformers model directory")
     cal.add_argument("-o", "--output", required=True, help="config file to write (--semantic-cache-config)")
     cal.set_defaults(func=_cmd_calibrate_cache)
+
+    sim = sub.add_parser("simulate", help="a cluster of R replicas, each the real scheduler and KV manager, with a "
+                         "roofline cost model of a GPU (or this CPU, measured) in place of the forward pass")
+    sim.add_argument("--replicas", type=int, default=4)
+    sim.add_argument("--router", default="prefix_aware", help="round_robin | least_loaded | prefix_aware")
+    sim.add_argument("--hardware", default="h100-sxm", help="h100-sxm | a100-80g (roofline estimates) | cpu (this "
+                     "machine: peak and bandwidth measured, knobs fitted to the engine's steps on --model)")
+    sim.add_argument("--hardware-knobs", default=None, help="override the profile's knobs, e.g. "
+                     "gemm_efficiency=0.6,step_overhead=0.002")
+    sim.add_argument("--request-rate", type=float, default=8.0, help="offered requests/s of the synthetic trace")
+    sim.add_argument("--output", default=None, help="also write the figures as JSON here")
+    sim.add_argument("--no-progress", action="store_true")
+    add_trace_args(sim, num_requests=1000, prompt_len="64,2048", output_len="16,512", session_fraction=0.5,
+                   shared_prefixes=16, shared_prefix_len=1024)
+    add_engine_args(sim, model="llama-3.1-8b", dtype="bfloat16")
+    sim.set_defaults(func=_cmd_simulate)
+
+    bs = bench.add_parser("simulator", help="the cluster simulator: error vs the real engine on this CPU, its speed "
+                          "at 10 to 1,000 replicas, goodput vs replicas per router")
+    bs.add_argument("--parts", default=",".join(("calibration", "scaling", "routing")))
+    bs.add_argument("--scaling-replicas", default="10,100,1000")
+    bs.add_argument("--routing-replicas", default="1,2,4,8,16")
+    bs.add_argument("--hardware", default="h100-sxm", help="the named GPU of the scaling and routing parts")
+    bs.add_argument("--gpu-model", default="llama-3.1-8b", help="the model of the scaling and routing parts")
+    bs.add_argument("--replica-rate", type=float, default=80.0, help="routing: offered requests/s per replica")
+    bs.add_argument("--routing-slo-ttft", type=float, default=0.2)
+    bs.add_argument("--routing-slo-tpot", type=float, default=0.015)
+    bs.add_argument("--request-rate", type=float, default=3.0, help="calibration: the serve trace's requests/s")
+    bs.add_argument("--output", default="results/simulator.json", help="JSON result file (and a .png plot)")
+    add_trace_args(bs)
+    add_engine_args(bs, kv_cache_memory="400MiB")
+    bs.set_defaults(func=_cmd_bench_simulator)
+
+    sh = bench.add_parser("sharding", help="one batch over N Ray workers: prefix-aware vs hash vs round-robin "
+                          "sharding, beside one worker")
+    sh.add_argument("--workers", type=int, default=2)
+    sh.add_argument("--cpus-per-worker", type=int, default=1)
+    sh.add_argument("--num-docs", type=int, default=16)
+    sh.add_argument("--questions-per-doc", type=int, default=8)
+    sh.add_argument("--doc-len", type=int, default=600)
+    sh.add_argument("--system-len", type=int, default=40)
+    sh.add_argument("--output", default="results/sharding.json", help="JSON result file (and a .png plot)")
+    add_engine_args(sh, schedule="global")
+    sh.set_defaults(func=_cmd_bench_sharding)
 
     mk = sub.add_parser("make-model", help="write a random-weight checkpoint (for benchmarks), offline")
     mk.add_argument("out_dir")

@@ -2,8 +2,9 @@
 
 Synthetic: Gamma inter-arrival times (shape < 1 is burstier than Poisson, 1 is Poisson), Zipf-distributed
 prompt and response lengths, users of Zipf-distributed popularity (a few heavy users, many light ones),
-and multi-turn sessions whose every turn extends the previous turn's prompt, so a server with a prefix
-cache can reuse the earlier turns. Prompts are token ids, so lengths are exact for any model.
+multi-turn sessions whose every turn extends the previous turn's prompt, so a server with a prefix cache
+can reuse the earlier turns, and optionally system prompts that many requests start with (of Zipf
+popularity). Prompts are token ids, so lengths are exact for any model.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class SyntheticTrace:
     user_zipf_a: float = 1.2  # the first user sends most requests
     session_fraction: float = 0.3  # share of requests that are turns of multi-turn sessions
     turns: int = 3
+    shared_prefixes: int = 0  # system prompts; each request (a session: its first turn) starts with one
+    shared_prefix_len: int = 0
     seed: int = 0
 
 
@@ -60,11 +63,15 @@ def synthetic_trace(spec: SyntheticTrace) -> list[TraceRequest]:
     kinds = [s for s in range(num_sessions) for _ in range(spec.turns)] + [None] * (n - num_sessions * spec.turns)
     kinds = [kinds[i] for i in rng.permutation(n)]
     session_user = {s: f"user{users[i]}" for i, s in enumerate(kinds) if s is not None}
+    systems = [rng.integers(*TOKEN_RANGE, size=spec.shared_prefix_len).tolist() for _ in range(spec.shared_prefixes)]
+    system_of = _bounded_zipf(rng, spec.user_zipf_a, 0, spec.shared_prefixes - 1, n) if systems else None
     history: dict[int, list[int]] = {}
     requests = []
     for i, session in enumerate(kinds):
         prompt = rng.integers(*TOKEN_RANGE, size=int(prompt_lens[i])).tolist()
         user = f"user{users[i]}"
+        if systems and (session is None or session not in history):
+            prompt = systems[system_of[i]] + prompt
         if session is not None:
             prompt = history.get(session, []) + prompt
             history[session] = prompt

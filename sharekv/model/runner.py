@@ -48,8 +48,9 @@ def shared_block_prefixes(tables: np.ndarray, usable: np.ndarray) -> list[tuple[
             continue
         cap = int(usable[rows].min())
         sub = tables[rows]
-        while depth < cap and (sub[:, depth] == sub[0, depth]).all():
-            depth += 1
+        if depth < cap:  # the rows' common blocks from `depth` on, in one comparison
+            same = (sub[:, depth:cap] == sub[0, depth:cap]).all(axis=0)
+            depth = cap if same.all() else depth + int(same.argmin())
         alone = []
         if depth < cap or len(np.unique(usable[rows])) > 1:
             # rows diverge at `depth` (or some end there): split by the next block; pairs or more go deeper

@@ -16,12 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sharekv.bench.roofline import quick_profile
-from sharekv.config import available_memory_bytes
+from sharekv.config import EngineArgs, available_memory_bytes
 from sharekv.engine import LLMEngine
 from sharekv.sampling_params import SamplingParams
 from sharekv.sched.output import SchedulerOutput
 from sharekv.sim.cluster import next_turn, split_sessions
-from sharekv.sim.hardware import HardwareProfile, StepWork, fit_knobs, relative_errors
+from sharekv.sim.hardware import PROFILES, HardwareProfile, StepWork, fit_knobs, relative_errors
 from sharekv.sim.replica import SimRequest
 from sharekv.sim.step_model import StepCostModel
 
@@ -128,3 +128,12 @@ def fresh(requests: list[SimRequest]) -> list[SimRequest]:
     """Copies with no outcome, for another run of the same requests."""
     return [dataclasses.replace(r, replica=None, first_token=None, finished=None, output_tokens=0, cached_tokens=0,
                                 rejected=False) for r in requests]
+
+
+def hardware_profile(name: str, args: EngineArgs) -> HardwareProfile:
+    """A named GPU's profile, or `cpu`: this machine's, measured on the engine with `args`."""
+    if name in PROFILES:
+        return PROFILES[name]
+    if name == "cpu":
+        return measure_cpu_profile(LLMEngine(args), use_tqdm=True)[0]
+    raise ValueError(f"unknown hardware {name!r}; choose from {', '.join([*PROFILES, 'cpu'])}")

@@ -109,7 +109,8 @@ class Replica:
         self.kv_block_seconds = 0.0  # blocks in use x seconds, for the mean KV usage
         self.peak_blocks = 0
         self._next_seq_id = 0
-        if self.scheduler.policy("slo") is not None:
+        self.slo = self.scheduler.policy("slo") is not None
+        if self.slo:
             steps = calibration_steps(args.block_size, num_blocks, args.max_num_batched_tokens, args.max_num_seqs,
                                       self.max_model_len)
             self.scheduler.step_time.fit_calibration([(StepShape.of(s), cost.seconds(s)) for s in steps])
@@ -176,7 +177,8 @@ class Replica:
             if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 self.scheduler.finish(seq)
                 finished.append(self._end(self.requests[seq.request_id], now))
-        self.scheduler.step_time.observe(StepShape.of(step), seconds)
+        if self.slo:  # only the slo policy reads the step-time model: refitting it costs more than a step's plan
+            self.scheduler.step_time.observe(StepShape.of(step), seconds)
         return finished
 
     def _end(self, request: SimRequest, now: float, rejected: bool = False) -> SimRequest:
