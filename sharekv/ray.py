@@ -49,7 +49,7 @@ class RayBatchSummary(BatchSummary):
         return sum(s.prompt_tokens_computed for s in self.shards)
 
 
-def _ray():
+def ray_module():
     try:
         import ray
     except ImportError as e:
@@ -113,7 +113,7 @@ def run_batch(args: EngineArgs, input_path: str, output_path: str, workers: int 
               use_tqdm: bool = True) -> RayBatchSummary:
     """Run a batch file over `workers` engines on Ray (a local cluster of workers x cpus_per_worker CPUs
     unless `ray_address` names one to join), appending results to `output_path` as they finish."""
-    ray = _ray()
+    ray = ray_module()
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     cpus = cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
@@ -127,6 +127,10 @@ def run_batch(args: EngineArgs, input_path: str, output_path: str, workers: int 
             ray.init(address=ray_address, namespace=NAMESPACE)
         else:
             ray.init(num_cpus=workers * cpus, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    available = ray.cluster_resources().get("CPU", 0)
+    if available < workers * cpus:  # an actor that cannot be placed would wait forever
+        raise ValueError(f"{workers} workers of {cpus} CPUs need {workers * cpus} CPUs; the Ray cluster has "
+                         f"{available:g}: lower --workers or --cpus-per-worker")
     worker_args = dataclasses.replace(args, model=checkpoint.path, num_threads=args.num_threads or cpus)
     actor_class = ray.remote(num_cpus=cpus)(BatchWorker)
     actors = [actor_class.options(name=WORKER_NAME.format(k), namespace=NAMESPACE).remote(worker_args, part, done)

@@ -104,3 +104,10 @@ def test_a_worker_killed_mid_job_loses_nothing_and_the_rerun_resumes(tmp_path):
     clean = tmp_path / "clean.jsonl"
     run_batch(ARGS, str(batch), str(clean), workers=1, cpus_per_worker=1, use_tqdm=False)
     assert _results(clean)[0] == resumed
+
+
+def test_more_workers_than_the_cluster_holds_is_refused_not_a_hang(tmp_path):
+    batch = tmp_path / "in.jsonl"
+    _batch_file(batch, docs=2, questions=2, max_tokens=(2, 4))
+    with pytest.raises(ValueError, match="need 3 CPUs"):
+        run_batch(ARGS, str(batch), str(tmp_path / "out.jsonl"), workers=3, cpus_per_worker=1, use_tqdm=False)
