@@ -325,7 +325,7 @@ def _knobs(text: str | None) -> dict[str, float]:
 def _cmd_simulate(ns: argparse.Namespace) -> int:
     from sharekv.bench.serve_trace import burstgpt_trace, synthetic_trace
     from sharekv.sim.calibrate import hardware_profile
-    from sharekv.sim.cluster import Cluster, requests_from_trace
+    from sharekv.sim.cluster import Cluster, Link, requests_from_trace
     from sharekv.sim.models import simulated_model
 
     args = engine_args_from(ns)
@@ -333,12 +333,14 @@ def _cmd_simulate(ns: argparse.Namespace) -> int:
     profile = hardware_profile(ns.hardware, args).with_knobs(**_knobs(ns.hardware_knobs))
     trace = (burstgpt_trace(ns.burstgpt, ns.time_scale, ns.num_requests, seed=ns.workload_seed) if ns.burstgpt
              else synthetic_trace(trace_spec_from(ns, ns.request_rate)))
-    cluster = Cluster(args, config, profile, ns.replicas, ns.router)
+    cluster = Cluster(args, config, profile, ns.replicas, ns.router, ns.decode_replicas,
+                      Link(ns.link_bandwidth * 1e9, ns.link_latency))
     result = cluster.run(requests_from_trace(trace), use_tqdm=not ns.no_progress).as_dict()
     result |= {"model": name, "profile": dataclasses.asdict(profile), "kv_pool_blocks": cluster.num_blocks}
     label = "roofline estimate" if profile.estimate else "profile fitted to measured steps"
     ttft, tpot = result["ttft"], result["tpot"]
-    print(f"{ns.replicas} x {profile.name} ({label}), {name}, router {ns.router}: {result['finished']}/"
+    split = f" prefill + {ns.decode_replicas} decode" if ns.decode_replicas else ""
+    print(f"{ns.replicas}{split} x {profile.name} ({label}), {name}, router {ns.router}: {result['finished']}/"
           f"{result['requests']} requests in {result['makespan']:.1f} s simulated; {result['tokens_per_second']:.0f} "
           f"tokens/s; TTFT p50/p99 {ttft['p50']:.3f}/{ttft['p99']:.3f} s; TPOT p50/p99 {tpot['p50']:.4f}/"
           f"{tpot['p99']:.4f} s; goodput {result['goodput']:.2f} req/s ({100 * result['slo_attainment']:.0f}% in SLO);"
@@ -680,6 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "machine: peak and bandwidth measured, knobs fitted to the engine's steps on --model)")
     sim.add_argument("--hardware-knobs", default=None, help="override the profile's knobs, e.g. "
                      "gemm_efficiency=0.6,step_overhead=0.002")
+    sim.add_argument("--decode-replicas", type=int, default=0, help="prefill/decode disaggregation: --replicas "
+                     "prefill replicas hand each request's KV to these decode replicas")
+    sim.add_argument("--link-bandwidth", type=float, default=25.0, help="GB/s of the prefill-to-decode KV link")
+    sim.add_argument("--link-latency", type=float, default=1e-4, help="seconds per KV transfer")
     sim.add_argument("--request-rate", type=float, default=8.0, help="offered requests/s of the synthetic trace")
     sim.add_argument("--output", default=None, help="also write the figures as JSON here")
     sim.add_argument("--no-progress", action="store_true")
@@ -689,8 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_cmd_simulate)
 
     bs = bench.add_parser("simulator", help="the cluster simulator: error vs the real engine on this CPU, its speed "
-                          "at 10 to 1,000 replicas, goodput vs replicas per router")
-    bs.add_argument("--parts", default=",".join(("calibration", "scaling", "routing")))
+                          "at 10 to 1,000 replicas, goodput vs replicas per router, prefill/decode "
+                          "disaggregation vs colocated across link bandwidths")
+    bs.add_argument("--parts", default="calibration,scaling,routing,pd")
     bs.add_argument("--scaling-replicas", default="10,100,1000")
     bs.add_argument("--routing-replicas", default="1,2,4,8,16")
     bs.add_argument("--hardware", default="h100-sxm", help="the named GPU of the scaling and routing parts")

@@ -15,7 +15,7 @@ from sharekv.engine import LLMEngine
 from sharekv.model.checkpoint import Checkpoint
 from sharekv.sampling_params import SamplingParams
 from sharekv.sched.step_time import calibration_steps
-from sharekv.sim.cluster import Cluster, requests_from_trace
+from sharekv.sim.cluster import Cluster, Link, requests_from_trace
 from sharekv.sim.hardware import EFFICIENCIES, KNOBS, OVERHEADS, PROFILES, HardwareProfile, fit_knobs, relative_errors
 from sharekv.sim.models import simulated_model
 from sharekv.sim.replica import SimRequest
@@ -160,3 +160,30 @@ def test_simulator_refuses_what_it_cannot_model():
         Cluster(EngineArgs(kv_cache_dtype="int4"), config, PROFILES["h100-sxm"], 1)
     with pytest.raises(ValueError, match="router"):
         Cluster(EngineArgs(), config, PROFILES["h100-sxm"], 2, "random")
+
+
+def test_disaggregated_prefill_and_decode_hand_kv_over_and_end_clean():
+    """P prefill and D decode replicas: every request's first token comes from a prefill replica, its KV
+    (prompt tokens x KV bytes a token) crosses the link, decode replicas only ever decode, and every
+    replica ends clean; a slower link only delays decoding."""
+    _, config = simulated_model("llama-110m")
+    args = EngineArgs(dtype="bfloat16", max_num_batched_tokens=512, kv_cache_memory="64MiB")
+    trace = _session_trace(120, 60.0)
+    tpot = {}
+    for bandwidth in (1e8, 1e11):
+        cluster = Cluster(args, config, PROFILES["a100-80g"], 2, "prefix_aware", decode_replicas=2,
+                          link=Link(bandwidth))
+        cluster.record_steps()
+        requests = requests_from_trace(trace)
+        result = cluster.run(requests)
+        assert result.finished == len(requests) and result.decode_replicas == 2
+        assert result.output_tokens == sum(r.max_tokens for r in requests)
+        moved = sum(len(r.prompt) for r in requests if r.max_tokens > 1)
+        assert result.kv_transfer_bytes == moved * cluster.cost.shapes.kv_bytes_per_token
+        decoders = {r.index for r in cluster.decoders}
+        decode_chunks = [n for replica, _, chunks in cluster.step_log if replica in decoders for _, _, n in chunks]
+        assert decode_chunks and set(decode_chunks) == {1}
+        for replica in cluster.replicas + cluster.decoders:
+            assert engine_leaks(replica) == []
+        tpot[bandwidth] = result.tpot["mean"]
+    assert tpot[1e8] > tpot[1e11]

@@ -6,7 +6,9 @@ it runs at 10 to 1,000 replicas, and what prefix-aware routing buys as a cluster
 - scaling: events per second and wall time of the simulator itself at each replica count (a named GPU,
   light load per replica).
 - routing: goodput, SLO attainment and prefix reuse against replicas, per router, at a fixed load per
-  replica near its knee. GPU figures are roofline estimates.
+  replica near its knee.
+- pd: prefill/decode disaggregation against colocated chunked prefill on the same 4 GPUs, across link
+  bandwidths, with goodput at tight and loose (TTFT, TPOT) pairs. GPU figures are roofline estimates.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from sharekv.bench.serve_trace import SyntheticTrace, synthetic_trace
 from sharekv.config import EngineArgs
 from sharekv.engine import LLMEngine
 from sharekv.sim.calibrate import fresh, measure_cpu_profile, replay_on_engine, step_errors
-from sharekv.sim.cluster import Cluster, request_figures, requests_from_trace
+from sharekv.sim.cluster import Cluster, Link, request_figures, requests_from_trace
 from sharekv.sim.hardware import PROFILES
 from sharekv.sim.models import simulated_model
 from sharekv.sim.replica import SimRequest
 from sharekv.sim.router import ROUTERS
 from sharekv.sim.step_model import StepCostModel
 
-PARTS = ("calibration", "scaling", "routing")
+PARTS = ("calibration", "scaling", "routing", "pd")
+PD_SPLITS = ((1, 3), (2, 2), (3, 1))  # (prefill, decode) replicas beside 4 colocated ones
+PD_BANDWIDTHS_GBS = (0.5, 2.0, 10.0, 50.0, 200.0)
+PD_SLOS = ((0.2, 0.012), (1.0, 0.012), (0.2, 0.05), (1.0, 0.05))  # (TTFT, TPOT) seconds: tight and loose
 LATENCY_KEYS = ("makespan", "goodput", "slo_attainment", "ttft", "tpot", "e2e")
 
 
@@ -139,6 +144,35 @@ def run_routing(replica_counts: list[int], hardware: str, model: str, workload: 
     return rows
 
 
+def run_pd(hardware: str, model: str, workload: ClusterWorkload, use_tqdm: bool = True) -> dict:
+    """Colocated vs each prefill/decode split at each link bandwidth, on one trace; goodput per SLO pair
+    (the schedules ignore SLOs, so one run serves every pair)."""
+    _, config = simulated_model(model)
+    args = EngineArgs(dtype="bfloat16", max_num_batched_tokens=2048)
+    trace = workload.trace(4)
+    runs = []
+
+    def record(label: str, prefill: int, decode: int, bandwidth: float | None, cluster: Cluster) -> None:
+        requests = requests_from_trace(trace)
+        result = cluster.run(requests, use_tqdm)
+        goodput = {f"{ttft}/{tpot}": request_figures(requests, ttft, tpot)["goodput"] for ttft, tpot in PD_SLOS}
+        runs.append({"config": label, "prefill": prefill, "decode": decode, "bandwidth_gbs": bandwidth,
+                     "goodput": goodput, "ttft": result.ttft, "tpot": result.tpot, "makespan": result.makespan,
+                     "kv_transfer_gb": result.kv_transfer_bytes / 1e9,
+                     "kv_transfer_seconds": result.kv_transfer_seconds})
+        print(f"{label} {'' if bandwidth is None else f'{bandwidth:g} GB/s '}: TTFT p99 {result.ttft['p99']:.3f} s, "
+              f"TPOT p99 {1e3 * result.tpot['p99']:.1f} ms, goodput " + ", ".join(f"{k} {v:.1f}"
+                                                                               for k, v in goodput.items()))
+
+    record("colocated", 4, 0, None, Cluster(args, config, PROFILES[hardware], 4, "prefix_aware"))
+    for prefill, decode in PD_SPLITS:
+        for bandwidth in PD_BANDWIDTHS_GBS:
+            record(f"{prefill}P{decode}D", prefill, decode, bandwidth,
+                   Cluster(args, config, PROFILES[hardware], prefill, "prefix_aware", decode_replicas=decode,
+                           link=Link(bandwidth * 1e9)))
+    return {"workload": dataclasses.asdict(workload), "slos": [list(p) for p in PD_SLOS], "runs": runs}
+
+
 def run_simulator_bench(args: EngineArgs, parts: list[str], out_path: str, scaling_replicas: list[int],
                         routing_replicas: list[int], hardware: str = "h100-sxm", gpu_model: str = "llama-3.1-8b",
                         serve_trace: SyntheticTrace | None = None, workload: ClusterWorkload | None = None,
@@ -160,13 +194,16 @@ def run_simulator_bench(args: EngineArgs, parts: list[str], out_path: str, scali
         workload = workload or ClusterWorkload()
         result["routing"] = {"workload": dataclasses.asdict(workload), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
                              "runs": run_routing(routing_replicas, hardware, gpu_model, workload, slo_ttft, slo_tpot)}
+        write_result(result, out_path, _plot)
+    if "pd" in parts:
+        result["pd"] = run_pd(hardware, gpu_model, workload or ClusterWorkload())
     return write_result(result, out_path, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
-    (ax_steps, ax_scale), (ax_good, ax_reuse) = axes
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    (ax_steps, ax_scale, ax_pd_tight), (ax_good, ax_reuse, ax_pd_loose) = axes
     calibration = result.get("calibration")
     if calibration:
         for name, run in calibration["workloads"].items():
@@ -201,6 +238,19 @@ def _plot(result: dict, path: str) -> None:
         ax_reuse.set(xscale="log", xlabel="replicas", ylabel="prompt tokens from a prefix cache (%)",
                      title=f"prefix reuse, {routing['workload']['rate']:.0f} req/s per replica")
         for ax in (ax_good, ax_reuse):
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+    pd = result.get("pd")
+    if pd:
+        colocated = next(r for r in pd["runs"] if r["config"] == "colocated")
+        for ax, slo in ((ax_pd_tight, "0.2/0.012"), (ax_pd_loose, "1.0/0.05")):
+            for label in dict.fromkeys(r["config"] for r in pd["runs"] if r["decode"]):
+                runs = [r for r in pd["runs"] if r["config"] == label]
+                ax.plot([r["bandwidth_gbs"] for r in runs], [r["goodput"][slo] for r in runs], marker="o", label=label)
+            ax.axhline(colocated["goodput"][slo], color="black", linestyle="--", label="colocated x4")
+            ttft, tpot = slo.split("/")
+            ax.set(xscale="log", xlabel="KV link bandwidth (GB/s)", ylabel="goodput (req/s)",
+                   title=f"4 GPUs, TTFT {ttft} s and TPOT {1e3 * float(tpot):.0f} ms (roofline estimate)")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
     for ax in axes.flat:

@@ -115,6 +115,15 @@ class Scheduler:
         if not any(p.hold(seq) for p in self.policies):
             self.enqueue(seq)
 
+    def add_handed_over(self, seq: Sequence, slots: list[int], num_tokens: int) -> None:
+        """Queue a sequence whose first `num_tokens` tokens of KV another engine computed and handed over into
+        host slots taken from this swap space (prefill/decode disaggregation): it starts as a sequence
+        swapped out here resumes, the slots copied into its blocks."""
+        seq.swap_slots, seq.num_swapped_tokens = slots, num_tokens
+        seq.num_preemptions = max(seq.num_preemptions, 1)  # it resumes: ahead of fresh requests of its priority
+        self.num_swapped += 1
+        self.add(seq)
+
     def enqueue(self, seq: Sequence) -> None:
         """Put a waiting sequence in its lane, in queue order."""
         resuming = 0 if seq.num_preemptions else 1

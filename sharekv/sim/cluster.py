@@ -27,7 +27,7 @@ from sharekv.sim.replica import Replica, SimRequest, check_simulated_args, pool_
 from sharekv.sim.router import make_router
 from sharekv.sim.step_model import StepCostModel
 
-_ARRIVAL, _STEP_END = 0, 1
+_ARRIVAL, _STEP_END, _TRANSFER = 0, 1, 2
 
 
 def split_sessions(requests: list[SimRequest]) -> tuple[list[SimRequest], dict[int, list[SimRequest]]]:
@@ -84,6 +84,9 @@ class SimulationResult:
     preemptions: int
     events: int
     wall_seconds: float
+    decode_replicas: int = 0  # with prefill/decode disaggregation: `replicas` prefill, these decode
+    kv_transfer_bytes: float = 0.0
+    kv_transfer_seconds: float = 0.0  # exposed (past the prefill), summed over requests
 
     @property
     def events_per_second(self) -> float:
@@ -102,26 +105,55 @@ class SimulationResult:
                 "tokens_per_second": self.tokens_per_second, "prefix_reuse": self.prefix_reuse}
 
 
+@dataclass(frozen=True)
+class Link:
+    """Where a disaggregated cluster's KV goes from prefill to decode replicas."""
+
+    bandwidth: float = 25e9  # bytes/s
+    latency: float = 1e-4  # seconds per transfer
+
+
 class Cluster:
     def __init__(self, args: EngineArgs, config: ModelConfig, profile: HardwareProfile, num_replicas: int,
-                 router: str = "round_robin") -> None:
+                 router: str = "round_robin", decode_replicas: int = 0, link: Link | None = None) -> None:
+        """`num_replicas` colocated replicas; or, with `decode_replicas`, that many prefill replicas (behind
+        the router) whose requests' KV moves over `link` to the decode replicas (least loaded first)."""
         check_simulated_args(args)
-        if num_replicas < 1:
-            raise ValueError("a cluster needs at least one replica")
+        if num_replicas < 1 or decode_replicas < 0:
+            raise ValueError("a cluster needs at least one (prefill) replica")
         self.args = args
         self.profile = profile
         self.cost = StepCostModel(config, args, profile)
+        self.num_layers = config.num_layers
         num_blocks = pool_blocks(args, self.cost)
         self.replicas = [Replica(i, args, config, self.cost, num_blocks) for i in range(num_replicas)]
+        # a decode replica's host slots are its receive buffer: as large as its pool
+        self.decoders = [Replica(num_replicas + j, args, config, self.cost, num_blocks, swap_blocks=num_blocks)
+                         for j in range(decode_replicas)]
         self.router = make_router(router, self.replicas)
+        self.decode_router = make_router("least_loaded", self.decoders) if self.decoders else None
         self.router_name = router
+        self.link = link or Link()
         self.num_blocks = num_blocks
+        self.kv_bytes_moved = 0.0
+        self.transfer_seconds = 0.0  # exposed, summed over requests
         self.step_log: list[tuple[int, float, list[tuple[int, int, int]]]] | None = None  # see record_steps
 
     def record_steps(self) -> None:
         """Keep every step's (replica, start, [(seq id, first position, tokens) per chunk]), to compare the
         decisions with a real engine's."""
         self.step_log = []
+
+    def _transfer_seconds(self, request: SimRequest, last_step: float) -> float:
+        """The KV transfer's time past the prefill: each layer's KV leaves as the layer's part of the last
+        prefill step ends, so all but the last layer's share overlaps with that step."""
+        num_bytes = len(request.prompt) * self.cost.shapes.kv_bytes_per_token
+        self.kv_bytes_moved += num_bytes
+        wire = num_bytes / self.link.bandwidth
+        layers = self.num_layers
+        exposed = self.link.latency + max(wire / layers, wire - last_step * (layers - 1) / layers)
+        self.transfer_seconds += exposed
+        return exposed
 
     def run(self, requests: list[SimRequest], use_tqdm: bool = False) -> SimulationResult:
         start_wall = time.perf_counter()
@@ -131,6 +163,7 @@ class Cluster:
         for request in first:
             heapq.heappush(events, (request.arrival, next(order), _ARRIVAL, request))
         num_events = 0
+        prefill_only = 1 if self.decoders else None  # a prefill replica runs a request to its first token
 
         def start(replica: Replica, now: float) -> None:
             seconds, refused = replica.start_step(now)
@@ -142,9 +175,14 @@ class Cluster:
                                                                for c in replica.step.chunks]))
                 heapq.heappush(events, (now + seconds, next(order), _STEP_END, replica))
 
-        def end(request: SimRequest, now: float) -> None:
+        def end(request: SimRequest, now: float, replica: Replica | None = None) -> None:
+            if replica is not None and replica.index < len(self.replicas):
+                self.router.on_finish(request)
+                if self.decoders and request.max_tokens > 1:  # on to a decode replica
+                    heapq.heappush(events, (now + self._transfer_seconds(request, replica.step_seconds),
+                                            next(order), _TRANSFER, request))
+                    return
             bar.update(1)
-            self.router.on_finish(request)
             following = next_turn(later, request)
             if following is not None:
                 heapq.heappush(events, (following.arrival, next(order), _ARRIVAL, following))
@@ -162,30 +200,37 @@ class Cluster:
                     woken = {}
                     for request in arrived:
                         replica = self.router.pick(request)
-                        replica.add(request, now)
+                        replica.add(request, now, prefill_only)
                         woken[replica.index] = replica
                     for replica in woken.values():
                         if not replica.busy:
                             start(replica, now)
+                elif kind == _TRANSFER:
+                    replica = self.decode_router.pick(item)
+                    replica.receive(item, now)
+                    if not replica.busy:
+                        start(replica, now)
                 else:
                     replica = item
                     for request in replica.finish_step(now):
-                        end(request, now)
+                        end(request, now, replica)
                     start(replica, now)
         return self._result(requests, num_events, time.perf_counter() - start_wall)
 
     def _result(self, requests: list[SimRequest], num_events: int, wall: float) -> SimulationResult:
-        steps = sum(r.steps for r in self.replicas)
-        busy = [r for r in self.replicas if r.busy_seconds]
+        replicas = self.replicas + self.decoders
+        steps = sum(r.steps for r in replicas)
+        busy = [r for r in replicas if r.busy_seconds]
         usage = [r.kv_block_seconds / r.busy_seconds / self.num_blocks for r in busy]
         return SimulationResult(
             replicas=len(self.replicas), router=self.router_name, hardware=self.profile.name,
             estimate=self.profile.estimate, **request_figures(requests, self.args.slo_ttft, self.args.slo_tpot),
-            steps=steps, mean_step_seconds=sum(r.busy_seconds for r in self.replicas) / steps if steps else 0.0,
+            steps=steps, mean_step_seconds=sum(r.busy_seconds for r in replicas) / steps if steps else 0.0,
             kv_usage_mean=float(np.mean(usage)) if usage else 0.0,
-            kv_usage_peak=max((r.peak_blocks for r in self.replicas), default=0) / self.num_blocks,
-            preemptions=sum(r.scheduler.num_preemptions for r in self.replicas),
-            events=num_events, wall_seconds=wall)
+            kv_usage_peak=max((r.peak_blocks for r in replicas), default=0) / self.num_blocks,
+            preemptions=sum(r.scheduler.num_preemptions for r in replicas),
+            events=num_events, wall_seconds=wall, decode_replicas=len(self.decoders),
+            kv_transfer_bytes=self.kv_bytes_moved, kv_transfer_seconds=self.transfer_seconds)
 
 
 def request_figures(requests: list[SimRequest], slo_ttft: float, slo_tpot: float) -> dict:

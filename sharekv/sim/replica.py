@@ -10,10 +10,12 @@ the `slo` policy's step-time model learns the simulated step times as the engine
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from sharekv.config import EngineArgs, parse_bytes
 from sharekv.engine import kv_pool_blocks
+from sharekv.kv.block_pool import cdiv
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import kivi_bits
 from sharekv.kv.swap import SwapSpace
@@ -86,7 +88,8 @@ def pool_blocks(args: EngineArgs, cost: StepCostModel) -> int:
 
 class Replica:
     def __init__(self, index: int, args: EngineArgs, config: ModelConfig, cost: StepCostModel,
-                 num_blocks: int) -> None:
+                 num_blocks: int, swap_blocks: int | None = None) -> None:
+        """`swap_blocks`: host slots (default: `args.swap_space`); a decode replica's receive buffer."""
         self.index = index
         self.cost = cost
         self.now = 0.0
@@ -95,10 +98,12 @@ class Replica:
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, KEY_NAMESPACE)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
-                                        swap=SwapSpace(parse_bytes(args.swap_space) // cost.block_bytes),
+                                        swap=SwapSpace(parse_bytes(args.swap_space) // cost.block_bytes
+                                                       if swap_blocks is None else swap_blocks),
                                         policy_options={"slo": {"reject": args.slo_reject}}, clock=lambda: self.now)
         self.slo_defaults = (args.slo_ttft, args.slo_tpot)
         self.requests: dict[str, SimRequest] = {}
+        self.incoming: deque[SimRequest] = deque()  # handed-over requests waiting for receive-buffer slots
         self.seqs: dict[str, Sequence] = {}
         self.step: SchedulerOutput | None = None  # the step in flight
         self.step_seconds = 0.0
@@ -119,21 +124,47 @@ class Replica:
     def busy(self) -> bool:
         return self.step is not None
 
-    def add(self, request: SimRequest, now: float) -> None:
+    def add(self, request: SimRequest, now: float, max_tokens: int | None = None) -> None:
+        """Queue a request (a prefill replica runs it to its first token: `max_tokens` 1)."""
         self.now = now
+        self.scheduler.add(self._register(request, max_tokens or request.max_tokens))
+
+    def receive(self, request: SimRequest, now: float) -> None:
+        """A request whose prompt's KV, and first token, a prefill replica computed: the KV lands in this
+        replica's host slots (its receive buffer) and the sequence resumes from them as a swapped-out one
+        does. While the buffer is full it waits, and is taken as slots free up."""
+        self.now = now
+        self.incoming.append(request)
+        self._take_incoming()
+
+    def _take_incoming(self) -> None:
+        while self.incoming:
+            request = self.incoming[0]
+            slots = self.scheduler.swap.take(cdiv(len(request.prompt), self.block_size))
+            if slots is None:
+                return
+            self.incoming.popleft()
+            seq = self._register(request, request.max_tokens)
+            seq.token_ids.append(OUTPUT_TOKEN)
+            seq.first_token_time = request.first_token
+            self._left[request.request_id] -= len(request.prompt) + 1
+            self.outstanding_tokens -= len(request.prompt) + 1
+            self.scheduler.add_handed_over(seq, slots, len(request.prompt))
+
+    def _register(self, request: SimRequest, max_tokens: int) -> Sequence:
         request.replica = self.index
         ttft, tpot = self.slo_defaults
         seq = Sequence(seq_id=self._next_seq_id, request_id=request.request_id, index=0,
                        token_ids=list(request.prompt), prompt_len=len(request.prompt),
-                       params=SamplingParams(max_tokens=request.max_tokens, ignore_eos=True),
+                       params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                        arrival_time=request.arrival, user=request.user, priority=request.priority,
                        ttft_slo=request.ttft_slo or ttft, tpot_slo=request.tpot_slo or tpot)
         self._next_seq_id += 1
         self.requests[request.request_id] = request
         self.seqs[request.request_id] = seq
-        self._left[request.request_id] = len(request.prompt) + request.max_tokens
+        self._left[request.request_id] = len(request.prompt) + max_tokens
         self.outstanding_tokens += self._left[request.request_id]
-        self.scheduler.add(seq)
+        return seq
 
     def start_step(self, now: float) -> tuple[float | None, list[SimRequest]]:
         """Schedule the next step at `now`: its duration (None when there is nothing to run), and the
@@ -179,6 +210,7 @@ class Replica:
                 finished.append(self._end(self.requests[seq.request_id], now))
         if self.slo:  # only the slo policy reads the step-time model: refitting it costs more than a step's plan
             self.scheduler.step_time.observe(StepShape.of(step), seconds)
+        self._take_incoming()
         return finished
 
     def _end(self, request: SimRequest, now: float, rejected: bool = False) -> SimRequest:
