@@ -354,13 +354,17 @@ def _cmd_simulate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench_simulator(ns: argparse.Namespace) -> int:
+    from sharekv.bench.prefix_batch import PrefixBatchWorkload
     from sharekv.bench.simulator import ClusterWorkload, run_simulator_bench
 
+    batch = PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions_per_doc, doc_len=ns.doc_len)
     run_simulator_bench(engine_args_from(ns), ns.parts.split(","), ns.output,
                         [int(r) for r in ns.scaling_replicas.split(",")],
                         [int(r) for r in ns.routing_replicas.split(",")], ns.hardware, ns.gpu_model,
-                        trace_spec_from(ns, ns.request_rate), ClusterWorkload(rate=ns.replica_rate),
-                        ns.routing_slo_ttft, ns.routing_slo_tpot)
+                        trace_spec_from(ns, ns.request_rate),
+                        ClusterWorkload(rate=ns.replica_rate, requests=ns.replica_requests),
+                        ns.routing_slo_ttft, ns.routing_slo_tpot, batch,
+                        ClusterWorkload(rate=4.0, requests=ns.scaling_replica_requests))
     return 0
 
 
@@ -702,7 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--routing-replicas", default="1,2,4,8,16")
     bs.add_argument("--hardware", default="h100-sxm", help="the named GPU of the scaling and routing parts")
     bs.add_argument("--gpu-model", default="llama-3.1-8b", help="the model of the scaling and routing parts")
-    bs.add_argument("--replica-rate", type=float, default=80.0, help="routing: offered requests/s per replica")
+    bs.add_argument("--replica-rate", type=float, default=80.0, help="routing and pd: offered requests/s per "
+                    "replica")
+    bs.add_argument("--replica-requests", type=int, default=300, help="routing and pd: requests per replica")
+    bs.add_argument("--scaling-replica-requests", type=int, default=40, help="scaling: requests per replica")
+    bs.add_argument("--num-docs", type=int, default=16, help="calibration: the W1-style batch's documents")
+    bs.add_argument("--questions-per-doc", type=int, default=8)
+    bs.add_argument("--doc-len", type=int, default=600)
     bs.add_argument("--routing-slo-ttft", type=float, default=0.2)
     bs.add_argument("--routing-slo-tpot", type=float, default=0.015)
     bs.add_argument("--request-rate", type=float, default=3.0, help="calibration: the serve trace's requests/s")

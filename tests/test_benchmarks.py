@@ -217,3 +217,39 @@ def test_bench_latency(tmp_path):
     assert all(run["steps"] == 12 for run in ours["runs"])
     assert ours["decode_tokens_per_second"] > 0 and result["decode_step_floor_ms"] > 0
     assert "llama.cpp" not in result
+
+
+def test_bench_simulator(tiny_models, tmp_path):
+    """Every part at toy scale: the calibration's real and simulated runs serve every request of the same
+    workloads, and the figures of each part are there."""
+    out = tmp_path / "simulator.json"
+    assert main(["bench", "simulator", "--model", tiny_models["llama"], "--kv-cache-memory", "8MiB",
+                 "--num-docs", "2", "--questions-per-doc", "3", "--doc-len", "48", "--num-requests", "6",
+                 "--prompt-len", "8,40", "--output-len", "2,8", "--request-rate", "50", "--scaling-replicas", "2,4",
+                 "--scaling-replica-requests", "4", "--routing-replicas", "1,2", "--replica-requests", "10",
+                 "--output", str(out)]) == 0
+    result = _result(out)
+    calibration = result["calibration"]
+    assert not calibration["profile"]["estimate"] and calibration["calibration_steps"]["steps"] > 0
+    for run in calibration["workloads"].values():
+        assert run["step_error"]["steps"] == len(run["steps"]) > 0
+        assert run["real"]["makespan"] > 0 and run["simulated"]["makespan"] > 0
+    assert [row["replicas"] for row in result["scaling"]] == [2, 4]
+    assert {(row["replicas"], row["router"]) for row in result["routing"]["runs"]} == {
+        (r, name) for r in (1, 2) for name in ("round_robin", "least_loaded", "prefix_aware")}
+    pd = result["pd"]["runs"]
+    assert pd[0]["config"] == "colocated" and len(pd) == 1 + 3 * 5
+    assert all(run["kv_transfer_gb"] > 0 for run in pd[1:])
+
+
+def test_bench_sharding(tiny_models, tmp_path):
+    """One batch over 2 local Ray workers by each sharding: prefix sharding computes no more prompt tokens
+    than one worker (its groups are whole) while round robin recomputes every document."""
+    out = tmp_path / "sharding.json"
+    assert main(["bench", "sharding", "--model", tiny_models["llama"], "--num-docs", "4", "--questions-per-doc", "3",
+                 "--doc-len", "64", "--system-len", "0", "--kv-cache-memory", "8MiB", "--output", str(out)]) == 0
+    runs = {(r["workers"], r["sharding"]): r for r in _result(out)["runs"]}
+    one = runs[(1, "prefix")]["prompt_tokens_computed"]
+    assert runs[(2, "prefix")]["prompt_tokens_computed"] == one
+    assert runs[(2, "hash")]["prompt_tokens_computed"] >= one
+    assert runs[(2, "round_robin")]["prompt_tokens_computed"] > one

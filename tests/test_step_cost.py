@@ -49,7 +49,7 @@ def test_engine_run_costs(tiny_models, share):
     assert total.linear_flops == 2 * computed * per_token
     assert total.lm_head_flops == 2 * 9 * c.hidden_size * c.vocab_size  # 3 sequences sample 3 tokens each
     # the three requests share 16 cached slots: read once per step with prefix-shared attention
-    reads = [row[4] / runner.shapes.kv_bytes_per_token for row in costs.rows]  # slots read and written
+    reads = [StepCost(*row).kv_bytes / runner.shapes.kv_bytes_per_token for row in costs.rows]  # read, written
     # the last step: decodes at the same slot, each reading its slots, and their new slots written
     last = steps[-1].chunks
     n, start = len(last), last[0].kv_start

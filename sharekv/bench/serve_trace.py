@@ -40,6 +40,7 @@ class SyntheticTrace:
     turns: int = 3
     shared_prefixes: int = 0  # system prompts; each request (a session: its first turn) starts with one
     shared_prefix_len: int = 0
+    vocab_size: int = TOKEN_RANGE[1]  # prompt ids stay below it (a model with a smaller vocabulary)
     seed: int = 0
 
 
@@ -52,6 +53,7 @@ def _bounded_zipf(rng: np.random.Generator, a: float, low: int, high: int, size:
 
 def synthetic_trace(spec: SyntheticTrace) -> list[TraceRequest]:
     rng = np.random.default_rng(spec.seed)
+    ids = (TOKEN_RANGE[0], min(TOKEN_RANGE[1], spec.vocab_size))
     n = spec.num_requests
     gaps = rng.gamma(spec.gamma_shape, 1.0 / (spec.rate * spec.gamma_shape), size=n)
     send_at = np.cumsum(gaps) - gaps[0]
@@ -63,12 +65,12 @@ def synthetic_trace(spec: SyntheticTrace) -> list[TraceRequest]:
     kinds = [s for s in range(num_sessions) for _ in range(spec.turns)] + [None] * (n - num_sessions * spec.turns)
     kinds = [kinds[i] for i in rng.permutation(n)]
     session_user = {s: f"user{users[i]}" for i, s in enumerate(kinds) if s is not None}
-    systems = [rng.integers(*TOKEN_RANGE, size=spec.shared_prefix_len).tolist() for _ in range(spec.shared_prefixes)]
+    systems = [rng.integers(*ids, size=spec.shared_prefix_len).tolist() for _ in range(spec.shared_prefixes)]
     system_of = _bounded_zipf(rng, spec.user_zipf_a, 0, spec.shared_prefixes - 1, n) if systems else None
     history: dict[int, list[int]] = {}
     requests = []
     for i, session in enumerate(kinds):
-        prompt = rng.integers(*TOKEN_RANGE, size=int(prompt_lens[i])).tolist()
+        prompt = rng.integers(*ids, size=int(prompt_lens[i])).tolist()
         user = f"user{users[i]}"
         if systems and (session is None or session not in history):
             prompt = systems[system_of[i]] + prompt

@@ -36,8 +36,10 @@ def run_sharding_bench(args: EngineArgs, workload: PrefixBatchWorkload, workers:
     from sharekv import ray as ray_batch
 
     ray = ray_batch.ray_module()
-    ray.init(num_cpus=workers * cpus_per_worker, include_dashboard=False, namespace=ray_batch.NAMESPACE,
-             log_to_driver=False)  # one local cluster for every run
+    started = not ray.is_initialized()
+    if started:  # one local cluster for every run
+        ray.init(num_cpus=workers * cpus_per_worker, include_dashboard=False, namespace=ray_batch.NAMESPACE,
+                 log_to_driver=False)
     checkpoint = Checkpoint.open(args.model)
     args = dataclasses.replace(args, model=checkpoint.path)
     runs = []
@@ -54,7 +56,8 @@ def run_sharding_bench(args: EngineArgs, workload: PrefixBatchWorkload, workers:
                          "shards": [dataclasses.asdict(s) for s in summary.shards]})
             print(f"{n} worker(s), {sharding}: {summary.prompt_tokens_computed} prompt tokens computed, "
                   f"{summary.wall_seconds:.1f} s")
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     base = runs[0]
     for run in runs:
         run["speedup_vs_one_worker"] = base["wall_seconds"] / run["wall_seconds"]

@@ -81,7 +81,8 @@ def _compare(real: dict, sim: dict) -> dict:
     return out
 
 
-def run_calibration(args: EngineArgs, serve_trace: SyntheticTrace, use_tqdm: bool = True) -> dict:
+def run_calibration(args: EngineArgs, serve_trace: SyntheticTrace, batch: PrefixBatchWorkload,
+                    use_tqdm: bool = True) -> dict:
     """Fit this CPU's profile, then set the simulator beside the real engine on the W1 batch (`global`) and
     a serve trace (`args.schedule`), on the same requests."""
     engine = LLMEngine(dataclasses.replace(args, schedule="global"))
@@ -89,11 +90,11 @@ def run_calibration(args: EngineArgs, serve_trace: SyntheticTrace, use_tqdm: boo
     profile, samples = measure_cpu_profile(engine, use_tqdm)
     cost = StepCostModel(config, engine.args, profile)
     w1 = [SimRequest(f"w1-{i}", r.prompt_token_ids, r.max_tokens, 0.0)
-          for i, r in enumerate(PrefixBatchWorkload().requests(config.vocab_size))]
+          for i, r in enumerate(batch.requests(config.vocab_size))]
     runs = {"w1_prefix_batch": _real_and_simulated(engine, w1, profile, cost, use_tqdm)}
     del engine
     gc.collect()
-    serve = requests_from_trace(synthetic_trace(serve_trace))
+    serve = requests_from_trace(synthetic_trace(dataclasses.replace(serve_trace, vocab_size=config.vocab_size)))
     runs["serve"] = _real_and_simulated(LLMEngine(args), serve, profile, cost, use_tqdm)
     return {"profile": dataclasses.asdict(profile),
             "calibration_steps": {"steps": len(samples), "seconds": sum(s for _, s in samples)},
@@ -112,10 +113,10 @@ def _real_and_simulated(engine: LLMEngine, requests: list[SimRequest], profile, 
             "steps": [(s, profile.seconds(cost.work(step))) for step, s in log]}
 
 
-def run_scaling(replica_counts: list[int], hardware: str, model: str, use_tqdm: bool = True) -> list[dict]:
+def run_scaling(replica_counts: list[int], hardware: str, model: str, workload: ClusterWorkload,
+                use_tqdm: bool = True) -> list[dict]:
     _, config = simulated_model(model)
     args = EngineArgs(dtype="bfloat16", max_num_batched_tokens=2048)
-    workload = ClusterWorkload(rate=4.0, requests=40)
     rows = []
     for replicas in replica_counts:
         cluster = Cluster(args, config, PROFILES[hardware], replicas, "prefix_aware")
@@ -176,7 +177,8 @@ def run_pd(hardware: str, model: str, workload: ClusterWorkload, use_tqdm: bool 
 def run_simulator_bench(args: EngineArgs, parts: list[str], out_path: str, scaling_replicas: list[int],
                         routing_replicas: list[int], hardware: str = "h100-sxm", gpu_model: str = "llama-3.1-8b",
                         serve_trace: SyntheticTrace | None = None, workload: ClusterWorkload | None = None,
-                        slo_ttft: float = 0.2, slo_tpot: float = 0.015) -> dict:
+                        slo_ttft: float = 0.2, slo_tpot: float = 0.015, batch: PrefixBatchWorkload | None = None,
+                        scaling_workload: ClusterWorkload | None = None) -> dict:
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
@@ -184,19 +186,21 @@ def run_simulator_bench(args: EngineArgs, parts: list[str], out_path: str, scali
                           "torch_threads": torch.get_num_threads()},
               "hardware": hardware, "gpu_model": gpu_model, "gpu_figures_are_roofline_estimates": True}
     if "calibration" in parts:
-        result["calibration"] = run_calibration(args, serve_trace or SyntheticTrace(num_requests=120, rate=3.0))
+        result["calibration"] = run_calibration(args, serve_trace or SyntheticTrace(num_requests=120, rate=3.0),
+                                                batch or PrefixBatchWorkload())
         result["calibration"]["model"] = args.model
         write_result(result, out_path, _plot)  # a partial result survives an interrupted run
     if "scaling" in parts:
-        result["scaling"] = run_scaling(scaling_replicas, hardware, gpu_model)
+        result["scaling"] = run_scaling(scaling_replicas, hardware, gpu_model,
+                                        scaling_workload or ClusterWorkload(rate=4.0, requests=40))
         write_result(result, out_path, _plot)
+    workload = workload or ClusterWorkload()
     if "routing" in parts:
-        workload = workload or ClusterWorkload()
         result["routing"] = {"workload": dataclasses.asdict(workload), "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot},
                              "runs": run_routing(routing_replicas, hardware, gpu_model, workload, slo_ttft, slo_tpot)}
         write_result(result, out_path, _plot)
     if "pd" in parts:
-        result["pd"] = run_pd(hardware, gpu_model, workload or ClusterWorkload())
+        result["pd"] = run_pd(hardware, gpu_model, workload)
     return write_result(result, out_path, _plot)
 
 

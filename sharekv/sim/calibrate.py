@@ -32,10 +32,11 @@ CALIBRATION_BATCHES = ((1, 64, 0), (1, 640, 0), (4, 64, 0), (4, 640, 0), (16, 64
 CALIBRATION_OUTPUT = (24, 40)  # tokens a calibration request generates, low and high
 
 
-def calibration_batches(vocab: int, seed: int = 1234) -> list[list[SimRequest]]:
-    """The calibration workload (`CALIBRATION_BATCHES`): prompt lengths within 25% of the batch's, outputs
-    of 24 to 40 tokens."""
+def calibration_batches(vocab: int, max_model_len: int, seed: int = 1234) -> list[list[SimRequest]]:
+    """The calibration workload (`CALIBRATION_BATCHES`): prompt lengths within 25% of the batch's (within
+    the context, with room for the output), outputs of 24 to 40 tokens."""
     rng = np.random.default_rng(seed)
+    longest = max_model_len - CALIBRATION_OUTPUT[1]
     low, high = 16, min(1000, vocab)
     batches = []
     for k, (size, length, shared_len) in enumerate(CALIBRATION_BATCHES):
@@ -43,7 +44,7 @@ def calibration_batches(vocab: int, seed: int = 1234) -> list[list[SimRequest]]:
         batch = []
         for i in range(size):
             own = int(rng.integers(int(length * 0.75), int(length * 1.25) + 1)) - shared_len
-            prompt = shared + rng.integers(low, high, size=max(own, 8)).tolist()
+            prompt = (shared + rng.integers(low, high, size=max(own, 8)).tolist())[-longest:]
             batch.append(SimRequest(f"cal-{k}-{i}", prompt, int(rng.integers(*CALIBRATION_OUTPUT)), 0.0))
         batches.append(batch)
     return batches
@@ -101,7 +102,7 @@ def measure_cpu_profile(engine: LLMEngine, use_tqdm: bool = False) -> tuple[Hard
     base = HardwareProfile("cpu", machine.peak_flops(args.dtype), bandwidth, available_memory_bytes(), args.dtype,
                            weight_bandwidth_efficiency=1.0, host_bandwidth=bandwidth)
     cost = StepCostModel(engine.model_config, args, base)
-    batches = calibration_batches(engine.model_config.vocab_size)
+    batches = calibration_batches(engine.model_config.vocab_size, engine.max_model_len)
     replay_on_engine(engine, fresh(batches[1]))  # warm-up: first calls
     samples = []
     for batch in tqdm(batches, desc="calibration", disable=not use_tqdm):
