@@ -95,8 +95,12 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
 
         if cache_args.semantic_cache:
             raise ValueError("--semantic-cache does not run with --ray yet: run the job without one of them")
-        summary = ray_batch.run_batch(engine_args_from(ns), ns.input, ns.output, ns.workers, ns.sharding,
-                                      ns.ray_address, ns.cpus_per_worker, use_tqdm=not ns.no_progress)
+        try:
+            summary = ray_batch.run_batch(engine_args_from(ns), ns.input, ns.output, ns.workers, ns.sharding,
+                                          ns.ray_address, ns.cpus_per_worker, use_tqdm=not ns.no_progress)
+        except ray_batch.WorkerLost as e:
+            print(f"sharekv: {e}", file=sys.stderr)
+            return 1
         print(f"{ns.workers} workers ({ns.sharding} sharding): " + ", ".join(
             f"{r.lines} lines, {r.prompt_tokens_computed} prompt tokens computed in {r.wall_seconds:.1f} s"
             for r in summary.shards), file=sys.stderr)

@@ -74,6 +74,12 @@ def kv_pool_blocks(kv_bytes: int, block_bytes: int, max_num_seqs: int, tail_bloc
         else max_num_seqs
 
 
+def context_length(args: EngineArgs, model_context: int, num_blocks: int) -> int:
+    """The engine's max_model_len: the model's (or --max-model-len), capped by the pool, since a request may
+    never need more KV than the whole pool."""
+    return min(args.max_model_len or model_context, num_blocks * args.block_size)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, checkpoint: Checkpoint | None = None) -> None:
         args.validate()
@@ -100,8 +106,7 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory {args.kv_cache_memory} holds no block of {per_block} bytes{residual}")
         self.num_blocks = num_blocks
         self.max_num_seqs = max_num_seqs
-        # A request may never need more KV than the whole pool, so the pool caps the context length.
-        self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
+        self.max_model_len = context_length(args, config.max_position_embeddings, num_blocks)
         model = LlamaModel.from_checkpoint(checkpoint, self.max_model_len, dtype, device, args.native_kernels)
         self.load_seconds = time.perf_counter() - t0
         num_swap_slots = parse_bytes(args.swap_space) // per_block

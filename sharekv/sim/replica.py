@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from sharekv.config import EngineArgs, parse_bytes
-from sharekv.engine import kv_pool_blocks
+from sharekv.engine import context_length, kv_pool_blocks
 from sharekv.kv.block_pool import cdiv
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import kivi_bits
@@ -94,7 +94,7 @@ class Replica:
         self.cost = cost
         self.now = 0.0
         self.block_size = args.block_size
-        self.max_model_len = min(args.max_model_len or config.max_position_embeddings, num_blocks * args.block_size)
+        self.max_model_len = context_length(args, config.max_position_embeddings, num_blocks)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, KEY_NAMESPACE)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_num_seqs=args.max_num_seqs, max_model_len=self.max_model_len,
