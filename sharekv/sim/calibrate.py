@@ -26,9 +26,9 @@ from sharekv.sim.replica import SimRequest
 from sharekv.sim.step_model import StepCostModel
 
 # (requests, prompt tokens about, shared prefix tokens): decode batches of several sizes over short and long
-# contexts, and a group behind one prefix, each run alone so the fit sees steps of every kind.
+# contexts, and groups behind one prefix, each run alone so the fit sees steps of every kind.
 CALIBRATION_BATCHES = ((1, 64, 0), (1, 640, 0), (4, 64, 0), (4, 640, 0), (16, 64, 0), (16, 640, 0), (48, 96, 0),
-                       (48, 480, 0), (16, 640, 512))
+                       (48, 480, 0), (16, 640, 512), (48, 640, 512))
 CALIBRATION_OUTPUT = (24, 40)  # tokens a calibration request generates, low and high
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from sharekv.sched.step_time import nonnegative_solve
 
 # The fitted knobs: efficiencies (a fraction of a peak), then seconds of overhead, then GEMM half rows.
-EFFICIENCIES = ("gemm_efficiency", "attention_efficiency", "weight_bandwidth_efficiency", "kv_bandwidth_efficiency")
+EFFICIENCIES = ("gemm_efficiency", "paged_attention_efficiency", "attention_efficiency", "weight_bandwidth_efficiency",
+                "kv_bandwidth_efficiency")
 OVERHEADS = ("step_overhead", "seq_overhead", "chunk_overhead")
 KNOBS = (*EFFICIENCIES, *OVERHEADS, "gemm_half_rows")
 
@@ -55,7 +56,8 @@ class HardwareProfile:
     memory_bytes: int  # that memory's size: weights and the KV pool share it
     dtype: str = "bfloat16"
     gemm_efficiency: float = 0.7  # of peak_flops, linear layers and LM head
-    attention_efficiency: float = 0.5  # of peak_flops, attention's arithmetic
+    paged_attention_efficiency: float = 0.5  # of peak_flops, the paged kernel's arithmetic (decodes, prefix groups)
+    attention_efficiency: float = 0.5  # of peak_flops, whole prefill chunks' attention arithmetic
     weight_bandwidth_efficiency: float = 0.85  # of bandwidth, streaming weights
     kv_bandwidth_efficiency: float = 0.7  # of bandwidth, attention reading paged KV
     step_overhead: float = 1e-3  # seconds a step costs beside its work (launches, scheduling)
@@ -74,16 +76,21 @@ class HardwareProfile:
     def _weights(self) -> float:
         return self.bandwidth * self.weight_bandwidth_efficiency
 
-    def _attention(self, flops: float, kv_bytes: float) -> tuple[float, float]:
-        return (flops / (self.peak_flops * self.attention_efficiency),
-                kv_bytes / (self.bandwidth * self.kv_bandwidth_efficiency))
+    def _attention(self, flops: float, kv_bytes: float, efficiency: float) -> tuple[float, float]:
+        return flops / (self.peak_flops * efficiency), kv_bytes / (self.bandwidth * self.kv_bandwidth_efficiency)
+
+    def _paged(self, w: StepWork) -> tuple[float, float]:
+        return self._attention(w.paged_attention_flops, w.paged_kv_bytes, self.paged_attention_efficiency)
+
+    def _chunks(self, w: StepWork) -> tuple[float, float]:
+        return self._attention(w.chunk_attention_flops, w.chunk_kv_bytes, self.attention_efficiency)
 
     def seconds(self, work: StepWork) -> float:
         w = work
         lm_head = max(w.lm_head_flops / (self.peak_flops * self.gemm_efficiency), w.lm_head_bytes / self._weights())
         return (self.step_overhead + self.seq_overhead * w.sequences + self.chunk_overhead * w.prefill_chunks
-                + max(*self._linear(w)) + lm_head + max(*self._attention(w.paged_attention_flops, w.paged_kv_bytes))
-                + max(*self._attention(w.chunk_attention_flops, w.chunk_kv_bytes)) + w.swap_bytes / self.host_bandwidth)
+                + max(*self._linear(w)) + lm_head + max(*self._paged(w)) + max(*self._chunks(w))
+                + w.swap_bytes / self.host_bandwidth)
 
     def with_knobs(self, **knobs: float) -> HardwareProfile:
         unknown = set(knobs) - set(KNOBS) - {"host_bandwidth", "memory_bytes"}
@@ -105,8 +112,7 @@ def _bounds(profile: HardwareProfile, w: StepWork) -> np.ndarray:
     p = profile
     gemm = p.peak_flops * p.gemm_efficiency
     return np.array([np.greater_equal(*p._linear(w)), w.lm_head_flops / gemm >= w.lm_head_bytes / p._weights(),
-                     np.greater_equal(*p._attention(w.paged_attention_flops, w.paged_kv_bytes)),
-                     np.greater_equal(*p._attention(w.chunk_attention_flops, w.chunk_kv_bytes))])
+                     np.greater_equal(*p._paged(w)), np.greater_equal(*p._chunks(w))])
 
 
 def _terms(profile: HardwareProfile, w: StepWork, bound: np.ndarray) -> np.ndarray:
@@ -116,9 +122,10 @@ def _terms(profile: HardwareProfile, w: StepWork, bound: np.ndarray) -> np.ndarr
     per_row = w.linear_flops / w.tokens / p if w.tokens else 0.0
     gemm = (w.linear_flops / p if bound[0] else 0.0) + (w.lm_head_flops / p if bound[1] else 0.0)
     weights = (0.0 if bound[0] else w.weight_bytes / b) + (0.0 if bound[1] else w.lm_head_bytes / b)
-    attention = (w.paged_attention_flops / p if bound[2] else 0.0) + (w.chunk_attention_flops / p if bound[3] else 0.0)
+    paged = w.paged_attention_flops / p if bound[2] else 0.0
+    chunks = w.chunk_attention_flops / p if bound[3] else 0.0
     kv = (0.0 if bound[2] else w.paged_kv_bytes / b) + (0.0 if bound[3] else w.chunk_kv_bytes / b)
-    return np.array([gemm, attention, weights, kv, 1.0, float(w.sequences), float(w.prefill_chunks),
+    return np.array([gemm, paged, chunks, weights, kv, 1.0, float(w.sequences), float(w.prefill_chunks),
                      per_row if bound[0] else 0.0])
 
 
@@ -161,10 +168,11 @@ def _refit(profile: HardwareProfile, fitted: HardwareProfile, samples: list[tupl
     a = rows / scale
     x = held.copy()
     x[free] = nonnegative_solve(a.T @ a + 1e-9 * np.eye(a.shape[1]), a.T @ (rest / times)) / scale
-    inverse = np.maximum(x[:4], 1e-6)  # a term the steps never exercise keeps a finite efficiency
+    e, o = len(EFFICIENCIES), len(OVERHEADS)
+    inverse = np.maximum(x[:e], 1e-6)  # a term the steps never exercise keeps a finite efficiency
     knobs = dict(zip(EFFICIENCIES, (1.0 / inverse).tolist(), strict=True))
-    knobs |= dict(zip(OVERHEADS, x[4:7].tolist(), strict=True))
-    knobs["gemm_half_rows"] = float(x[7] * knobs["gemm_efficiency"])
+    knobs |= dict(zip(OVERHEADS, x[e:e + o].tolist(), strict=True))
+    knobs["gemm_half_rows"] = float(x[e + o] * knobs["gemm_efficiency"])
     return dataclasses.replace(fitted, **knobs)
 
 
