@@ -1,10 +1,11 @@
 """The discrete-event loop of `sharekv simulate`: requests arrive, a router picks a replica, and each replica
 runs step after step of its real scheduler, every step lasting what the cost model says.
 
-Events are arrivals and step ends, in time order (ties in the order they were made). A replica that is idle
-when a request arrives starts a step at once; one that is busy finds the request in its queue when its step
-ends, as the engine does between steps. A session's next turn is sent once the turn before it finished (and
-not before its own time), as `sharekv bench serve` sends it.
+Events are arrivals, step ends and (with prefill/decode disaggregation) the ends of KV transfers, in time
+order (ties in the order they were made). A replica that is idle when a request arrives starts a step at
+once; one that is busy finds the request in its queue when its step ends, as the engine does between
+steps. A session's next turn is sent once the turn before it finished (and not before its own time), as
+`sharekv bench serve` sends it.
 """
 
 from __future__ import annotations
