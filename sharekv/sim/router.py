@@ -67,6 +67,7 @@ class PrefixAware(Router):
         self._root = root_key(KEY_NAMESPACE)
         self._routed: dict[BlockKey, dict[int, int]] = defaultdict(dict)  # key -> replica -> requests in flight
         self._keys: dict[str, tuple[int, list[BlockKey]]] = {}  # request id -> (replica, its keys)
+        self._sent: dict[BlockKey, set[int]] = {}  # a first block's key -> replicas ever sent a request with it
         self.matched_tokens = 0
 
     def _match(self, replica: Replica, keys: list[BlockKey]) -> int:
@@ -84,10 +85,8 @@ class PrefixAware(Router):
         coldest = least_loaded(self.replicas)
         best, best_blocks = coldest, 0
         if keys:
-            first = keys[0]
-            holders = set(self._routed.get(first, ()))
-            holders.update(r.index for r in self.replicas if r.kv.pool.lookup(first) is not None)
-            for index in sorted(holders):
+            # only a replica that was sent a request with this first block can hold it, cached or in flight
+            for index in sorted(self._sent.get(keys[0], ())):
                 blocks = self._match(self.replicas[index], keys)
                 replica = self.replicas[index]
                 if blocks > best_blocks or (blocks == best_blocks and blocks and
@@ -97,6 +96,8 @@ class PrefixAware(Router):
         if best_blocks == 0 or best.outstanding_tokens > limit:
             best, best_blocks = coldest, self._match(coldest, keys)
         self.matched_tokens += best_blocks * self.block_size
+        if keys:
+            self._sent.setdefault(keys[0], set()).add(best.index)
         for key in keys:
             held = self._routed[key]
             held[best.index] = held.get(best.index, 0) + 1
