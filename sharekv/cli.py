@@ -132,7 +132,9 @@ def _cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _add_workload_args(parser: argparse.ArgumentParser, question_len: int, system_len: int) -> None:
+def _add_workload_args(parser: argparse.ArgumentParser, question_len: int, system_len: int,
+                       seed: bool = True) -> None:
+    """The documents x questions workload's flags (`--workload-seed` too, unless the parser has it)."""
     parser.add_argument("--num-docs", type=int, default=16)
     parser.add_argument("--questions", type=int, default=8, help="questions per document")
     parser.add_argument("--system-len", type=int, default=system_len, help="tokens of a shared system prompt")
@@ -140,15 +142,23 @@ def _add_workload_args(parser: argparse.ArgumentParser, question_len: int, syste
     parser.add_argument("--question-len", type=int, default=question_len)
     parser.add_argument("--min-output", type=int, default=32)
     parser.add_argument("--max-output", type=int, default=80)
-    parser.add_argument("--workload-seed", type=int, default=0)
+    if seed:
+        parser.add_argument("--workload-seed", type=int, default=0)
+
+
+def _prefix_workload(ns: argparse.Namespace) -> typing.Any:
+    from sharekv.bench.prefix_batch import PrefixBatchWorkload
+
+    return PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions, system_len=ns.system_len,
+                               fewshot_len=getattr(ns, "fewshot_len", 0), doc_len=ns.doc_len,
+                               question_len=ns.question_len, output_len=(ns.min_output, ns.max_output),
+                               seed=ns.workload_seed)
 
 
 def _cmd_bench_prefix_batch(ns: argparse.Namespace) -> int:
-    from sharekv.bench.prefix_batch import PrefixBatchWorkload, run_prefix_batch_bench
+    from sharekv.bench.prefix_batch import run_prefix_batch_bench
 
-    workload = PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions, system_len=ns.system_len,
-                                   fewshot_len=ns.fewshot_len, doc_len=ns.doc_len, question_len=ns.question_len,
-                                   output_len=(ns.min_output, ns.max_output), seed=ns.workload_seed)
+    workload = _prefix_workload(ns)
     result = run_prefix_batch_bench(engine_args_from(ns), workload, [int(t) for t in ns.pool_tokens.split(",")],
                                     ns.policies.split(","), ns.output, vllm_python=ns.vllm_python,
                                     kv_cache_dtypes=tuple((ns.kv_cache_dtypes or ns.kv_cache_dtype).split(",")))
@@ -358,10 +368,9 @@ def _cmd_simulate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench_simulator(ns: argparse.Namespace) -> int:
-    from sharekv.bench.prefix_batch import PrefixBatchWorkload
     from sharekv.bench.simulator import ClusterWorkload, run_simulator_bench
 
-    batch = PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions_per_doc, doc_len=ns.doc_len)
+    batch = _prefix_workload(ns)
     run_simulator_bench(engine_args_from(ns), ns.parts.split(","), ns.output,
                         [int(r) for r in ns.scaling_replicas.split(",")],
                         [int(r) for r in ns.routing_replicas.split(",")], ns.hardware, ns.gpu_model,
@@ -373,12 +382,9 @@ def _cmd_bench_simulator(ns: argparse.Namespace) -> int:
 
 
 def _cmd_bench_sharding(ns: argparse.Namespace) -> int:
-    from sharekv.bench.prefix_batch import PrefixBatchWorkload
     from sharekv.bench.sharding import run_sharding_bench
 
-    workload = PrefixBatchWorkload(num_docs=ns.num_docs, questions_per_doc=ns.questions_per_doc, doc_len=ns.doc_len,
-                                   system_len=ns.system_len)
-    run_sharding_bench(engine_args_from(ns), workload, ns.workers, ns.cpus_per_worker, ns.output)
+    run_sharding_bench(engine_args_from(ns), _prefix_workload(ns), ns.workers, ns.cpus_per_worker, ns.output)
     return 0
 
 
@@ -714,9 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "replica")
     bs.add_argument("--replica-requests", type=int, default=300, help="routing and pd: requests per replica")
     bs.add_argument("--scaling-replica-requests", type=int, default=40, help="scaling: requests per replica")
-    bs.add_argument("--num-docs", type=int, default=16, help="calibration: the W1-style batch's documents")
-    bs.add_argument("--questions-per-doc", type=int, default=8)
-    bs.add_argument("--doc-len", type=int, default=600)
+    _add_workload_args(bs, question_len=20, system_len=40, seed=False)  # calibration's W1-style batch
     bs.add_argument("--routing-slo-ttft", type=float, default=0.2)
     bs.add_argument("--routing-slo-tpot", type=float, default=0.015)
     bs.add_argument("--request-rate", type=float, default=3.0, help="calibration: the serve trace's requests/s")
@@ -729,10 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "sharding, beside one worker")
     sh.add_argument("--workers", type=int, default=2)
     sh.add_argument("--cpus-per-worker", type=int, default=1)
-    sh.add_argument("--num-docs", type=int, default=16)
-    sh.add_argument("--questions-per-doc", type=int, default=8)
-    sh.add_argument("--doc-len", type=int, default=600)
-    sh.add_argument("--system-len", type=int, default=40)
+    _add_workload_args(sh, question_len=20, system_len=40)
     sh.add_argument("--output", default="results/sharding.json", help="JSON result file (and a .png plot)")
     add_engine_args(sh, schedule="global")
     sh.set_defaults(func=_cmd_bench_sharding)

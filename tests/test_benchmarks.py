@@ -224,7 +224,7 @@ def test_bench_simulator(tiny_models, tmp_path):
     workloads, and the figures of each part are there."""
     out = tmp_path / "simulator.json"
     assert main(["bench", "simulator", "--model", tiny_models["llama"], "--kv-cache-memory", "8MiB",
-                 "--num-docs", "2", "--questions-per-doc", "3", "--doc-len", "48", "--num-requests", "6",
+                 "--num-docs", "2", "--questions", "3", "--doc-len", "48", "--num-requests", "6",
                  "--prompt-len", "8,40", "--output-len", "2,8", "--request-rate", "50", "--scaling-replicas", "2,4",
                  "--scaling-replica-requests", "4", "--routing-replicas", "1,2", "--replica-requests", "10",
                  "--output", str(out)]) == 0
@@ -246,7 +246,7 @@ def test_bench_sharding(tiny_models, tmp_path):
     """One batch over 2 local Ray workers by each sharding: prefix sharding computes no more prompt tokens
     than one worker (its groups are whole) while round robin recomputes every document."""
     out = tmp_path / "sharding.json"
-    assert main(["bench", "sharding", "--model", tiny_models["llama"], "--num-docs", "4", "--questions-per-doc", "3",
+    assert main(["bench", "sharding", "--model", tiny_models["llama"], "--num-docs", "4", "--questions", "3",
                  "--doc-len", "64", "--system-len", "0", "--kv-cache-memory", "8MiB", "--output", str(out)]) == 0
     runs = {(r["workers"], r["sharding"]): r for r in _result(out)["runs"]}
     one = runs[(1, "prefix")]["prompt_tokens_computed"]
