@@ -68,7 +68,6 @@ class PrefixAware(Router):
         self._routed: dict[BlockKey, dict[int, int]] = defaultdict(dict)  # key -> replica -> requests in flight
         self._keys: dict[str, tuple[int, list[BlockKey]]] = {}  # request id -> (replica, its keys)
         self._sent: dict[BlockKey, set[int]] = {}  # a first block's key -> replicas ever sent a request with it
-        self.matched_tokens = 0
 
     def _match(self, replica: Replica, keys: list[BlockKey]) -> int:
         """Leading blocks of the request that the replica holds or will compute."""
@@ -94,8 +93,7 @@ class PrefixAware(Router):
                     best, best_blocks = replica, blocks
         limit = self.balance_factor * coldest.outstanding_tokens + self.balance_tokens
         if best_blocks == 0 or best.outstanding_tokens > limit:
-            best, best_blocks = coldest, self._match(coldest, keys)
-        self.matched_tokens += best_blocks * self.block_size
+            best = coldest
         if keys:
             self._sent.setdefault(keys[0], set()).add(best.index)
         for key in keys:
