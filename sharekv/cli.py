@@ -286,6 +286,18 @@ def _engine_flags(ns: argparse.Namespace) -> list[str]:
     return flags
 
 
+def _cmd_bench_pd(ns: argparse.Namespace) -> int:
+    from sharekv.bench.pd import run_pd_bench
+
+    if not 0 < ns.prefill_threads < ns.threads:
+        raise ValueError("--prefill-threads must leave the decode server at least one of --threads")
+    result = run_pd_bench(_engine_flags(ns), [float(r) for r in ns.request_rates.split(",")], trace_spec_from(ns),
+                          ns.output, ns.slo_ttft, ns.slo_tpot, ns.threads, ns.prefill_threads, ns.check_requests)
+    check = result["greedy_check"]
+    print(f"wrote {ns.output}: greedy tokens equal on {check['equal']}/{check['requests']} requests")
+    return 0
+
+
 def _cmd_bench_serve(ns: argparse.Namespace) -> int:
     from sharekv.bench.serve import run_serve_bench
 
@@ -623,6 +635,17 @@ def build_parser() -> argparse.ArgumentParser:
     # --slo-ttft / --slo-tpot (engine flags) are both the goodput SLO and the slo schedule's targets
     add_engine_args(sv)
     sv.set_defaults(func=_cmd_bench_serve)
+
+    pd = bench.add_parser("pd", help="prefill/decode disaggregation on this machine: a --role prefill and a --role "
+                                     "decode server against one colocated server on the same cores, same trace")
+    pd.add_argument("--request-rates", default="0.5,1,2", help="offered request rates (req/s) of the synthetic trace")
+    pd.add_argument("--threads", type=int, default=2, help="the colocated server's threads, split between the pair")
+    pd.add_argument("--prefill-threads", type=int, default=1, help="of them, the prefill server's")
+    pd.add_argument("--check-requests", type=int, default=16, help="greedy requests whose tokens must be equal")
+    add_trace_args(pd, num_requests=60)
+    pd.add_argument("--output", default="results/pd.json", help="JSON result file (and a .png plot)")
+    add_engine_args(pd)
+    pd.set_defaults(func=_cmd_bench_pd)
 
     qu = bench.add_parser("quality", help="perplexity and greedy agreement against transformers on the same "
                                           "weights (needs transformers; gguf and accelerate for a GGUF model)")

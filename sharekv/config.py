@@ -183,11 +183,21 @@ class ServerArgs:
     max_n: int = field(default=16, metadata={"help": "largest accepted n"})
     max_tokens_limit: int | None = field(default=None, metadata={"help": "largest accepted max_tokens "
                                                                         "(default: the context length)"})
+    role: str = field(default="both", metadata={
+        "help": "prefill/decode disaggregation on one machine: 'decode' serves clients and has each prompt run by "
+                "the server at --prefill-url, which writes the prompt's KV into this server's swap space "
+                "(shared memory); 'prefill' is that server; 'both' does everything here"})
+    prefill_url: str | None = field(default=None, metadata={"help": "base URL of the --role prefill server "
+                                                                    "(with --role decode)"})
 
     def validate(self) -> None:
         if self.max_waiting_requests < 0 or self.max_n < 1:
             raise ValueError("max_waiting_requests must be >= 0 and max_n >= 1")
         parse_bytes(self.max_request_body)
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError("role must be both, prefill or decode")
+        if (self.role == "decode") != (self.prefill_url is not None):
+            raise ValueError("--role decode needs --prefill-url, and only it takes one")
 
 
 def default_cache_dir() -> str:

@@ -13,8 +13,10 @@ import torch
 from torch.profiler import record_function
 
 from sharekv.config import EngineArgs, parse_bytes
+from sharekv.kv.block_pool import cdiv
 from sharekv.kv.compressor import KVCompressor
 from sharekv.kv.eviction import NONE, eviction_refusal
+from sharekv.kv.handover import FirstToken, Handoff, Handover
 from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import check_kv_format, kivi_bits
 from sharekv.kv.swap import SwapSpace
@@ -28,7 +30,7 @@ from sharekv.sampling_params import InvalidParameter, SamplingParams
 from sharekv.sched.output import SchedulerOutput
 from sharekv.sched.registry import make_scheduler
 from sharekv.sched.step_time import StepShape, calibration_steps
-from sharekv.sequence import Sequence
+from sharekv.sequence import Sequence, SequenceStatus
 from sharekv.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("sharekv")
@@ -55,6 +57,7 @@ class RequestState:
     arrival_time: float
     finished_time: float | None = None
     aborted: bool = False
+    handoff: Handoff | None = None  # a prefill engine's request: where its prompt KV goes
 
     @property
     def finished(self) -> bool:
@@ -113,7 +116,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, args.block_size, args.prefix_shared_attention, num_swap_slots,
                                   args.kv_cache_dtype, num_tail_blocks, args.kv_group_size)
         # Prefix-cache keys name what the KV depends on, so they stay valid beyond this process.
-        namespace = f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_format()}|{args.block_size}"
+        self.kv_namespace = namespace = (f"{os.path.abspath(checkpoint.path)}|{args.dtype}|{args.kv_format()}|"
+                                         f"{args.block_size}")
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace, num_tail_blocks,
                                  residual_blocks, min_window_blocks=int(kivi))
         self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),
@@ -209,10 +213,70 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, stream: bool = False, arrival_time: float | None = None,
                     user: str | None = None, priority: int = 0, keep_prompt_distributions: bool = False,
-                    ttft_slo: float | None = None, tpot_slo: float | None = None) -> None:
+                    ttft_slo: float | None = None, tpot_slo: float | None = None,
+                    handoff: Handoff | None = None) -> None:
         """Queue a request. `keep_prompt_distributions` keeps the log-softmax row of every prompt position
         (`RequestOutput.prompt_distributions`), computed in full as `prompt_logprobs` is. `ttft_slo` and
-        `tpot_slo` (seconds) default to the engine's `slo_ttft` and `slo_tpot`."""
+        `tpot_slo` (seconds) default to the engine's `slo_ttft` and `slo_tpot`. With a `handoff` (a prefill
+        engine), the request runs to its first token (`max_tokens` 1) and its prompt's KV is copied to the
+        handoff's slots before its blocks are freed."""
+        if handoff is not None:
+            self.check_handover(params, "a prefill engine's request")
+            if params.max_tokens != 1 or len(handoff.slots) != params.n:
+                raise ValueError("a handed-off request generates one token, with one slot list per sequence")
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, arrival_time, user, priority,
+                                   keep_prompt_distributions, ttft_slo, tpot_slo)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._register(request_id, prompt, prompt_token_ids, seqs, stream).handoff = handoff
+
+    def add_handed_over(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                        handover: Handover, prompt: str | None = None, stream: bool = False,
+                        arrival_time: float | None = None, user: str | None = None, priority: int = 0,
+                        ttft_slo: float | None = None, tpot_slo: float | None = None) -> RequestOutput | None:
+        """Queue a request whose prompt a prefill engine ran (prefill/decode disaggregation): each sequence
+        starts from its first token, its prompt's KV in the handover's slots of this engine's swap space
+        (reserved by `scheduler.reserve_slots`; this engine owns them from here on). Returns the request's
+        output when it has one now: finished by its first token, or streaming."""
+        self.check_handover(params, "a handed-over request")
+        if len(handover.first) != params.n or len(handover.slots) != params.n:
+            raise ValueError("a handover carries one first token and one slot list per sequence")
+        seqs = self._new_sequences(request_id, prompt_token_ids, params, arrival_time, user, priority, False,
+                                   ttft_slo, tpot_slo)
+        now = time.monotonic()
+        bs = self.args.block_size
+        for seq, first, slots in zip(seqs, handover.first, handover.slots, strict=True):
+            if seq.generator is not None and first.generator_state is not None:
+                seq.generator.set_state(first.generator_state)
+            self._append_token(seq, first.token_id, first.logprob, first.top_logprobs, now)
+            kept = slots[:cdiv(first.num_kv_tokens, bs)] if seq.finish_reason is None else []
+            self.scheduler.release_slots(slots[len(kept):])
+            if seq.finish_reason is None:
+                self.scheduler.add_handed_over(seq, kept, first.num_kv_tokens)
+            else:
+                seq.finished_time = now
+                seq.status = SequenceStatus.FINISHED
+        state = self._register(request_id, prompt, prompt_token_ids, seqs, stream)
+        self.stats.generated_tokens += len(seqs)
+        if state.finished:
+            state.finished_time = now
+            del self.requests[request_id]
+            return self._output(state)
+        return self._output(state) if stream else None
+
+    def check_handover(self, params: SamplingParams, what: str) -> None:
+        """Raise InvalidParameter for what a request split between two engines cannot do."""
+        if params.prompt_logprobs is not None:
+            raise InvalidParameter("prompt_logprobs", f"prompt_logprobs is not supported for {what} (the prefill "
+                                                      "and decode servers run apart)")
+        if (params.kv_eviction or self.args.kv_eviction) not in (None, NONE):
+            raise InvalidParameter("kv_eviction", f"KV eviction does not run on {what}: the KV moves between "
+                                                  "engines as the prompt left it")
+
+    def _new_sequences(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       arrival_time: float | None, user: str | None, priority: int,
+                       keep_prompt_distributions: bool, ttft_slo: float | None,
+                       tpot_slo: float | None) -> list[Sequence]:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
@@ -235,9 +299,14 @@ class LLMEngine:
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             seqs.append(seq)
-            self.scheduler.add(seq)
-        self.requests[request_id] = RequestState(request_id, prompt, list(prompt_token_ids), seqs, stream, arrival)
-        self.stats.prompt_tokens += len(prompt_token_ids) * params.n
+        return seqs
+
+    def _register(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Sequence],
+                  stream: bool) -> RequestState:
+        state = RequestState(request_id, prompt, list(prompt_token_ids), seqs, stream, seqs[0].arrival_time)
+        self.requests[request_id] = state
+        self.stats.prompt_tokens += len(prompt_token_ids) * len(seqs)
+        return state
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; returns its partial output."""
@@ -293,12 +362,17 @@ class LLMEngine:
             with record_function("sharekv::sample"):
                 tokens = self.sampler(logits, sampling_seqs)
             now = time.monotonic()
+            ending = []
             for j, seq in enumerate(sampling_seqs):
                 self._append_token(seq, tokens.token_ids[j], tokens.logprobs[j], tokens.top_logprobs[j], now)
+                state = touched[seq.request_id] = self.requests[seq.request_id]
                 if seq.finish_reason is not None:
                     seq.finished_time = now
-                    self.scheduler.finish(seq)
-                touched[seq.request_id] = self.requests[seq.request_id]
+                    if state.handoff is not None:
+                        self._hand_off(seq, state.handoff, tokens.logprobs[j], tokens.top_logprobs[j])
+                    ending.append(seq)
+            for seq in ending:
+                self.scheduler.finish(seq)
         self._compress_kv(step, seqs, result.attention_mass)
         outputs = rejected
         for state in touched.values():
@@ -317,6 +391,22 @@ class LLMEngine:
         if self.step_log is not None:
             self.step_log.append((step, seconds))
         return outputs
+
+    def _hand_off(self, seq: Sequence, handoff: Handoff, logprob: float, top: dict[int, float] | None) -> None:
+        """Copy a handed-off sequence's prompt KV into its slots (before its blocks are freed): the blocks
+        before a KIVI pool's first tail block (the decode engine recomputes the rest, as after a swap)."""
+        bs = self.args.block_size
+        blocks = seq.block_table[:self.kv.first_tail(seq, cdiv(seq.prompt_len, bs))]
+        slots = handoff.slots[seq.index]
+        if len(slots) < len(blocks):
+            raise ValueError(f"{len(slots)} slots cannot hold the {len(blocks)} blocks of the prompt's KV")
+        if blocks:
+            t0 = time.perf_counter()
+            handoff.bytes += self.runner.kv_cache.copy_out(list(zip(blocks, slots, strict=False)), handoff.host)
+            handoff.seconds += time.perf_counter() - t0
+        state = seq.generator.get_state() if seq.generator is not None else None
+        handoff.first[seq.index] = FirstToken(seq.token_ids[-1], logprob, top, min(seq.prompt_len, len(blocks) * bs),
+                                              state)
 
     def _compress_kv(self, step: SchedulerOutput, seqs: list[Sequence], mass: dict[int, torch.Tensor]) -> None:
         """Eviction policies read what their sequences' queries observed; the compactions due run now,

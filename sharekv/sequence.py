@@ -43,6 +43,7 @@ class Sequence:
     block_keys: list = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
+    handed_over: bool = False  # its prompt's KV came from another engine (prefill/decode disaggregation)
     swap_slots: list[int] | None = None  # host slots holding its KV while preempted by swap
     num_swapped_tokens: int = 0  # cache slots of KV in those host slots (tokens, less those evicted)
     user: str | None = None  # who sent it, for per-user fairness
@@ -67,6 +68,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def resumes(self) -> bool:
+        """It has KV (or had) from before it waits: preempted, or handed over by a prefill engine."""
+        return self.num_preemptions > 0 or self.handed_over
 
     @property
     def num_output_tokens(self) -> int:

@@ -39,6 +39,7 @@ from sharekv.kv.quant import (
     quantize_kivi_values,
     value_group,
 )
+from sharekv.kv.shared_tier import HostLayout, SharedHostTier
 from sharekv.model.config import ModelConfig
 from sharekv.sched.output import Compaction
 
@@ -312,8 +313,11 @@ class KVCache:
             flat = [t.view(layers * 2 * num_blocks, *t.shape[3:]) for t in (self.data, self.scales) if t is not None]
             scales = (None, None) if len(flat) == 1 else (flat[1], flat[1][num_blocks:])
             self._flat = LayerKV(flat[0], flat[0][num_blocks:], dtype, *scales, native, cache=self)
-        self._parts = [(t, torch.empty((*t.shape[:dim], num_swap_slots, *t.shape[dim + 1:]), dtype=t.dtype,
-                                       device="cpu", pin_memory=pinned), dim) for t, dim in parts]
+        self._parts = parts
+        self.num_swap_slots = num_swap_slots
+        # the swap space: each part's blocks in host RAM, the slot dimension where the pool has its blocks
+        self.host = [torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
+                     for shape, dtype in self.host_layout(num_swap_slots)]
         self.swap_seconds = 0.0  # in block copies to and from host RAM (on an accelerator: to enqueue them)
 
     def layer(self, i: int) -> LayerKV:
@@ -354,6 +358,17 @@ class KVCache:
             self.data[:, i, blocks] = packed.view(layers, n, *packed.shape[1:])
             params[:, blocks] = p.view(layers, n, *p.shape[1:])
 
+    def host_layout(self, num_slots: int) -> HostLayout:
+        """(shape, dtype) of each part's host copy of `num_slots` blocks."""
+        return [((*t.shape[:dim], num_slots, *t.shape[dim + 1:]), t.dtype) for t, dim in self._parts]
+
+    def share_swap_space(self) -> SharedHostTier:
+        """Move the (still unused) swap space into a file other processes can map, so that they can write KV
+        into its slots (a decode server's receive buffer)."""
+        tier = SharedHostTier.create(self.host_layout(self.num_swap_slots))
+        self.host = tier.tensors
+        return tier
+
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Copy (block, slot) pairs out to host first (those blocks may be reused in this very step), then
         (slot, block) pairs back in. All blocks in one direction move in one gathered copy per part."""
@@ -361,17 +376,26 @@ class KVCache:
             return
         t0 = time.perf_counter()
         if swap_out:
-            blocks, slots = zip(*swap_out, strict=True)
-            src = torch.tensor(blocks, device=self.device)
-            for pool, host, dim in self._parts:
-                host.index_copy_(dim, torch.tensor(slots), pool.index_select(dim, src).to("cpu"))
+            self.copy_out(swap_out, self.host)
         if swap_in:
             slots, blocks = zip(*swap_in, strict=True)
             dst = torch.tensor(blocks, device=self.device)
-            for pool, host, dim in self._parts:
+            for (pool, dim), host in zip(self._parts, self.host, strict=True):
                 copy = host.index_select(dim, torch.tensor(slots)).to(self.device, non_blocking=True)
                 pool.index_copy_(dim, dst, copy)
         self.swap_seconds += time.perf_counter() - t0
+
+    def copy_out(self, pairs: list[tuple[int, int]], host: list[torch.Tensor]) -> int:
+        """Copy (block, slot) pairs into host tensors of `host_layout`'s shapes (this cache's swap space, or
+        another process's); returns the bytes copied."""
+        blocks, slots = zip(*pairs, strict=True)
+        src = torch.tensor(blocks, device=self.device)
+        moved = 0
+        for (pool, dim), dst in zip(self._parts, host, strict=True):
+            data = pool.index_select(dim, src).to("cpu")
+            dst.index_copy_(dim, torch.tensor(slots), data)
+            moved += data.numel() * data.element_size()
+        return moved
 
     def compact(self, compactions: list[Compaction]) -> None:
         """Move each sequence's kept KV (and scales) to the front of its slots, in its target blocks, per
@@ -386,7 +410,7 @@ class KVCache:
         moves = [self._layered_moves(c) if c.layered else self._moves(c) for c in compactions]
         source, target, head = (torch.cat([m[i].reshape(-1) for m in moves]) for i in range(3))
         values = num_blocks * bs  # a slot's values lie this many rows after its keys
-        for pool, _, _ in self._parts:
+        for pool, _ in self._parts:
             flat = pool.view(layers * 2 * num_blocks * bs, *pool.shape[4:])
             for offset in (0, values):
                 flat[target + offset, head] = flat[source + offset, head]

@@ -122,7 +122,7 @@ class GlobalPolicy(Policy):
         self._headroom = None  # computed when something waits to start
 
     def may_admit(self, seq: Sequence, admission: Admission) -> bool:
-        if seq.num_preemptions:
+        if seq.resumes:
             self._need = 0
             return True  # resuming (rare here): as under fcfs
         if self._headroom is None:

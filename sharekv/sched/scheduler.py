@@ -115,18 +115,26 @@ class Scheduler:
         if not any(p.hold(seq) for p in self.policies):
             self.enqueue(seq)
 
+    def reserve_slots(self, n: int) -> list[int] | None:
+        """`n` swap slots for another engine to write KV into (`add_handed_over`, or `release_slots` if that
+        falls through), or None if the swap space cannot hold them."""
+        return self.swap.take(n)
+
+    def release_slots(self, slots: list[int]) -> None:
+        self.swap.give_back(slots)
+
     def add_handed_over(self, seq: Sequence, slots: list[int], num_tokens: int) -> None:
         """Queue a sequence whose first `num_tokens` tokens of KV another engine computed and handed over into
-        host slots taken from this swap space (prefill/decode disaggregation): it starts as a sequence
+        host slots reserved from this swap space (prefill/decode disaggregation): it starts as a sequence
         swapped out here resumes, the slots copied into its blocks."""
         seq.swap_slots, seq.num_swapped_tokens = slots, num_tokens
-        seq.num_preemptions = max(seq.num_preemptions, 1)  # it resumes: ahead of fresh requests of its priority
+        seq.handed_over = True  # it resumes: ahead of fresh requests of its priority
         self.num_swapped += 1
         self.add(seq)
 
     def enqueue(self, seq: Sequence) -> None:
         """Put a waiting sequence in its lane, in queue order."""
-        resuming = 0 if seq.num_preemptions else 1
+        resuming = 0 if seq.resumes else 1
         key = (seq.priority, resuming, *(k for p in self.policies for k in p.order_key(seq)), seq.seq_id)
         self._queue_keys[seq.seq_id] = key
         lane = self._lanes.setdefault(self._lane(seq), [])

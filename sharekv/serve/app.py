@@ -32,6 +32,7 @@ from sharekv.outputs import RequestOutput
 from sharekv.protocol import ChatCompletionRequest, CompletionRequest, openapi_operation, openapi_schemas
 from sharekv.serve.async_engine import AsyncEngine, EngineDead, QueueFull
 from sharekv.serve.metrics import ServerMetrics
+from sharekv.serve.pd import DecodeRole, PrefillRole
 
 logger = logging.getLogger("sharekv.serve")
 RETRY_AFTER_SECONDS = 1
@@ -98,15 +99,21 @@ def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheAr
         cache.listeners.append(metrics.observe_cache_lookup)
     runner = AsyncEngine(engine, metrics, server.max_waiting_requests)
     body_limit = parse_bytes(server.max_request_body)
+    decode_role = DecodeRole(engine, runner, metrics, server.prefill_url, server.api_key) \
+        if server.role == "decode" else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.calibrate_step_time()  # before the first request: the step-time model and /metrics need it
+        if decode_role is not None:
+            await decode_role.start()
         runner.start()
-        logger.info("serving %s (KV pool %d tokens, schedule %s)", model_name, engine.num_kv_tokens,
-                    engine.args.schedule)
+        logger.info("serving %s (KV pool %d tokens, schedule %s%s)", model_name, engine.num_kv_tokens,
+                    engine.args.schedule, "" if server.role == "both" else f", role {server.role}")
         yield
         runner.stop()
+        if decode_role is not None:
+            await decode_role.close()
         if cache is not None:
             cache.close()
 
@@ -183,16 +190,24 @@ def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheAr
         cache_headers = {} if cache is None else {frontend.HEADER: "miss" if probe is not None else "bypass"}
         queue: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{i}" for i in range(len(parsed.prompts))]
+        arrival = time.monotonic()
+        handovers = [None] * len(ids)
+        if decode_role is not None:  # the prompts run on the prefill server first
+            handovers = await decode_role.prefill_all(ids, [t for _, t in parsed.prompts], parsed.params)
+        added = 0
         try:
-            for engine_id, (text, token_ids) in zip(ids, parsed.prompts, strict=True):
+            for engine_id, (text, token_ids), handover in zip(ids, parsed.prompts, handovers, strict=True):
                 runner.add(engine_id, token_ids, parsed.params, text, parsed.user, parsed.priority, queue,
-                           parsed.ttft_slo, parsed.tpot_slo)
-        except QueueFull as e:
+                           parsed.ttft_slo, parsed.tpot_slo, handover=handover, arrival_time=arrival)
+                added += 1
+        except (QueueFull, EngineDead) as e:
             for engine_id in ids:
                 runner.abort(engine_id)
+            if decode_role is not None:
+                decode_role.release(handovers[added:])
+            if isinstance(e, EngineDead):
+                raise APIError(str(e), status=503, type="server_error") from e
             raise overloaded(e) from e
-        except EngineDead as e:
-            raise APIError(str(e), status=503, type="server_error") from e
         index = {engine_id: i for i, engine_id in enumerate(ids)}
 
         def abort_all() -> None:
@@ -325,6 +340,9 @@ def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheAr
         removed = await asyncio.to_thread(cache.invalidate, body.get("id"), None if user is None else f"user:{user}",
                                           body.get("category"))
         return {"object": "cache.invalidation", "invalidated": removed}
+
+    if server.role == "prefill":
+        PrefillRole(engine, runner, metrics).add_routes(app, lambda request: _read_json(request, body_limit))
 
     @app.post(COMPLETIONS, openapi_extra=openapi_operation(CompletionRequest))
     async def completions(request: Request) -> Response:

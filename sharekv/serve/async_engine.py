@@ -12,9 +12,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sharekv.engine import LLMEngine
+from sharekv.kv.handover import Handoff, Handover
 from sharekv.outputs import RequestOutput
 from sharekv.sampling_params import SamplingParams
 from sharekv.sequence import SequenceStatus
@@ -42,6 +45,15 @@ class _Add:
     arrival_time: float
     ttft_slo: float | None
     tpot_slo: float | None
+    handoff: Handoff | None = None  # a prefill server's request
+    handover: Handover | None = None  # a decode server's request, its prompt run by the prefill server
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+    undo: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -58,6 +70,7 @@ class AsyncEngine:
         self._cond = threading.Condition()
         self._adds: list[_Add] = []
         self._aborts: list[str] = []
+        self._calls: list[_Call] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._progress: dict[str, _Progress] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -88,19 +101,50 @@ class AsyncEngine:
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None,
             user: str | None, priority: int, queue: asyncio.Queue, ttft_slo: float | None = None,
-            tpot_slo: float | None = None) -> None:
+            tpot_slo: float | None = None, handoff: Handoff | None = None, handover: Handover | None = None,
+            arrival_time: float | None = None) -> None:
         """Queue a request (already checked by `LLMEngine.check_request`); its outputs arrive on `queue`
         (several requests may share one), the last one with `finished` set. Raises QueueFull when too many
-        requests wait. Call from the event loop."""
+        requests wait. A `handoff` makes it a prefill server's request, a `handover` a decode server's
+        (`LLMEngine.add_request`, `add_handed_over`). Call from the event loop."""
         if self.error is not None:
             raise EngineDead(str(self.error))
         with self._cond:
             if self.num_waiting + len(self._adds) >= self.max_waiting_requests:
                 raise QueueFull(f"{self.num_waiting + len(self._adds)} requests are waiting")
             self._queues[request_id] = queue
-            self._adds.append(_Add(request_id, prompt_token_ids, params, prompt, user, priority, time.monotonic(),
-                                   ttft_slo, tpot_slo))
+            self._adds.append(_Add(request_id, prompt_token_ids, params, prompt, user, priority,
+                                   time.monotonic() if arrival_time is None else arrival_time, ttft_slo, tpot_slo,
+                                   handoff, handover))
             self._cond.notify()
+
+    async def call(self, fn: Callable[[], Any], undo: Callable[[Any], None] | None = None) -> Any:
+        """Run `fn` on the engine thread between steps (what touches the scheduler's state) and return its
+        result. If the caller is cancelled before the result reaches it, `undo(result)` runs on the engine
+        thread instead (e.g. giving back what `fn` took). Call from the event loop."""
+        if self.error is not None:
+            raise EngineDead(str(self.error))
+        future = self._loop.create_future()
+        self._post(_Call(fn, future, undo))
+        return await future
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on the engine thread between steps, not waiting for it. Call from the event loop."""
+        self._post(_Call(fn, self._loop.create_future()))
+
+    def _post(self, call: _Call) -> None:
+        with self._cond:
+            self._calls.append(call)
+            self._cond.notify()
+
+    def _settle(self, call: _Call, result: object, error: Exception | None) -> None:
+        if call.future.done():  # its caller was cancelled meanwhile
+            if call.undo is not None and error is None:
+                self._post(_Call(lambda: call.undo(result), self._loop.create_future()))
+        elif error is not None:
+            call.future.set_exception(error)
+        else:
+            call.future.set_result(result)
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -112,13 +156,21 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cond:
-                while not (self._adds or self._aborts or self._stopping or engine.has_unfinished_requests()):
+                while not (self._adds or self._aborts or self._calls or self._stopping
+                           or engine.has_unfinished_requests()):
                     self._cond.wait()
                 if self._stopping:
                     return
                 adds, self._adds = self._adds, []
                 aborts, self._aborts = self._aborts, []
+                calls, self._calls = self._calls, []
             try:
+                for call in calls:
+                    try:
+                        result, error = call.fn(), None
+                    except Exception as e:  # the caller's failure, not the engine's
+                        result, error = None, e
+                    self._loop.call_soon_threadsafe(self._settle, call, result, error)
                 outputs = self._take_inbox(adds, aborts)
                 if engine.has_unfinished_requests():
                     outputs += engine.step()
@@ -130,12 +182,19 @@ class AsyncEngine:
                 return
 
     def _take_inbox(self, adds: list[_Add], aborts: list[str]) -> list[RequestOutput]:
+        outputs = []
         for a in adds:
+            self._progress[a.request_id] = _Progress(last_token_time=a.arrival_time)
+            if a.handover is not None:
+                out = self.engine.add_handed_over(a.request_id, a.prompt_token_ids, a.params, a.handover,
+                                                  prompt=a.prompt, stream=True, arrival_time=a.arrival_time,
+                                                  user=a.user, priority=a.priority, ttft_slo=a.ttft_slo,
+                                                  tpot_slo=a.tpot_slo)
+                outputs.append(out)
+                continue
             self.engine.add_request(a.request_id, a.prompt_token_ids, a.params, prompt=a.prompt, stream=True,
                                     arrival_time=a.arrival_time, user=a.user, priority=a.priority,
-                                    ttft_slo=a.ttft_slo, tpot_slo=a.tpot_slo)
-            self._progress[a.request_id] = _Progress(last_token_time=a.arrival_time)
-        outputs = []
+                                    ttft_slo=a.ttft_slo, tpot_slo=a.tpot_slo, handoff=a.handoff)
         for request_id in aborts:
             out = self.engine.abort_request(request_id)
             if out is not None:
@@ -203,6 +262,9 @@ class AsyncEngine:
                 del self._queues[request_id]
 
     def _fail_all(self, error: BaseException) -> None:
+        for call in self._calls:
+            if not call.future.done():
+                call.future.set_exception(EngineDead(str(error)))
         for queue in set(self._queues.values()):
             queue.put_nowait(EngineDead(str(error)))
         self._queues.clear()

@@ -57,6 +57,15 @@ class ServerMetrics:
         # Totals kept by the slo policy (it counts, the server mirrors): gauges set to the running total.
         self.slo_demoted = gauge("slo_demoted_total", "Requests that could no longer meet their TTFT target "
                                  "when waiting (demoted, or refused with --slo-reject).")
+        self.kv_transfer_bytes = counter("kv_transfer_bytes", "Bytes of prompt KV handed between a prefill and a "
+                                         "decode server (--role): written by a prefill server, received by a "
+                                         "decode server.")
+        self.kv_transfer_seconds = counter("kv_transfer_seconds", "Seconds the prefill server spent copying "
+                                           "prompt KV into the decode server's shared swap space.")
+        self.kv_transfers = counter("kv_transfers", "Requests whose prompt KV was handed between a prefill and a "
+                                    "decode server.")
+        self.local_prefills = counter("pd_local_prefills", "Requests a decode server ran its prompt itself "
+                                      "because its swap space had no room to receive the KV.")
         self.slo_rejected = gauge("slo_rejected_total", "Requests refused (503) by --slo-reject.")
         self._cache_lookups = Counter("sharekv:semantic_cache_lookups", "Semantic cache lookups by outcome "
                                       "(exact, semantic, miss).", labels + ["outcome"], registry=r)

@@ -140,7 +140,7 @@ class Replica:
     def _take_incoming(self) -> None:
         while self.incoming:
             request = self.incoming[0]
-            slots = self.scheduler.swap.take(cdiv(len(request.prompt), self.block_size))
+            slots = self.scheduler.reserve_slots(cdiv(len(request.prompt), self.block_size))
             if slots is None:
                 return
             self.incoming.popleft()
