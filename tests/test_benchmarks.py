@@ -253,3 +253,17 @@ def test_bench_sharding(tiny_models, tmp_path):
     assert runs[(2, "prefix")]["prompt_tokens_computed"] == one
     assert runs[(2, "hash")]["prompt_tokens_computed"] >= one
     assert runs[(2, "round_robin")]["prompt_tokens_computed"] > one
+
+
+def test_bench_pd(tmp_path):
+    """A --role prefill and a --role decode server against one colocated server: the greedy check equal on
+    every request, every replayed request served, and KV handed over for each of them."""
+    out = tmp_path / "pd.json"
+    assert main(["bench", "pd", "--model", DEMO_MODEL, "--kv-cache-memory", "16MiB",
+                 "--swap-space", "16MiB", "--num-requests", "6", "--request-rates", "8", "--prompt-len", "8,64",
+                 "--output-len", "4,16", "--check-requests", "4", "--output", str(out)]) == 0
+    result = _result(out)
+    assert result["greedy_check"] == {"requests": 4, "equal": 4}
+    assert {r["schedule"]: r["completed"] for r in result["runs"]} == {"colocated": 6, "disaggregated": 6}
+    assert result["kv_transfer"]["requests"] == 4 + 6 and result["kv_transfer"]["bytes"] > 0
+    assert result["kv_transfer"]["local_prefills"] == 0

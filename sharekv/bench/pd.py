@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 
 import httpx
+import numpy as np
 
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.bench.serve import LocalServer, _Replay, _replay_rates, local_server, served_model
@@ -58,10 +59,23 @@ def disaggregated(engine_flags: list[str], prefill_threads: int, decode_threads:
         yield decode
 
 
+SLO_TTFTS = (0.25, 0.5, 1.0, 2.0)
+SLO_TPOTS = (0.025, 0.05, 0.1, 0.2)
+
+
+def slo_grid(run: dict, ttfts: tuple[float, ...] = SLO_TTFTS,
+             tpots: tuple[float, ...] = SLO_TPOTS) -> list[list[float]]:
+    """The share of a run's requests within each (TTFT, TPOT) pair of targets: rows TTFT, columns TPOT."""
+    latencies = run["request_latencies"]
+    return [[sum(ttft is not None and ttft <= t and (tpot is None or tpot <= p) for ttft, tpot in latencies)
+             / run["requests"] for p in tpots] for t in ttfts]
+
+
 def run_pd_bench(engine_flags: list[str], rates: list[float], spec: SyntheticTrace, out_path: str,
                  slo_ttft: float, slo_tpot: float, threads: int = 2, prefill_threads: int = 1,
                  check_requests: int = 16) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     plan = _Replay(list(rates), spec, slo_ttft, slo_tpot)
     check_trace = synthetic_trace(dataclasses.replace(spec, num_requests=check_requests, session_fraction=0.0,
                                                       seed=spec.seed + 777))
@@ -92,13 +106,16 @@ def run_pd_bench(engine_flags: list[str], rates: list[float], spec: SyntheticTra
     result = {"benchmark": "pd", "engine_flags": engine_flags, "threads": threads,
               "prefill_threads": prefill_threads, "decode_threads": threads - prefill_threads,
               "workload": dataclasses.asdict(spec), "greedy_check": {"requests": len(check_trace), "equal": same},
-              "kv_transfer": kv, "runs": runs}
+              "kv_transfer": kv, "runs": runs,
+              "slo_grid": {"ttft_s": list(SLO_TTFTS), "tpot_s": list(SLO_TPOTS),
+                           "runs": [{"system": r["schedule"], "rate": r["rate"], "goodput_fraction": slo_grid(r)}
+                                    for r in runs]}}
     return write_result(result, out_path, plot_pd)
 
 
 def plot_pd(result: dict, png_path: str) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
     slo = result["runs"][0]["slo"] if result["runs"] else {}
     for system in dict.fromkeys(r["schedule"] for r in result["runs"]):
         mine = [r for r in result["runs"] if r["schedule"] == system]
@@ -112,11 +129,23 @@ def plot_pd(result: dict, png_path: str) -> None:
     axes[1].set(title="time to first token", xlabel="offered request rate (req/s)", ylabel="seconds", yscale="log")
     axes[2].set(title="time per output token", xlabel="offered request rate (req/s)", ylabel="seconds",
                 yscale="log")
+    grid = result["slo_grid"]
+    top = max(r["rate"] for r in grid["runs"])
+    share = {r["system"]: np.asarray(r["goodput_fraction"]) for r in grid["runs"] if r["rate"] == top}
+    if {"colocated", "disaggregated"} <= share.keys():
+        gain = 100 * (share["disaggregated"] - share["colocated"])
+        limit = max(1.0, float(np.abs(gain).max()))
+        axes[3].imshow(gain, cmap="RdBu", vmin=-limit, vmax=limit, origin="lower")
+        for (i, j), value in np.ndenumerate(gain):
+            axes[3].text(j, i, f"{value:+.0f}", ha="center", va="center", fontsize=8)
+        axes[3].set(title=f"disaggregated - colocated, share within SLO (points, {top} req/s)",
+                    xlabel="TPOT target (s)", ylabel="TTFT target (s)", xticks=range(len(grid["tpot_s"])),
+                    yticks=range(len(grid["ttft_s"])), xticklabels=grid["tpot_s"], yticklabels=grid["ttft_s"])
     kv = result["kv_transfer"]
     check = result["greedy_check"]
     fig.suptitle(f"{result['threads']} threads colocated vs {result['prefill_threads']} prefill + "
                  f"{result['decode_threads']} decode; greedy tokens equal on {check['equal']}/{check['requests']}; "
                  f"KV handed over {kv['bytes'] / 2**20:.0f} MiB", fontsize=9)
-    for ax in axes:
+    for ax in axes[:3]:
         ax.legend(fontsize=7)
     save_figure(fig, png_path, rect=(0, 0, 1, 0.94))

@@ -145,6 +145,7 @@ def summarize(records: list[RequestRecord], duration: float, slo_ttft: float, sl
         "user_ttft_spread": float(means.max() / means.min()) if len(means) > 1 and means.min() > 0 else None,
         "user_ttft_jain": float(means.sum() ** 2 / (len(means) * (means ** 2).sum())) if len(means) else None,
         "ttft_samples": sorted(r.ttft for r in ok if r.ttft is not None),
+        "request_latencies": [[r.ttft, r.tpot] for r in ok],  # per served request: TTFT, TPOT (None: one token)
         "itl_samples": sorted(itl),
     }
 

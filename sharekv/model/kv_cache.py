@@ -75,6 +75,19 @@ def read_with_tails(block_ids: torch.Tensor, num_blocks: int, read: Callable[[to
     return out
 
 
+def copy_runs(src: torch.Tensor, src_ids: tuple[int, ...], dst: torch.Tensor, dst_ids: tuple[int, ...], dim: int,
+              non_blocking: bool = False) -> None:
+    """dst[..., dst_ids[i], ...] = src[..., src_ids[i], ...] along `dim`, one strided copy per run of ids
+    consecutive on both sides (a sequence's blocks and the slots reserved for it mostly are): no gathered
+    intermediate, whose fresh pages cost more than the copy."""
+    s, d = np.asarray(src_ids), np.asarray(dst_ids)
+    cuts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    for start, end in zip(np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [len(s)])).tolist(),
+                          strict=True):
+        n = end - start
+        dst.narrow(dim, int(d[start]), n).copy_(src.narrow(dim, int(s[start]), n), non_blocking=non_blocking)
+
+
 @dataclass
 class LayerKV:
     """One layer's slice of the pool: keys and values [blocks, block_size, kv_heads, head_dim] and, when the
@@ -371,7 +384,7 @@ class KVCache:
 
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Copy (block, slot) pairs out to host first (those blocks may be reused in this very step), then
-        (slot, block) pairs back in. All blocks in one direction move in one gathered copy per part."""
+        (slot, block) pairs back in (`copy_runs`)."""
         if not (swap_out or swap_in):
             return
         t0 = time.perf_counter()
@@ -379,22 +392,18 @@ class KVCache:
             self.copy_out(swap_out, self.host)
         if swap_in:
             slots, blocks = zip(*swap_in, strict=True)
-            dst = torch.tensor(blocks, device=self.device)
             for (pool, dim), host in zip(self._parts, self.host, strict=True):
-                copy = host.index_select(dim, torch.tensor(slots)).to(self.device, non_blocking=True)
-                pool.index_copy_(dim, dst, copy)
+                copy_runs(host, slots, pool, blocks, dim, non_blocking=True)
         self.swap_seconds += time.perf_counter() - t0
 
     def copy_out(self, pairs: list[tuple[int, int]], host: list[torch.Tensor]) -> int:
         """Copy (block, slot) pairs into host tensors of `host_layout`'s shapes (this cache's swap space, or
         another process's); returns the bytes copied."""
         blocks, slots = zip(*pairs, strict=True)
-        src = torch.tensor(blocks, device=self.device)
         moved = 0
         for (pool, dim), dst in zip(self._parts, host, strict=True):
-            data = pool.index_select(dim, src).to("cpu")
-            dst.index_copy_(dim, torch.tensor(slots), data)
-            moved += data.numel() * data.element_size()
+            copy_runs(pool, blocks, dst, slots, dim)
+            moved += pool.select(dim, 0).nbytes * len(blocks)
         return moved
 
     def compact(self, compactions: list[Compaction]) -> None:
