@@ -138,7 +138,7 @@ def plot_pd(result: dict, png_path: str) -> None:
         axes[3].imshow(gain, cmap="RdBu", vmin=-limit, vmax=limit, origin="lower")
         for (i, j), value in np.ndenumerate(gain):
             axes[3].text(j, i, f"{value:+.0f}", ha="center", va="center", fontsize=8)
-        axes[3].set(title=f"disaggregated - colocated, share within SLO (points, {top} req/s)",
+        axes[3].set(title=f"disagg. - coloc., % within SLO, {top:g} req/s",
                     xlabel="TPOT target (s)", ylabel="TTFT target (s)", xticks=range(len(grid["tpot_s"])),
                     yticks=range(len(grid["ttft_s"])), xticklabels=grid["tpot_s"], yticklabels=grid["ttft_s"])
     kv = result["kv_transfer"]
