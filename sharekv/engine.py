@@ -248,6 +248,8 @@ class LLMEngine:
         for seq, first, slots in zip(seqs, handover.first, handover.slots, strict=True):
             if seq.generator is not None and first.generator_state is not None:
                 seq.generator.set_state(first.generator_state)
+            # what the prefill engine's prefix cache served; its hit metrics count this prompt, not ours
+            seq.num_cached_tokens = first.num_cached_tokens
             self._append_token(seq, first.token_id, first.logprob, first.top_logprobs, now)
             kept = slots[:cdiv(first.num_kv_tokens, bs)] if seq.finish_reason is None else []
             self.scheduler.release_slots(slots[len(kept):])
@@ -406,7 +408,7 @@ class LLMEngine:
             handoff.seconds += time.perf_counter() - t0
         state = seq.generator.get_state() if seq.generator is not None else None
         handoff.first[seq.index] = FirstToken(seq.token_ids[-1], logprob, top, min(seq.prompt_len, len(blocks) * bs),
-                                              state)
+                                              state, seq.num_cached_tokens or 0)
 
     def _compress_kv(self, step: SchedulerOutput, seqs: list[Sequence], mass: dict[int, torch.Tensor]) -> None:
         """Eviction policies read what their sequences' queries observed; the compactions due run now,

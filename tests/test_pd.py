@@ -145,16 +145,20 @@ def _metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
-def _choices(client: openai.OpenAI, **request) -> list[tuple[str, str]]:
+def _choices(client: openai.OpenAI, **request) -> list[tuple[str, str | int]]:
+    """Each choice's text and finish reason, and the prompt tokens served from a prefix cache."""
     if request.get("stream"):
         chunks = [c.choices[0].text for c in client.completions.create(model="m", **request) if c.choices]
         return [("".join(chunks), "")]
-    return [(c.text, c.finish_reason) for c in client.completions.create(model="m", **request).choices]
+    out = client.completions.create(model="m", **request)
+    cached = out.usage.prompt_tokens_details.cached_tokens
+    return [(c.text, c.finish_reason) for c in out.choices] + [("cached", cached)]
 
 
 def test_served_through_two_servers_equals_one(pd_servers):
     prefill_url, prefill_app, decode_url, decode_app = pd_servers
-    requests = [dict(prompt="Once upon a time", max_tokens=20, temperature=0),
+    requests = [dict(prompt="Once upon a time there was a little girl named Lily who", max_tokens=20, temperature=0),
+                dict(prompt="Once upon a time there was a little girl named Lily who", max_tokens=8, temperature=0),
                 dict(prompt="Lily and Tom went to the park. They saw", max_tokens=30, temperature=0),
                 dict(prompt="The little dog", max_tokens=20, temperature=0, stream=True),
                 dict(prompt=["The cat sat", "One day, a girl"], max_tokens=12, n=2, temperature=0),
@@ -166,8 +170,10 @@ def test_served_through_two_servers_equals_one(pd_servers):
     assert [_choices(client, **r) for r in requests] == expected
     received, written = _metric(decode_url, "kv_transfer_bytes_total"), _metric(prefill_url, "kv_transfer_bytes_total")
     assert received == written > 0
-    assert _metric(decode_url, "kv_transfers_total") == 6  # one per prompt
+    assert expected[1][-1] == ("cached", 16)  # the repeated prompt's full blocks, as the prefill server counts them
+    assert _metric(decode_url, "kv_transfers_total") == 7  # one per prompt
     assert _metric(decode_url, "pd_local_prefills_total") == 0
+    assert _metric(decode_url, "prefix_cache_queries_total") == 0  # the prefill server's figures, not counted twice
     for app in (prefill_app, decode_app):
         _engine_clean(app)
     assert decode_app.state.async_engine.engine.stats.prompt_tokens_computed == 0

@@ -19,19 +19,22 @@ class FirstToken:
     top_logprobs: dict[int, float] | None
     num_kv_tokens: int  # prompt tokens whose KV is in the sequence's slots (a KIVI pool keeps its tail block)
     generator_state: torch.Tensor | None = None  # a seeded sequence's generator after that sample
+    num_cached_tokens: int = 0  # prompt tokens the prefill engine served from its prefix cache
 
     def to_json(self) -> dict:
         state = None if self.generator_state is None else self.generator_state.tolist()
         top = None if self.top_logprobs is None else [[t, lp] for t, lp in self.top_logprobs.items()]
         return {"token_id": self.token_id, "logprob": self.logprob, "top_logprobs": top,
-                "num_kv_tokens": self.num_kv_tokens, "generator_state": state}
+                "num_kv_tokens": self.num_kv_tokens, "generator_state": state,
+                "num_cached_tokens": self.num_cached_tokens}
 
     @classmethod
     def from_json(cls, d: dict) -> FirstToken:
         state = d.get("generator_state")
         top = d.get("top_logprobs")
         return cls(int(d["token_id"]), float(d["logprob"]), None if top is None else {int(t): lp for t, lp in top},
-                   int(d["num_kv_tokens"]), None if state is None else torch.tensor(state, dtype=torch.uint8))
+                   int(d["num_kv_tokens"]), None if state is None else torch.tensor(state, dtype=torch.uint8),
+                   int(d.get("num_cached_tokens", 0)))
 
 
 @dataclass
