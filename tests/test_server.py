@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 
@@ -294,3 +295,45 @@ def test_slo_reject_answers_503_before_any_token():
         assert m["sharekv:slo_rejected_total"] == 2
         assert 0 <= m["sharekv:step_time_prediction_error"] < 10
         _engine_clean(app)
+
+
+def test_sigterm_finishes_the_stream_in_flight_then_exits(tmp_path):
+    """`sharekv serve` runs its step loop on the main thread and HTTP on another: SIGTERM stops taking
+    requests, lets the stream in flight finish, and the process exits cleanly."""
+    import signal
+    import threading
+
+    from sharekv.bench.serve import local_server
+
+    flags = ["--model", ENGINE["model"], "--kv-cache-memory", "16MiB", "--num-threads", "1"]
+    with local_server(flags, str(tmp_path / "server.log")) as live:
+        body = {"prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True, "return_token_ids": True}
+        tokens: list[int] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        tokens.extend(json.loads(line[6:])["choices"][0].get("token_ids") or [])
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(30)
+        os.kill(live.pid, signal.SIGTERM)
+        reader.join(60)
+        assert len(tokens) == 200
+        deadline = time.monotonic() + 30
+        while _alive(live.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(live.pid)
+    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return waited == 0

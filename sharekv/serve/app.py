@@ -7,6 +7,8 @@ import contextlib
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -88,7 +90,10 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheArgs | None = None) -> FastAPI:
+def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheArgs | None = None,
+              engine_thread: bool = True) -> FastAPI:
+    """The server's app. Its engine loop runs on a thread of its own, or (`engine_thread` False) on the
+    thread that calls `app.state.async_engine.run()` once the app has started (`serve`)."""
     server.validate()
     model_name = server.served_model_name or engine.model_name
     metrics = ServerMetrics(model_name)
@@ -107,7 +112,7 @@ def build_app(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheAr
         engine.calibrate_step_time()  # before the first request: the step-time model and /metrics need it
         if decode_role is not None:
             await decode_role.start()
-        runner.start()
+        runner.start(own_thread=engine_thread)
         logger.info("serving %s (KV pool %d tokens, schedule %s%s)", model_name, engine.num_kv_tokens,
                     engine.args.schedule, "" if server.role == "both" else f", role {server.role}")
         yield
@@ -361,5 +366,27 @@ def serve(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheArgs |
     if server.host not in ("127.0.0.1", "localhost", "::1") and not server.api_key:
         logger.warning("binding to %s without --api-key: anyone who can reach this port can use the model",
                        server.host)
-    uvicorn.run(build_app(engine, server, cache_args), host=server.host, port=server.port, log_level="info",
-                timeout_graceful_shutdown=5)
+    # The step loop runs on this thread, which loaded the model (`AsyncEngine.run` says why), and HTTP on
+    # another; Ctrl-C or SIGTERM here stops both.
+    engine.calibrate_step_time()
+    app = build_app(engine, server, cache_args, engine_thread=False)
+    http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
+                                         timeout_graceful_shutdown=5))
+    http_thread = threading.Thread(target=http.run, name="sharekv-http", daemon=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    http_thread.start()
+    runner = app.state.async_engine
+    try:
+        while not runner.started.wait(0.2):  # start-up: the model is loaded; only the app may still fail
+            if not http_thread.is_alive():
+                raise SystemExit(1)
+        try:
+            runner.run()
+        except KeyboardInterrupt:  # finish what is in flight while HTTP shuts down (its shutdown stops the loop)
+            http.should_exit = True
+            runner.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        http.should_exit = True
+        http_thread.join()
