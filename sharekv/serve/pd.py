@@ -3,8 +3,8 @@
 The decode server is the one clients talk to. For each request it reserves host slots in its swap space,
 which lives in a shared-memory file (`kv/shared_tier.py`), and posts the prompt to the prefill server's
 `/pd/prefill`. The prefill server runs the prompt to its first token, copies the prompt's KV blocks
-straight into those slots (one gathered copy per part of the KV layout: no serialization, no socket for the
-KV), and answers with the first token. The decode server then starts the sequence as one swapped out there
+straight into those slots (a strided copy per run of consecutive blocks: no serialization, no socket for
+the KV), and answers with the first token. The decode server then starts the sequence as one swapped out there
 resumes: the slots are copied into its blocks and it decodes from the first token on (`LLMEngine.
 add_handed_over`). Greedy tokens are those of one server doing both. Both servers must run the same model
 and KV format (checked at start-up against `/pd/info`), and both count the bytes handed over in /metrics.
