@@ -23,6 +23,8 @@ def test_serve_soak_and_overload(tmp_path):
     assert o["rejected_503"] > 0 and o["rejected_with_retry_after"] == o["rejected_503"]
     assert o["admitted"] > 0 and o["other_status"] == 0
     assert o["health_failures"] == 0
-    # refusing hundreds of requests a second shares the two cores with the engine: within twice the bound
+    # refusing hundreds of requests a second shares the two cores with the engine, which still serves the
+    # admitted ones at a good part of its rate, and never lets them queue beyond the bound
+    assert o["served_rate"] > 0.3 * o["sustainable_rate"]
     assert o["admitted_latency_p99_s"] < 2 * o["queue_bound_s"]
     assert o["rss_mib_max"] < 1.5 * report["rss_mib_end"]  # RSS bounded under overload
