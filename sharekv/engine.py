@@ -364,17 +364,14 @@ class LLMEngine:
             with record_function("sharekv::sample"):
                 tokens = self.sampler(logits, sampling_seqs)
             now = time.monotonic()
-            ending = []
             for j, seq in enumerate(sampling_seqs):
                 self._append_token(seq, tokens.token_ids[j], tokens.logprobs[j], tokens.top_logprobs[j], now)
                 state = touched[seq.request_id] = self.requests[seq.request_id]
                 if seq.finish_reason is not None:
                     seq.finished_time = now
-                    if state.handoff is not None:
+                    if state.handoff is not None:  # its prompt's KV leaves before its blocks are freed
                         self._hand_off(seq, state.handoff, tokens.logprobs[j], tokens.top_logprobs[j])
-                    ending.append(seq)
-            for seq in ending:
-                self.scheduler.finish(seq)
+                    self.scheduler.finish(seq)
         self._compress_kv(step, seqs, result.attention_mass)
         outputs = rejected
         for state in touched.values():

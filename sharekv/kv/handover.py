@@ -56,7 +56,3 @@ class Handover:
 
     slots: list[list[int]]
     first: list[FirstToken]
-
-    @property
-    def num_slots(self) -> int:
-        return sum(len(s) for s in self.slots)
