@@ -19,20 +19,11 @@ import httpx
 import numpy as np
 
 from sharekv.bench.report import pyplot, save_figure, write_result
-from sharekv.bench.serve import LocalServer, _Replay, _replay_rates, local_server, served_model
+from sharekv.bench.serve import LocalServer, _Replay, _replay_rates, local_server, served_model, server_metrics
 from sharekv.bench.serve_trace import SyntheticTrace, TraceRequest, synthetic_trace
 
 PD_COUNTERS = ("kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfers_total",
                "pd_local_prefills_total")
-
-
-def server_counters(url: str, names: tuple[str, ...] = PD_COUNTERS) -> dict[str, float]:
-    found = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        for name in names:
-            if line.startswith(f"sharekv:{name}{{"):
-                found[name] = float(line.rsplit(" ", 1)[1])
-    return found
 
 
 async def greedy_tokens(url: str, model: str, trace: list[TraceRequest]) -> list[list[int]]:
@@ -92,7 +83,7 @@ def run_pd_bench(engine_flags: list[str], rates: list[float], spec: SyntheticTra
             tokens[label] = asyncio.run(greedy_tokens(live.url, model, check_trace))
             runs += _replay_rates(live.url, model, None, label, plan)
             if label == "disaggregated":
-                transfers = server_counters(live.url)
+                transfers = server_metrics(live.url, PD_COUNTERS)
     same = sum(a == b for a, b in zip(tokens["colocated"], tokens["disaggregated"], strict=True))
     moved = transfers.get("kv_transfer_bytes_total", 0.0)
     copy_s = transfers.get("kv_transfer_seconds_total", 0.0)

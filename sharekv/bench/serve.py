@@ -279,18 +279,21 @@ def _overhead_bursts(spec: SyntheticTrace, num_requests: int, repeats: int) -> l
             for _ in range(repeats + 1)]
 
 
-def _server_gauges(base: str) -> dict[str, float]:
-    """sharekv's step-time model error and SLO counters from /metrics (absent on other servers)."""
+def server_metrics(base: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The named `sharekv:` values from a server's /metrics (those it has; none from another server)."""
     with contextlib.suppress(httpx.HTTPError):
-        text = httpx.get(base + "/metrics", timeout=10).text
-        wanted = ("step_time_prediction_error", "slo_demoted_total", "slo_rejected_total")
         found = {}
-        for line in text.splitlines():
-            for name in wanted:
+        for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+            for name in names:
                 if line.startswith(f"sharekv:{name}{{"):
                     found[name] = float(line.rsplit(" ", 1)[1])
         return found
     return {}
+
+
+def _server_gauges(base: str) -> dict[str, float]:
+    """sharekv's step-time model error and SLO counters."""
+    return server_metrics(base, ("step_time_prediction_error", "slo_demoted_total", "slo_rejected_total"))
 
 
 @dataclass
