@@ -310,30 +310,32 @@ class ModelRunner:
         except the layered sequences' own rows, filled in per layer."""
         bs, layers, num_blocks = self.block_size, self.model.config.num_layers, self.kv_cache.num_blocks
         flat = self.kv_cache.flat_block_ids
-        layered = {i: [flat(np.asarray(t)) for t in c.layer_tables] for i, c in enumerate(chunks)
-                   if c.layer_tables is not None}
-        tables = [layered[i][0] if i in layered else np.asarray(c.block_table) for i, c in enumerate(chunks)]
+        # each layered sequence's tables as one [layers, longest] array, zero past a layer's own length
+        layered = {i: flat(padded_tables(c.layer_tables)) for i, c in enumerate(chunks) if c.layer_tables is not None}
+        layer_starts = {i: np.asarray(chunks[i].layer_kv_starts) for i in layered}
+        tables = [layered[i][0, :len(c.layer_tables[0])] if i in layered else np.asarray(c.block_table)
+                  for i, c in enumerate(chunks)]
         starts = [c.layer_kv_starts[0] if i in layered else c.kv_start for i, c in enumerate(chunks)]
         base = self._attention_metadata(tables, starts, counts, observed, kernel_observed,
                                         sorted(set(kernel_observed) | set(layered)))
         shift = (2 * num_blocks * np.arange(layers))[:, None]  # layer l's blocks in the flat array
         slots = base.slot_mapping.cpu().numpy()[None, :] + shift * bs
         offsets = np.cumsum([0, *counts])
-        for i, per_layer in layered.items():
-            for layer, (table, start) in enumerate(zip(per_layer, chunks[i].layer_kv_starts, strict=True)):
-                kv_pos = np.arange(start, start + counts[i])
-                slots[layer, offsets[i]:offsets[i + 1]] = table[kv_pos // bs] * bs + kv_pos % bs
+        for i, table in layered.items():
+            kv_pos = layer_starts[i][:, None] + np.arange(counts[i])  # [layers, tokens]
+            slots[:, offsets[i]:offsets[i + 1]] = np.take_along_axis(table, kv_pos // bs, axis=1) * bs + kv_pos % bs
         views = [dataclasses.replace(base, slot_mapping=torch.from_numpy(s).to(self.device)) for s in slots]
         if base.decode_block_tables is not None:
             rows = base.decode_block_tables.cpu().numpy()
-            width = max([rows.shape[1]] + [len(t) for i in layered if i < base.num_decode_tokens for t in layered[i]])
+            decodes = [i for i in layered if i < base.num_decode_tokens]  # a decode's row is its index
+            width = max([rows.shape[1]] + [layered[i].shape[1] for i in decodes])
             block_tables = np.zeros((layers, *rows.shape[:1], width), dtype=np.int64)
             block_tables[:, :, :rows.shape[1]] = rows[None] + shift[:, :, None]
             lens = np.repeat(base.decode_context_lens.cpu().numpy()[None], layers, axis=0)
-            for i in (i for i in layered if i < base.num_decode_tokens):  # a decode's row is its index
-                for layer, (table, start) in enumerate(zip(layered[i], chunks[i].layer_kv_starts, strict=True)):
-                    block_tables[layer, i, :len(table)], block_tables[layer, i, len(table):] = table, 0
-                    lens[layer, i] = start + 1
+            for i in decodes:
+                block_tables[:, i, :] = 0
+                block_tables[:, i, :layered[i].shape[1]] = layered[i]
+                lens[:, i] = layer_starts[i] + 1
             block_tables, lens = (torch.from_numpy(a).to(self.device) for a in (block_tables, lens))
             for layer, view in enumerate(views):
                 view.decode_block_tables, view.decode_context_lens = block_tables[layer], lens[layer]
@@ -348,7 +350,7 @@ class ModelRunner:
             view.observed = [dataclasses.replace(o, block_ids=o.block_ids + offset) for o in base.observed]
         return dataclasses.replace(base, layers=views)
 
-    def _layer_prefill(self, chunk: PrefillChunk, layered: dict[int, list[np.ndarray]], layered_prefills: dict,
+    def _layer_prefill(self, chunk: PrefillChunk, layered: dict[int, np.ndarray], layered_prefills: dict,
                        chunks: list, layer: int, offset: int) -> PrefillChunk:
         """A prefill chunk of layer 0's metadata as another layer reads it."""
         i = layered_prefills.get(chunk.query_start)
