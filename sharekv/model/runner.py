@@ -307,7 +307,7 @@ class ModelRunner:
 
         Built once, for layer 0, with the layered sequences outside prefix groups (so every layer groups
         alike); each other layer's block ids are layer 0's moved by the layer's offset in the flat array,
-        except the layered sequences' own rows, filled in per layer."""
+        except the layered sequences' own rows, taken from their [layers, blocks] tables for all layers at once."""
         bs, layers, num_blocks = self.block_size, self.model.config.num_layers, self.kv_cache.num_blocks
         flat = self.kv_cache.flat_block_ids
         # each layered sequence's tables as one [layers, longest] array, zero past a layer's own length
