@@ -6,8 +6,8 @@ import asyncio
 
 import numpy as np
 
-from sharekv.bench.serve import plot_serve, replay, summarize
-from sharekv.bench.serve_trace import SyntheticTrace, burstgpt_trace, synthetic_trace
+from sharekv.bench.serve import free_port, plot_serve, replay, summarize
+from sharekv.bench.serve_trace import SyntheticTrace, TraceRequest, burstgpt_trace, synthetic_trace
 from tests.serving import live_server
 
 
@@ -73,3 +73,15 @@ def test_replay_against_live_server(tmp_path):
     out = tmp_path / "serve.png"
     plot_serve({"runs": [{"schedule": "fair", "rate": 50.0, **result}]}, str(out))
     assert out.stat().st_size > 0
+
+
+def test_replay_records_refusals_and_unreachable_servers():
+    """A request the server refuses keeps its status and the server's message; a server that is not there
+    is an error on the record, and the replay goes on."""
+    good, bad = TraceRequest(0.0, [5, 6, 7], 3, "u"), TraceRequest(0.0, [10**9], 3, "u")
+    with live_server() as (url, _):
+        records, _ = asyncio.run(replay(url, "sharekv-demo-v1", [good, bad], progress=False))
+    assert records[0].error is None and records[0].output_tokens == 3
+    assert records[1].status == 400 and "prompt" in records[1].error
+    records, _ = asyncio.run(replay(f"http://127.0.0.1:{free_port()}", "m", [good], progress=False))
+    assert records[0].status == 0 and "Connect" in records[0].error
