@@ -163,3 +163,22 @@ def test_engine_with_and_without_prefix_sharing(tiny_models):
         outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert_engine_clean(llm.engine)
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dim", [16, 32, 48, 64, 128])
+def test_native_decode_equals_torch(group, dim):
+    """The native decode kernel against the torch path, over shapes whose passes keep their vectors in
+    registers (1-4 query heads per KV head, heads of 2 or 4 machine vectors) and shapes that take the
+    generic loops."""
+    kv_heads = 2
+    q, k, v, padded, lens = _random_case(5, 48, suffix_max=40, heads=group * kv_heads, kv_heads=kv_heads, dim=dim,
+                                         seed=group * 100 + dim)
+    meta = _metadata(padded, lens, 16, shared=False)
+    attn = PagedAttention(group * kv_heads, kv_heads, dim, None)
+    attn.native = cpu_kernels()
+    assert attn.native is not None, "the native kernel must build on the CI machine"
+    native = attn.attend(q, None, None, LayerKV(k, v, k.dtype), meta)
+    attn.native = None
+    torch.testing.assert_close(native, attn.attend(q, None, None, LayerKV(k, v, k.dtype), meta), atol=1e-5,
+                               rtol=1e-5)

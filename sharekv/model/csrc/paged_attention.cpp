@@ -2,9 +2,11 @@
 //
 // paged_decode_attention: one query per sequence over its own blocks, read where they lie. One task per
 // (sequence, kv head): every key and value row is loaded once for all the query heads that share it (GQA),
-// scores stay in a small per-task buffer, and nothing of the cache is copied. Each sequence attends to
-// positions [start, context_len); the log-sum-exp of its scores is returned too, so a part computed
-// elsewhere (a group's shared prefix) can be merged in exactly. Rows given a `mass_rows` entry also write
+// scores stay in a small per-task buffer, and nothing of the cache is copied. For the usual head shapes
+// (1-4 query heads per KV head, a head of 2 or 4 machine vectors) both passes keep the queries and the
+// accumulators in registers. Each sequence attends to positions [start, context_len); the log-sum-exp of
+// its scores is returned too, so a part computed elsewhere (a group's shared prefix) can be merged in
+// exactly. Rows given a `mass_rows` entry also write
 // their attention probabilities per key slot, averaged over the query heads of each KV head (what an
 // eviction policy such as H2O accumulates), at no extra pass over the cache.
 //
@@ -164,6 +166,81 @@ struct KiviRows {
   }
 };
 
+// The value pass of one (sequence, KV head) task with its G x C accumulator vectors (G query heads, a head of
+// C vectors) held in registers over all rows. Accumulating into memory instead made every row's
+// multiply-add wait on the previous row's store (a third of the kernel's time).
+template <int G, int C, typename Rows>
+static void value_pass(Rows& reader, const int64_t* table, int64_t first, int64_t ctx, int64_t block_size, int64_t h,
+                       const float* scores, int64_t n, float* row_buf, float* acc) {
+  vfw a[G][C] = {};
+  for (int64_t t0 = first; t0 < ctx;) {
+    const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
+    const int64_t block = table[t0 / block_size];
+    for (int64_t i = 0; i < count; ++i) {
+      const float* vf = reader.value(block, in_block + i, h, row_buf);
+      const int64_t at = t0 - first + i;
+      vfw v[C];
+      for (int c = 0; c < C; ++c) v[c] = loadw(vf + c * W);
+      for (int g = 0; g < G; ++g) {
+        const float p = scores[g * n + at];
+        for (int c = 0; c < C; ++c) a[g][c] += p * v[c];
+      }
+    }
+    t0 += count;
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) storew(acc + (g * C + c) * W, a[g][c]);
+}
+
+// The key pass with the task's G x C query vectors in registers: each key row is loaded once for all G
+// query heads, and each of its G dot products is one vector of partial sums reduced at the end.
+template <int G, int C, typename Rows>
+static void key_pass(Rows& reader, const int64_t* table, int64_t first, int64_t ctx, int64_t block_size, int64_t h,
+                     const float* qf, float* scores, int64_t n, float* row_buf) {
+  vfw q[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) q[g][c] = loadw(qf + (g * C + c) * W);
+  for (int64_t t0 = first; t0 < ctx;) {
+    const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
+    const int64_t block = table[t0 / block_size];
+    for (int64_t i = 0; i < count; ++i) {
+      const float* kf = reader.key(block, in_block + i, h, row_buf);
+      vfw k[C];
+      for (int c = 0; c < C; ++c) k[c] = loadw(kf + c * W);
+      for (int g = 0; g < G; ++g) {
+        vfw part = q[g][0] * k[0];
+        for (int c = 1; c < C; ++c) part += q[g][c] * k[c];
+        float sum = 0.f;
+        for (int j = 0; j < W; ++j) sum += part[j];
+        scores[g * n + t0 - first + i] = sum;
+      }
+    }
+    t0 += count;
+  }
+}
+
+// The shapes whose passes keep their vectors in registers: 1-4 query heads per KV head and a head of 2 or 4
+// vectors (64-dim heads on AVX-512; 16- and 32-dim on AVX2). Others take the generic loops.
+static inline bool in_registers(int64_t group, int64_t dim) {
+  return group >= 1 && group <= 4 && (dim == 2 * W || dim == 4 * W);
+}
+
+// Calls fn(G, C) with the shape as compile-time integers (after in_registers said yes).
+template <typename Fn>
+static void with_register_shape(int64_t group, int64_t dim, Fn fn) {
+  using std::integral_constant;
+  auto with_group = [&](auto c) {
+    switch (group) {
+      case 1: fn(integral_constant<int, 1>{}, c); break;
+      case 2: fn(integral_constant<int, 2>{}, c); break;
+      case 3: fn(integral_constant<int, 3>{}, c); break;
+      default: fn(integral_constant<int, 4>{}, c); break;
+    }
+  };
+  if (dim == 2 * W) with_group(integral_constant<int, 2>{});
+  else with_group(integral_constant<int, 4>{});
+}
+
 template <typename T, typename Rows>
 static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tables,
                           const int64_t* context_lens, const int64_t* starts, T* out, float* lse, int64_t batch, int64_t heads, int64_t kv_heads,
@@ -191,14 +268,22 @@ static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tab
           qf[g * dim + d] = static_cast<float>(q[(b * heads + h * group + g) * dim + d]) * scale;
       scores.assign(group * n, 0.f);
       // Walk the blocks that hold [first, ctx).
-      for (int64_t t0 = first; t0 < ctx;) {
-        const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-        const int64_t block = table[t0 / block_size];
-        for (int64_t i = 0; i < count; ++i) {
-          const float* kf = reader.key(block, in_block + i, h, row_buf.data());
-          for (int64_t g = 0; g < group; ++g) scores[g * n + (t0 - first) + i] = dot16(qf.data() + g * dim, kf, dim);
+      if (in_registers(group, dim)) {
+        with_register_shape(group, dim, [&](auto g_, auto c_) {
+          key_pass<decltype(g_)::value, decltype(c_)::value>(reader, table, first, ctx, block_size, h, qf.data(),
+                                                             scores.data(), n, row_buf.data());
+        });
+      } else {
+        for (int64_t t0 = first; t0 < ctx;) {
+          const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
+          const int64_t block = table[t0 / block_size];
+          for (int64_t i = 0; i < count; ++i) {
+            const float* kf = reader.key(block, in_block + i, h, row_buf.data());
+            for (int64_t g = 0; g < group; ++g)
+              scores[g * n + (t0 - first) + i] = dot16(qf.data() + g * dim, kf, dim);
+          }
+          t0 += count;
         }
-        t0 += count;
       }
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * n;
@@ -221,15 +306,23 @@ static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tab
           row_mass[i] = p / static_cast<float>(group);
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t0 = first; t0 < ctx;) {
-        const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-        const int64_t block = table[t0 / block_size];
-        for (int64_t i = 0; i < count; ++i) {
-          const float* vf = reader.value(block, in_block + i, h, row_buf.data());
-          for (int64_t g = 0; g < group; ++g) axpy16(acc.data() + g * dim, scores[g * n + (t0 - first) + i], vf, dim);
+      if (in_registers(group, dim)) {
+        with_register_shape(group, dim, [&](auto g_, auto c_) {
+          value_pass<decltype(g_)::value, decltype(c_)::value>(reader, table, first, ctx, block_size, h,
+                                                               scores.data(), n, row_buf.data(), acc.data());
+        });
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t0 = first; t0 < ctx;) {
+          const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
+          const int64_t block = table[t0 / block_size];
+          for (int64_t i = 0; i < count; ++i) {
+            const float* vf = reader.value(block, in_block + i, h, row_buf.data());
+            for (int64_t g = 0; g < group; ++g)
+              axpy16(acc.data() + g * dim, scores[g * n + (t0 - first) + i], vf, dim);
+          }
+          t0 += count;
         }
-        t0 += count;
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < dim; ++d)
