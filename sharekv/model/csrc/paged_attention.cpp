@@ -166,6 +166,18 @@ struct KiviRows {
   }
 };
 
+// Calls fn(block, slot in the block, index from `first`) for each position of [first, ctx), in order,
+// walking the sequence's block table.
+template <typename Fn>
+static inline void for_each_row(const int64_t* table, int64_t first, int64_t ctx, int64_t block_size, Fn fn) {
+  for (int64_t t0 = first; t0 < ctx;) {
+    const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
+    const int64_t block = table[t0 / block_size];
+    for (int64_t i = 0; i < count; ++i) fn(block, in_block + i, t0 - first + i);
+    t0 += count;
+  }
+}
+
 // The value pass of one (sequence, KV head) task with its G x C accumulator vectors (G query heads, a head of
 // C vectors) held in registers over all rows. Accumulating into memory instead made every row's
 // multiply-add wait on the previous row's store (a third of the kernel's time).
@@ -173,21 +185,15 @@ template <int G, int C, typename Rows>
 static void value_pass(Rows& reader, const int64_t* table, int64_t first, int64_t ctx, int64_t block_size, int64_t h,
                        const float* scores, int64_t n, float* row_buf, float* acc) {
   vfw a[G][C] = {};
-  for (int64_t t0 = first; t0 < ctx;) {
-    const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-    const int64_t block = table[t0 / block_size];
-    for (int64_t i = 0; i < count; ++i) {
-      const float* vf = reader.value(block, in_block + i, h, row_buf);
-      const int64_t at = t0 - first + i;
-      vfw v[C];
-      for (int c = 0; c < C; ++c) v[c] = loadw(vf + c * W);
-      for (int g = 0; g < G; ++g) {
-        const float p = scores[g * n + at];
-        for (int c = 0; c < C; ++c) a[g][c] += p * v[c];
-      }
+  for_each_row(table, first, ctx, block_size, [&](int64_t block, int64_t slot, int64_t at) {
+    const float* vf = reader.value(block, slot, h, row_buf);
+    vfw v[C];
+    for (int c = 0; c < C; ++c) v[c] = loadw(vf + c * W);
+    for (int g = 0; g < G; ++g) {
+      const float p = scores[g * n + at];
+      for (int c = 0; c < C; ++c) a[g][c] += p * v[c];
     }
-    t0 += count;
-  }
+  });
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) storew(acc + (g * C + c) * W, a[g][c]);
 }
@@ -200,23 +206,18 @@ static void key_pass(Rows& reader, const int64_t* table, int64_t first, int64_t 
   vfw q[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) q[g][c] = loadw(qf + (g * C + c) * W);
-  for (int64_t t0 = first; t0 < ctx;) {
-    const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-    const int64_t block = table[t0 / block_size];
-    for (int64_t i = 0; i < count; ++i) {
-      const float* kf = reader.key(block, in_block + i, h, row_buf);
-      vfw k[C];
-      for (int c = 0; c < C; ++c) k[c] = loadw(kf + c * W);
-      for (int g = 0; g < G; ++g) {
-        vfw part = q[g][0] * k[0];
-        for (int c = 1; c < C; ++c) part += q[g][c] * k[c];
-        float sum = 0.f;
-        for (int j = 0; j < W; ++j) sum += part[j];
-        scores[g * n + t0 - first + i] = sum;
-      }
+  for_each_row(table, first, ctx, block_size, [&](int64_t block, int64_t slot, int64_t at) {
+    const float* kf = reader.key(block, slot, h, row_buf);
+    vfw k[C];
+    for (int c = 0; c < C; ++c) k[c] = loadw(kf + c * W);
+    for (int g = 0; g < G; ++g) {
+      vfw part = q[g][0] * k[0];
+      for (int c = 1; c < C; ++c) part += q[g][c] * k[c];
+      float sum = 0.f;
+      for (int j = 0; j < W; ++j) sum += part[j];
+      scores[g * n + at] = sum;
     }
-    t0 += count;
-  }
+  });
 }
 
 // The shapes whose passes keep their vectors in registers: 1-4 query heads per KV head and a head of 2 or 4
@@ -274,16 +275,10 @@ static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tab
                                                              scores.data(), n, row_buf.data());
         });
       } else {
-        for (int64_t t0 = first; t0 < ctx;) {
-          const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-          const int64_t block = table[t0 / block_size];
-          for (int64_t i = 0; i < count; ++i) {
-            const float* kf = reader.key(block, in_block + i, h, row_buf.data());
-            for (int64_t g = 0; g < group; ++g)
-              scores[g * n + (t0 - first) + i] = dot16(qf.data() + g * dim, kf, dim);
-          }
-          t0 += count;
-        }
+        for_each_row(table, first, ctx, block_size, [&](int64_t block, int64_t slot, int64_t at) {
+          const float* kf = reader.key(block, slot, h, row_buf.data());
+          for (int64_t g = 0; g < group; ++g) scores[g * n + at] = dot16(qf.data() + g * dim, kf, dim);
+        });
       }
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * n;
@@ -313,16 +308,10 @@ static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tab
         });
       } else {
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t t0 = first; t0 < ctx;) {
-          const int64_t in_block = t0 % block_size, count = std::min(block_size - in_block, ctx - t0);
-          const int64_t block = table[t0 / block_size];
-          for (int64_t i = 0; i < count; ++i) {
-            const float* vf = reader.value(block, in_block + i, h, row_buf.data());
-            for (int64_t g = 0; g < group; ++g)
-              axpy16(acc.data() + g * dim, scores[g * n + (t0 - first) + i], vf, dim);
-          }
-          t0 += count;
-        }
+        for_each_row(table, first, ctx, block_size, [&](int64_t block, int64_t slot, int64_t at) {
+          const float* vf = reader.value(block, slot, h, row_buf.data());
+          for (int64_t g = 0; g < group; ++g) axpy16(acc.data() + g * dim, scores[g * n + at], vf, dim);
+        });
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < dim; ++d)
