@@ -77,6 +77,40 @@ def test_opcheck_prefix_attention_merge(ops):
                                                                 out, lse, 0.125, 0))
 
 
+def test_opcheck_prefill_attention(ops):
+    tables, starts, counts, k_cache, v_cache, k, v = _mixed_step(0, kv_heads=2, dim=64)
+    q = torch.randn(sum(counts), 8, 64, generator=torch.Generator().manual_seed(0))
+    chunks = step_metadata(tables, starts, counts, 16, share_prefixes=False).prefills
+    none = torch.empty(0)
+    torch.library.opcheck(ops.prefill_attention_.default,
+                          (q, k, v, k_cache, v_cache, none, none, none, none, [c.query_start for c in chunks],
+                           [c.query_len for c in chunks], [c.context_len for c in chunks],
+                           [c.block_ids for c in chunks], torch.zeros_like(q), 0.125, 0))
+
+
+@pytest.mark.parametrize(("group", "dim", "dtype"), [(1, 16, torch.float32), (3, 64, torch.float32),
+                                                     (5, 128, torch.float32), (2, 48, torch.float32),
+                                                     (3, 64, torch.bfloat16)])
+def test_native_prefill_equals_torch(ops, group, dim, dtype):
+    """The native prefill kernel against torch's SDPA path: chunks after 0-40 cached tokens of their own, some
+    behind blocks other sequences share, and one of 200 tokens that spans many row blocks and key tiles; each
+    attends causally to its cached context and its own fresh keys. bf16 rounds differently (the native kernel
+    accumulates in fp32), so it is held to bf16's resolution."""
+    kv_heads = 2
+    tables, starts, counts, k_cache, v_cache, k, v = _mixed_step(group * 1000 + dim, kv_heads=kv_heads, dim=dim)
+    q = torch.randn(sum(counts), group * kv_heads, dim, generator=torch.Generator().manual_seed(dim))
+    q, k, v, k_cache, v_cache = (x.to(dtype) for x in (q, k, v, k_cache, v_cache))
+    meta = step_metadata(tables, starts, counts, 16, share_prefixes=False)
+    assert len(meta.prefills) >= 3 and max(c.query_len for c in meta.prefills) == 200
+    attn = PagedAttention(group * kv_heads, kv_heads, dim, None)
+    cache = LayerKV(k_cache, v_cache, dtype)
+    attn.native = ops
+    native = attn.attend(q, k, v, cache, meta)
+    attn.native = None
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(native, attn.attend(q, k, v, cache, meta), atol=tolerance, rtol=tolerance)
+
+
 def test_opcheck_quantize_write(ops):
     x = torch.randn(5, 2, 64)
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.int8)
@@ -116,7 +150,8 @@ def test_profiler_names_the_kernels_and_compile_traces_them(ops):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         eager = attn.attend(q, k, v, cache, meta)
     names = {e.key for e in prof.key_averages()}
-    assert {"sharekv::paged_decode_attention", "sharekv::prefix_attention_merge_"} <= names
+    assert {"sharekv::paged_decode_attention", "sharekv::prefix_attention_merge_",
+            "sharekv::prefill_attention_"} <= names
 
     def decode(q):
         none = torch.empty(0)

@@ -12,6 +12,10 @@ Sequences of the step that start with the same cached blocks (a prefix group) sp
 two: each token attends to its own part (the keys after the shared prefix), and all the group's tokens,
 decode and prefill alike, are stacked to attend to the shared prefix together, which is read once. The
 two parts are merged by log-sum-exp.
+
+On the CPU each part is one native operator (model/csrc): decodes and group members' own parts in the
+per-row kernel, shared prefixes and other prefill chunks in the register-tiled one (2-3x torch's flash
+SDPA on a prefill chunk). The torch path below is the portable reference they are tested against.
 """
 
 from __future__ import annotations
@@ -160,9 +164,8 @@ class PagedAttention:
             out[rows] = o
             if lse is not None:
                 lse[rows] = lse_rows
-        for chunk in meta.prefills:
-            s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-            out[s] = self._prefill(q[s], k[s], v[s], cache, chunk)
+        if meta.prefills:
+            self._prefills(q, k, v, cache, meta.prefills, out)
         if shared is not None:
             self._merge_shared_prefixes(q, cache, shared, out, lse)
         for observed in meta.observed:
@@ -192,6 +195,18 @@ class PagedAttention:
         if self.sliding_window is not None:
             hidden |= key_pos <= query_pos - self.sliding_window
         return hidden
+
+    def _prefills(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV | KiviLayerKV,
+                  chunks: list[PrefillChunk], out: torch.Tensor) -> None:
+        """Each chunk's tokens over their sequence up to themselves, into their rows of out."""
+        if self.native is not None and self.sliding_window is None:
+            self.native.prefill_attention_(q, k, v, *cache.native_args(), [c.query_start for c in chunks],
+                                           [c.query_len for c in chunks], [c.context_len for c in chunks],
+                                           [c.block_ids for c in chunks], out, self.scale, cache.bits)
+            return
+        for chunk in chunks:
+            s = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+            out[s] = self._prefill(q[s], k[s], v[s], cache, chunk)
 
     def _prefill(self, q, k, v, cache: LayerKV | KiviLayerKV, chunk: PrefillChunk) -> torch.Tensor:
         qlen, ctx = chunk.query_len, chunk.context_len

@@ -27,8 +27,8 @@ from sharekv.config import default_cache_dir
 
 logger = logging.getLogger("sharekv")
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("paged_attention.cpp", "elementwise.cpp")]
-_HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", "vec.h")]
+            for name in ("paged_attention.cpp", "tiled_attention.cpp", "elementwise.cpp")]
+_HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", name) for name in ("vec.h", "cache_rows.h")]
 # fast math, but keep infinities: a row with nothing to attend to has a log-sum-exp of -inf
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
 _lock = threading.Lock()
@@ -99,7 +99,7 @@ def _register_fakes() -> None:
     def _(gate_up):
         return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
 
-    for name in ("quantize_write_", "write_kv_", "prefix_attention_merge_", "rope_"):
+    for name in ("quantize_write_", "write_kv_", "prefix_attention_merge_", "prefill_attention_", "rope_"):
         torch.library.register_fake(f"sharekv::{name}", lambda *args: None)
 
 

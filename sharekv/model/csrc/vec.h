@@ -35,3 +35,24 @@ static inline vfw exp_w(vfw x) {
   const viw scaled = (viw)p + (n << 23);  // multiply by 2^n in the exponent bits
   return (vfw)(scaled & keep);
 }
+
+// Fixed 16-lane inner loops: gcc turns each into whole-register FMAs (dim is a multiple of 16).
+static inline float dot16(const float* a, const float* b, int64_t dim) {
+  float acc[16] = {0.f};
+  for (int64_t d = 0; d < dim; d += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[d + j] * b[d + j];
+  float s = 0.f;
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+static inline void axpy16(float* y, float a, const float* x, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += 16)
+    for (int j = 0; j < 16; ++j) y[d + j] += a * x[d + j];
+}
+
+// Prefetches the cache lines of [p, p + bytes) into all cache levels.
+static inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
