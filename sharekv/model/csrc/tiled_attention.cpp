@@ -237,9 +237,9 @@ static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int6
       for (int64_t b = 0; b * RB < p.rows; ++b) start_rows(state(h, b), dim);
     for (int64_t t0 = k0; t0 < k1; t0 += TILE_KEYS) {
       const int64_t n = std::min(TILE_KEYS, k1 - t0);
-      for (int64_t pos = t0 + TILE_KEYS; pos < std::min(k1, t0 + 2 * TILE_KEYS); ++pos)
-        for (int64_t h = 0; h < kv_heads; ++h) reader.prefetch(table[pos / block_size], pos % block_size, h);
       for (int64_t h = 0; h < kv_heads; ++h) {
+        for (int64_t pos = t0 + TILE_KEYS; pos < std::min(k1, t0 + 2 * TILE_KEYS); ++pos)
+          reader.prefetch(table[pos / block_size], pos % block_size, h);
         for (int64_t t = 0; t < n; ++t) {
           const int64_t pos = t0 + t, block = table[pos / block_size], in_block = pos % block_size;
           sc.k[t] = reader.key(block, in_block, h, sc.kbuf.data() + t * dim);
