@@ -13,7 +13,13 @@ from sharekv import LLM, SamplingParams
 from sharekv.model.attention import AttentionMetadata, PagedAttention
 from sharekv.model.kv_cache import LayerKV
 from sharekv.model.native import cpu_kernels
-from sharekv.model.runner import pack_shared_prefixes, plan_prefix_sharing, shared_block_prefixes, step_metadata
+from sharekv.model.runner import (
+    SharingRule,
+    pack_shared_prefixes,
+    plan_prefix_sharing,
+    shared_block_prefixes,
+    step_metadata,
+)
 from tests.conftest import assert_engine_clean
 
 
@@ -47,6 +53,25 @@ def test_shared_block_prefixes(prefixes, extra):
     for r in range(len(tables)):
         if usable[r] and usable.count(usable[r]) > 1:
             assert r in seen
+
+
+def test_sharing_rule_runs_pairs_and_longer_chunks_per_request():
+    """The runner's rule, chosen from `bench attention`: on the native kernels a pair of decodes behind one
+    prefix, and a prefill chunk of more than 4 tokens, run per request; three decodes and a 4-token chunk
+    behind another prefix read it together. The portable path shares decodes only, from pairs on."""
+    bs = 4
+    pair, shared = [0, 1], [2, 3]  # two cached prefix blocks each
+    tables = [pair + [10], pair + [11], shared + [12], shared + [13], shared + [14], shared + [15, 16],
+              shared + [17, 18]]
+    starts = [9, 9, 9, 9, 9, 8, 8]  # decodes after one cached token of their own; chunks right after the prefix
+    counts = [1, 1, 1, 1, 1, 5, 4]
+
+    def groups(rule: SharingRule) -> list[tuple[set[int], int]]:
+        plan = plan_prefix_sharing(tables, starts, counts, bs, True, rule.max_chunk, min_members=rule.min_members)
+        return sorted(((set(rows.tolist()), n) for rows, n in plan.groups), key=lambda g: min(g[0]))
+
+    assert groups(SharingRule.for_backend(native=True)) == [({2, 3, 4, 6}, 2)]
+    assert groups(SharingRule.for_backend(native=False)) == [({0, 1}, 2), ({2, 3, 4}, 2)]
 
 
 def _random_case(members, prefix_len, suffix_max, heads=8, kv_heads=2, dim=64, bs=16, seed=0):

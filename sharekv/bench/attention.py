@@ -77,7 +77,8 @@ def run_attention_bench(group_sizes: list[int], prefix_len: int, suffix_len: int
             row = {"phase": phase, "group_size": g, "query_tokens": tokens}
             for backend in backends:
                 attn.native = native if backend == "native" else None
-                # as the runner does: on the torch path only decodes join prefix groups
+                # the mechanism at every group size (the runner's SharingRule, chosen from these figures,
+                # shares fewer); as there, on the torch path only decodes join prefix groups
                 shared = step_metadata(tables, starts, counts, bs, share_prefixes=True,
                                        max_shared_chunk=SHARED_CHUNK_MAX_TOKENS if attn.native else 1)
                 calls = [functools.partial(attn.attend, q, k, v, cache, m) for m in (plain, shared)]

@@ -93,9 +93,27 @@ def padded_tables(tables: list[list[int]]) -> np.ndarray:
     return padded
 
 
-# Prefill chunks longer than this do not join prefix groups: such a chunk is already a matrix product over
+# Prefill chunks longer than this never join prefix groups: such a chunk is already a matrix product over
 # its prefix (each key read once per this many queries), and it would make the rows' own part costly.
 SHARED_CHUNK_MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class SharingRule:
+    """Which of a step's sequences join prefix groups: prefill chunks of at most `max_chunk` tokens, in
+    groups of at least `min_members` sequences (smaller groups run per request)."""
+
+    max_chunk: int
+    min_members: int
+
+    @classmethod
+    def for_backend(cls, native: bool) -> SharingRule:
+        """Measured with `sharekv bench attention` (llama-110m's heads, a 1,000-token prefix). The native
+        per-row kernel reads a pair's prefix faster alone than the shared path does (0.74-0.78x shared), three
+        members gain (1.15x); a prefill chunk of 8-32 tokens is faster as a chunk of its own in the tiled kernel
+        (shared 0.65-0.96x: its members' reads of one prefix hit the CPU's caches), one of 4 tokens gains
+        (1.1-1.5x). The portable path gathers each row's blocks, so there only decodes share, from pairs on."""
+        return cls(max_chunk=4, min_members=3) if native else cls(max_chunk=1, min_members=2)
 
 
 @dataclass
@@ -126,9 +144,10 @@ class PrefixSharing:
 
 def plan_prefix_sharing(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
                         share_prefixes: bool, max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS,
-                        alone: list[int] = ()) -> PrefixSharing:
+                        alone: list[int] = (), min_members: int = 2) -> PrefixSharing:
     """Group the step's sequences that start with the same cached blocks (see `step_metadata`); plain data,
-    so a simulator's cost model reads the same plan the kernels run."""
+    so a simulator's cost model reads the same plan the kernels run. Groups of fewer than min_members
+    sequences are left out (their members run per request)."""
     own_starts = np.zeros(len(counts), dtype=np.int64)
     in_group = np.zeros(len(counts), dtype=bool)
     usable = np.asarray(starts) // block_size * (np.asarray(counts) <= max_shared_chunk)
@@ -136,7 +155,9 @@ def plan_prefix_sharing(tables: list[list[int]], starts: list[int], counts: list
     if not share_prefixes or np.count_nonzero(usable) < 2:
         return PrefixSharing([], in_group, own_starts)
     padded = padded_tables(tables)
-    groups = shared_block_prefixes(padded, usable)
+    groups = [g for g in shared_block_prefixes(padded, usable) if len(g[0]) >= min_members]
+    if not groups:
+        return PrefixSharing([], in_group, own_starts)
     for members, n in groups:
         in_group[members] = True
         own_starts[members] = n * block_size
@@ -145,19 +166,22 @@ def plan_prefix_sharing(tables: list[list[int]], starts: list[int], counts: list
 
 def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int], block_size: int,
                   share_prefixes: bool, device: torch.device | str = "cpu",
-                  max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS, alone: list[int] = ()) -> AttentionMetadata:
+                  max_shared_chunk: int = SHARED_CHUNK_MAX_TOKENS, alone: list[int] = (),
+                  min_members: int = 2) -> AttentionMetadata:
     """What each token of a step attends to: sequence i (block table tables[i]) runs counts[i] tokens from
     position starts[i]. Sequences of one token (decodes) come first.
 
     With share_prefixes, sequences that start with the same cached blocks form groups whose tokens read that
-    prefix together; prefill chunks join them up to max_shared_chunk tokens. Each token's own part (its keys
+    prefix together; prefill chunks join them up to max_shared_chunk tokens, in groups of at least
+    min_members sequences. Each token's own part (its keys
     after the prefix) runs in the paged per-row kernel, decode tokens and group members' prefill tokens
     alike; other prefill chunks run as chunks. Sequences in `alone` join no group (their decode attention is
     computed whole in one place, where an eviction policy reads its probabilities)."""
     nd = sum(1 for n in counts if n == 1)
     offsets = np.cumsum([0, *counts])
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device), num_decode_tokens=nd)
-    sharing = plan_prefix_sharing(tables, starts, counts, block_size, share_prefixes, max_shared_chunk, alone)
+    sharing = plan_prefix_sharing(tables, starts, counts, block_size, share_prefixes, max_shared_chunk, alone,
+                                  min_members)
     own_starts, in_group = sharing.own_starts, sharing.in_group
     if sharing.groups:
         token_rows = [np.arange(offsets[i], offsets[i + 1]) for i in range(len(counts))]
@@ -196,9 +220,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache = KVCache(c, num_blocks, block_size, model.dtype, kv_cache_dtype, self.device, num_swap_slots,
                                 model.attention.native, num_tail_blocks, kv_group_size)
-        # The portable per-row path gathers each row's blocks: there a chunk's own part is better off as one
-        # chunk, so only decodes share. The native per-row kernel reads in place, so prefill chunks join too.
-        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if model.attention.native is not None else 1
+        self.sharing = SharingRule.for_backend(model.attention.native is not None)
         self.forward_seconds = 0.0
         self.shapes = ModelShapes.of(c, model.dtype.itemsize,
                                      kv_bytes_per_block(c, block_size, model.dtype, kv_cache_dtype, kv_group_size)
@@ -283,8 +305,8 @@ class ModelRunner:
         as the cache layer that reads them names them); sequence i's first token goes to slot kv_starts[i].
         Sequences in `alone` (default: those whose decode the native kernel observes) join no prefix group."""
         bs = self.block_size
-        meta = step_metadata(tables, kv_starts, counts, bs, self.share_prefixes, self.device, self.max_shared_chunk,
-                             kernel_observed if alone is None else alone)
+        meta = step_metadata(tables, kv_starts, counts, bs, self.share_prefixes, self.device, self.sharing.max_chunk,
+                             kernel_observed if alone is None else alone, self.sharing.min_members)
         slots = []
         for table, start, n in zip(tables, kv_starts, counts, strict=True):
             kv_pos = np.arange(start, start + n)  # apart from positions after an eviction

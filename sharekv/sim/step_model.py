@@ -12,7 +12,7 @@ from sharekv.config import EngineArgs
 from sharekv.model.config import ModelConfig
 from sharekv.model.cost import ModelShapes, attended_pairs, step_cost
 from sharekv.model.kv_cache import kv_bytes_per_block
-from sharekv.model.runner import DTYPES, SHARED_CHUNK_MAX_TOKENS, plan_prefix_sharing
+from sharekv.model.runner import DTYPES, SharingRule, plan_prefix_sharing
 from sharekv.sched.output import SchedulerOutput
 from sharekv.sim.hardware import HardwareProfile, StepWork
 
@@ -26,8 +26,7 @@ class StepCostModel:
         self.block_bytes = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype, args.kv_group_size)
         self.shapes = ModelShapes.of(config, dtype.itemsize, self.block_bytes // args.block_size)
         self.share_prefixes = args.prefix_shared_attention and config.sliding_window is None
-        # the native kernels' limit; the portable path shares decodes only
-        self.max_shared_chunk = SHARED_CHUNK_MAX_TOKENS if args.native_kernels else 1
+        self.sharing = SharingRule.for_backend(args.native_kernels)  # as the runner plans
 
     def work(self, step: SchedulerOutput) -> StepWork:
         chunks = step.chunks
@@ -35,7 +34,8 @@ class StepCostModel:
         counts = [len(c.token_ids) for c in chunks]
         decodes = sum(1 for n in counts if n == 1)
         sharing = plan_prefix_sharing([c.block_table for c in chunks], starts, counts, self.block_size,
-                                      self.share_prefixes, self.max_shared_chunk)
+                                      self.share_prefixes, self.sharing.max_chunk,
+                                      min_members=self.sharing.min_members)
         read = sharing.kv_slots_read(starts, counts, decodes, self.block_size)
         rows = sum(1 for c in chunks if c.samples) + sum(c.prompt_logits[1] for c in chunks if c.prompt_logits)
         s, n = np.asarray(starts, dtype=np.int64), np.asarray(counts, dtype=np.int64)
