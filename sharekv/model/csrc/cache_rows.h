@@ -22,8 +22,8 @@ static inline const float* as_float(const C* row, const uint8_t* scale_bits, flo
     const float scale = scale_of(*scale_bits);
     for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(row[d]) * scale;
     return buf;
-  } else {
-    for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
+  } else {  // dim is a multiple of 16, so of W
+    for (int64_t d = 0; d < dim; d += W) storew(buf + d, load_floats(row + d));
     return buf;
   }
 }
@@ -84,13 +84,8 @@ struct KiviRows {
   int64_t params_of = -1;  // the (block, head) whose key params k_scale and k_min hold
 
   const float* tail_row(const T* tail, int64_t block, int64_t in_block, int64_t h, float* buf) const {
-    const T* row = tail + (((block - num_blocks) * block_size + in_block) * kv_heads + h) * dim;
-    if constexpr (std::is_same_v<T, float>) {
-      return row;
-    } else {
-      for (int64_t d = 0; d < dim; ++d) buf[d] = static_cast<float>(row[d]);
-      return buf;
-    }
+    return as_float<T>(tail + (((block - num_blocks) * block_size + in_block) * kv_heads + h) * dim, nullptr, buf,
+                       dim);
   }
   // A row's codes as floats: byte j holds the codes of channels j, j + n, ... (planar, kv/quant.py's pack),
   // so each plane is a contiguous shift-and-mask loop.

@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
-#include <type_traits>
 
 #include "vec.h"
 
@@ -25,28 +24,25 @@ template <typename T>
 static void add_rms_norm_row(T* row, const T* x, const T* weight, T* out, int64_t hidden, float eps) {
   float squares = 0.f;
   int64_t d = 0;
-  if constexpr (std::is_same_v<T, float>) {  // whole vectors
-    vfw acc = {};
-    for (; d + W <= hidden; d += W) {
-      vfw v = loadw(row + d);
-      if (x) {
-        v += loadw(x + d);
-        storew(row + d, v);
-      }
-      acc += v * v;
+  vfw acc = {};
+  for (; d + W <= hidden; d += W) {  // whole vectors
+    vfw v = load_floats(row + d);
+    if (x) {
+      v = round_floats<T>(v + load_floats(x + d));
+      store_floats(row + d, v);
     }
-    for (int j = 0; j < W; ++j) squares += acc[j];
+    acc += v * v;
   }
-  for (; d < hidden; ++d) {
-    if (x) row[d] = round_to<T>(static_cast<float>(row[d]) + static_cast<float>(x[d]));
-    const float v = static_cast<float>(row[d]);
+  for (int j = 0; j < W; ++j) squares += acc[j];
+  for (int64_t e = d; e < hidden; ++e) {
+    if (x) row[e] = round_to<T>(static_cast<float>(row[e]) + static_cast<float>(x[e]));
+    const float v = static_cast<float>(row[e]);
     squares += v * v;
   }
   const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
   d = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; d + W <= hidden; d += W) storew(out + d, loadw(weight + d) * (loadw(row + d) * inv));
-  }
+  for (; d + W <= hidden; d += W)
+    store_floats(out + d, load_floats(weight + d) * round_floats<T>(load_floats(row + d) * inv));
   for (; d < hidden; ++d) {
     const float normed = static_cast<float>(round_to<T>(static_cast<float>(row[d]) * inv));
     out[d] = round_to<T>(static_cast<float>(weight[d]) * normed);
@@ -84,11 +80,9 @@ static void silu_mul_rows(const T* src, T* out, int64_t rows, int64_t inter) {
       const T* u = g + inter;
       T* o = out + i * inter;
       int64_t d = 0;
-      if constexpr (std::is_same_v<T, float>) {  // whole vectors, with a vector exp
-        for (; d + W <= inter; d += W) {
-          const vfw x = loadw(g + d);
-          storew(o + d, x / (1.f + exp_w(-x)) * loadw(u + d));
-        }
+      for (; d + W <= inter; d += W) {  // whole vectors, with a vector exp
+        const vfw x = load_floats(g + d);
+        store_floats(o + d, round_floats<T>(x / (1.f + exp_w(-x))) * load_floats(u + d));
       }
       for (; d < inter; ++d) {
         const float x = static_cast<float>(g[d]);
@@ -122,7 +116,17 @@ static void rope_rows(T* x, int64_t tokens, int64_t heads, int64_t dim, int64_t 
       const T* s = sin + pos[t] * dim;
       for (int64_t h = 0; h < heads; ++h) {
         T* row = x + t * token_stride + h * head_stride;
-        for (int64_t d = 0; d < half; ++d) {
+        int64_t d = 0;
+        for (; d + W <= half; d += W) {  // whole vectors, rounded at the same steps
+          const vfw lo = load_floats(row + d), hi = load_floats(row + d + half);
+          const vfw lo_c = round_floats<T>(lo * load_floats(c + d));
+          const vfw hi_s = round_floats<T>(-hi * load_floats(s + d));
+          const vfw hi_c = round_floats<T>(hi * load_floats(c + d + half));
+          const vfw lo_s = round_floats<T>(lo * load_floats(s + d + half));
+          store_floats(row + d, lo_c + hi_s);
+          store_floats(row + d + half, hi_c + lo_s);
+        }
+        for (; d < half; ++d) {
           const float lo = static_cast<float>(row[d]), hi = static_cast<float>(row[d + half]);
           // as torch: x * cos and rotate_half(x) * sin each rounded, then their sum
           const float lo_c = static_cast<float>(round_to<T>(lo * static_cast<float>(c[d])));

@@ -1,7 +1,10 @@
 // Vectors of floats sized to the machine's registers (GCC/Clang vector extensions), shared by the kernels.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 constexpr int W = 16;
@@ -55,4 +58,57 @@ static inline void axpy16(float* y, float a, const float* x, int64_t dim) {
 static inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// bf16 on whole vectors: a bf16 is the top half of an fp32, rounded to nearest even as c10 rounds (NaN stays
+// a NaN). Element by element these conversions kept bf16 models' kernels several times slower than fp32's.
+typedef uint16_t vhwu __attribute__((vector_size(W * 2), aligned(2)));
+typedef uint32_t vuw __attribute__((vector_size(W * 4)));
+
+static inline vfw load_bf16(const c10::BFloat16* p) {
+  return (vfw)(__builtin_convertvector(*reinterpret_cast<const vhwu*>(p), vuw) << 16);
+}
+static inline vuw bf16_bits_rounded(vfw x) {  // the rounded value in the top 16 bits
+  const vuw u = (vuw)x;
+  const vuw rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+  return (vuw)(x != x ? (viw)(vuw{} + 0x7FC00000u) : (viw)rounded);
+}
+static inline void store_bf16(c10::BFloat16* p, vfw x) {
+  *reinterpret_cast<vhwu*>(p) = __builtin_convertvector(bf16_bits_rounded(x) >> 16, vhwu);
+}
+
+// W values of T as floats, and back (rounded to T); T is float, c10::BFloat16 or another type torch converts.
+template <typename T>
+static inline vfw load_floats(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return loadw(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return load_bf16(p);
+  } else {
+    vfw v;
+    for (int j = 0; j < W; ++j) v[j] = static_cast<float>(p[j]);
+    return v;
+  }
+}
+template <typename T>
+static inline void store_floats(T* p, vfw v) {
+  if constexpr (std::is_same_v<T, float>) {
+    storew(p, v);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    store_bf16(p, v);
+  } else {
+    for (int j = 0; j < W; ++j) p[j] = static_cast<T>(v[j]);
+  }
+}
+// v rounded to T's precision, kept as floats (where the torch ops a kernel replaces round to T).
+template <typename T>
+static inline vfw round_floats(vfw v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return (vfw)(bf16_bits_rounded(v) & 0xFFFF0000u);
+  } else {
+    for (int j = 0; j < W; ++j) v[j] = static_cast<float>(static_cast<T>(v[j]));
+    return v;
+  }
 }
