@@ -373,18 +373,24 @@ def serve(engine: LLMEngine, server: ServerArgs, cache_args: SemanticCacheArgs |
     http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="info",
                                          timeout_graceful_shutdown=5))
     http_thread = threading.Thread(target=http.run, name="sharekv-http", daemon=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+    def drain(signum: int, frame: object) -> None:
+        """The first SIGTERM or Ctrl-C stops HTTP taking requests; the step loop finishes what is in flight
+        and HTTP's shutdown then stops it. Raising here instead could land mid-step and lose the step's
+        tokens (a stream in flight ended in an error). A second signal stops at once."""
+        if http.should_exit:
+            raise KeyboardInterrupt
+        http.should_exit = True
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
     http_thread.start()
     runner = app.state.async_engine
     try:
         while not runner.started.wait(0.2):  # start-up: the model is loaded; only the app may still fail
             if not http_thread.is_alive():
                 raise SystemExit(1)
-        try:
-            runner.run()
-        except KeyboardInterrupt:  # finish what is in flight while HTTP shuts down (its shutdown stops the loop)
-            http.should_exit = True
-            runner.run()
+        runner.run()
     except KeyboardInterrupt:
         pass
     finally:

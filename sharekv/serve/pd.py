@@ -186,7 +186,10 @@ class DecodeRole:
                                type=error.get("type", "server_error"), param=error.get("param"),
                                code=error.get("code"))
             reply = r.json()
-        except BaseException:
+        except Exception:
+            await self.runner.call(lambda: release(slots))  # back before the error is answered
+            raise
+        except BaseException:  # cancelled: give them back without waiting
             self.runner.submit(lambda: release(slots))
             raise
         self.metrics.kv_transfer_bytes.inc(reply["bytes"])
