@@ -174,8 +174,9 @@ def step_metadata(tables: list[list[int]], starts: list[int], counts: list[int],
     With share_prefixes, sequences that start with the same cached blocks form groups whose tokens read that
     prefix together; prefill chunks join them up to max_shared_chunk tokens, in groups of at least
     min_members sequences. Each token's own part (its keys after the prefix) runs in the paged per-row
-    kernel, decode tokens and group members' prefill tokens alike; other prefill chunks run as chunks. Sequences in `alone` join no group (their decode attention is
-    computed whole in one place, where an eviction policy reads its probabilities)."""
+    kernel, decode tokens and group members' prefill tokens alike; other prefill chunks run as chunks.
+    Sequences in `alone` join no group (their decode attention is computed whole in one place, where an
+    eviction policy reads its probabilities)."""
     nd = sum(1 for n in counts if n == 1)
     offsets = np.cumsum([0, *counts])
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long, device=device), num_decode_tokens=nd)
