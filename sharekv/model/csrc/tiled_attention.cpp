@@ -221,7 +221,8 @@ static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int6
   std::stable_sort(tasks.begin(), tasks.end(), [&](const auto& a, const auto& b) {
     return plan[a[0]].rows_pad * plan[a[0]].span_len > plan[b[0]].rows_pad * plan[b[0]].span_len;
   });
-  run_tasks(static_cast<int64_t>(tasks.size()), [&] { return std::make_pair(std::make_unique<Scratch>(dim), cache_rows); },
+  const auto make_scratch = [&] { return std::make_pair(std::make_unique<Scratch>(dim), cache_rows); };
+  run_tasks(static_cast<int64_t>(tasks.size()), make_scratch,
             [&](int64_t task, auto& scratch) {
     Scratch& sc = *scratch.first;
     auto& reader = scratch.second;  // a thread's own copy: a reader may keep per-block state
@@ -231,7 +232,8 @@ static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int6
     const int64_t* table = block_ids + g * table_width;
     auto state = [&](int64_t h, int64_t b) {
       const int64_t at = (h * p.spans + sp) * p.rows_pad + b * RB;
-      return RowState{mbuf.data() + p.stat_off + at, lbuf.data() + p.stat_off + at, part.data() + p.part_off + at * dim};
+      return RowState{mbuf.data() + p.stat_off + at, lbuf.data() + p.stat_off + at,
+                      part.data() + p.part_off + at * dim};
     };
     for (int64_t h = 0; h < kv_heads; ++h)
       for (int64_t b = 0; b * RB < p.rows; ++b) start_rows(state(h, b), dim);
@@ -260,7 +262,8 @@ static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int6
       const GroupPlan& p = plan[g];
       for (int64_t r = 0; r < p.rows; ++r) {
         float mx = NO_KEYS;
-        for (int64_t sp = 0; sp < p.spans; ++sp) mx = std::max(mx, mbuf[p.stat_off + (h * p.spans + sp) * p.rows_pad + r]);
+        for (int64_t sp = 0; sp < p.spans; ++sp)
+          mx = std::max(mx, mbuf[p.stat_off + (h * p.spans + sp) * p.rows_pad + r]);
         float sum = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t sp = 0; sp < p.spans; ++sp) {
@@ -362,7 +365,8 @@ static void prefill_attention_impl(const T* q, int64_t q_step, const FreshRows<T
         tasks.push_back({c, h, b, prior + (std::min(rows, (b + 1) * RB) - 1) / group + 1});
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.keys > b.keys; });
-  run_tasks(static_cast<int64_t>(tasks.size()), [&] { return std::make_pair(std::make_unique<Scratch>(dim), cache_rows); },
+  const auto make_scratch = [&] { return std::make_pair(std::make_unique<Scratch>(dim), cache_rows); };
+  run_tasks(static_cast<int64_t>(tasks.size()), make_scratch,
             [&](int64_t index, auto& scratch) {
     Scratch& sc = *scratch.first;
     auto& reader = scratch.second;
@@ -371,11 +375,11 @@ static void prefill_attention_impl(const T* q, int64_t q_step, const FreshRows<T
     const int64_t r0 = task.block * RB, rows = std::min(RB, query_lens[c] * group - r0);
     const int64_t* table = tables[c];
     std::fill(sc.qt.begin(), sc.qt.end(), 0.f);
-    float first_limit = std::numeric_limits<float>::infinity();
+    float min_limit = std::numeric_limits<float>::infinity();
     for (int64_t r = 0; r < RB; ++r) {
       const int64_t row = r0 + std::min(r, rows - 1), token = row / group;
       sc.limit[r] = static_cast<float>(prior + token + 1);
-      first_limit = std::min(first_limit, sc.limit[r]);
+      min_limit = std::min(min_limit, sc.limit[r]);
       if (r >= rows) continue;
       const T* src = q + (start + token) * q_step + (h * group + row % group) * dim;
       for (int64_t d = 0; d < dim; ++d) sc.qt[d * RB + r] = static_cast<float>(src[d]) * scale;
@@ -397,7 +401,7 @@ static void prefill_attention_impl(const T* q, int64_t q_step, const FreshRows<T
         }
       }
       sc.pad_keys(n);
-      const bool all_visible = t0 + n <= first_limit;
+      const bool all_visible = t0 + n <= min_limit;
       for (int64_t r = 0; r < RB; ++r) tile_limit[r] = sc.limit[r] - static_cast<float>(t0);
       attend_tile(sc.qt.data(), sc.k.data(), sc.v.data(), n, dim, all_visible ? nullptr : tile_limit, rows, st,
                   sc.s);
@@ -428,9 +432,11 @@ void prefill_attention_(const torch::Tensor& q, const torch::Tensor& k, const to
               "q, k, v and out share a dtype; out is contiguous, shaped like q");
   for (const auto* x : {&q, &k, &v})
     TORCH_CHECK(x->stride(2) == 1 && x->stride(1) == dim, "each token's heads must be contiguous rows");
-  TORCH_CHECK(k.size(1) == kv_heads && v.sizes() == k.sizes() && k.size(0) == q.size(0), "k, v: [tokens, kv_heads, dim]");
+  TORCH_CHECK(k.size(1) == kv_heads && v.sizes() == k.sizes() && k.size(0) == q.size(0),
+              "k, v: [tokens, kv_heads, dim]");
   const int64_t chunks = static_cast<int64_t>(query_starts.size());
-  TORCH_CHECK(static_cast<int64_t>(query_lens.size()) == chunks && static_cast<int64_t>(context_lens.size()) == chunks &&
+  TORCH_CHECK(static_cast<int64_t>(query_lens.size()) == chunks &&
+                  static_cast<int64_t>(context_lens.size()) == chunks &&
                   static_cast<int64_t>(block_ids.size()) == chunks,
               "one start, length, context length and block list per chunk");
   std::vector<torch::Tensor> tables;
