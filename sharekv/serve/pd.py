@@ -205,19 +205,28 @@ class DecodeRole:
         tasks = [asyncio.ensure_future(self.prefill(i, p, params)) for i, p in zip(request_ids, prompts, strict=True)]
         try:
             return list(await asyncio.gather(*tasks))
-        except BaseException:
+        except BaseException as e:
             for t in tasks:
                 if not t.done():
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.release([t.result() for t in tasks if not t.cancelled() and t.exception() is None])
+            held = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+            if isinstance(e, Exception):  # back before the error is answered, as `prefill` does
+                await self.runner.call(lambda: self._release_now(held))
+            else:
+                self.release(held)
             raise
 
     def release(self, handovers: list[Handover | None]) -> None:
         """Give back the slots of handovers that will not be added (the engine thread does it)."""
+        if any(h is not None for h in handovers):
+            self.runner.submit(lambda: self._release_now(handovers))
+
+    def _release_now(self, handovers: list[Handover | None]) -> None:
+        """`release` on the engine thread."""
         slots = [s for h in handovers if h is not None for seq_slots in h.slots for s in seq_slots]
         if slots:
-            self.runner.submit(lambda: self.engine.scheduler.release_slots(slots))
+            self.engine.scheduler.release_slots(slots)
 
 
 def _error_of(response: httpx.Response) -> dict:
