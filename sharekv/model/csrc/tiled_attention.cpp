@@ -101,6 +101,12 @@ static void start_rows(const RowState& st, int64_t dim) {
   std::fill(st.o, st.o + RB * dim, 0.f);
 }
 
+// Query row `src` of one head, scaled, into a row block's dim-major queries at its column `col`.
+template <typename T>
+static inline void pack_query(const T* src, float scale, int64_t dim, float* col) {
+  for (int64_t d = 0; d < dim; ++d) col[d * RB] = static_cast<float>(src[d]) * scale;
+}
+
 // One tile of n <= TILE_KEYS keys (k: pointers padded with a zero row to a multiple of KT) folded into the
 // running softmax of a block's first `rows` rows. limit: per row, only keys t < limit[r] of the tile are
 // visible (causal attention), or null when all are. s: scratch for TILE_KEYS x RB scores.
@@ -170,6 +176,12 @@ struct Scratch {
   explicit Scratch(int64_t dim)
       : kbuf(TILE_KEYS * dim), vbuf(TILE_KEYS * dim), zeros(dim, 0.f), qt(dim * RB), o(RB * dim),
         k(TILE_KEYS + KT), v(TILE_KEYS + KT) {}
+  // Key and value t of the tile: a source's (a cache reader's, or the step's fresh rows') row `at` of head h.
+  template <typename Source, typename... At>
+  void take(int64_t t, Source& source, int64_t dim, At... at) {
+    k[t] = source.key(at..., kbuf.data() + t * dim);
+    v[t] = source.value(at..., vbuf.data() + t * dim);
+  }
   // Pads the tile's key pointers with the zero row up to a multiple of KT.
   void pad_keys(int64_t n) {
     for (int64_t t = n; t < (n + KT - 1) / KT * KT; ++t) k[t] = zeros.data();
@@ -208,8 +220,7 @@ static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int6
       float* dst = qp.data() + p.q_off + h * p.rows_pad * dim;
       for (int64_t r = 0; r < p.rows; ++r) {
         const T* src = q + (rows[g * max_members + r / group] * heads + h * group + r % group) * dim;
-        float* block = dst + r / RB * RB * dim + r % RB;
-        for (int64_t d = 0; d < dim; ++d) block[d * RB] = static_cast<float>(src[d]) * scale;
+        pack_query(src, scale, dim, dst + r / RB * RB * dim + r % RB);
       }
     }
   }
@@ -242,11 +253,8 @@ static void prefix_attention_impl(const T* q, const Rows& cache_rows, const int6
       for (int64_t h = 0; h < kv_heads; ++h) {
         for (int64_t pos = t0 + TILE_KEYS; pos < std::min(k1, t0 + 2 * TILE_KEYS); ++pos)
           reader.prefetch(table[pos / block_size], pos % block_size, h);
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t pos = t0 + t, block = table[pos / block_size], in_block = pos % block_size;
-          sc.k[t] = reader.key(block, in_block, h, sc.kbuf.data() + t * dim);
-          sc.v[t] = reader.value(block, in_block, h, sc.vbuf.data() + t * dim);
-        }
+        for (int64_t t = 0; t < n; ++t)
+          sc.take(t, reader, dim, table[(t0 + t) / block_size], (t0 + t) % block_size, h);
         sc.pad_keys(n);
         for (int64_t b = 0; b * RB < p.rows; ++b)
           attend_tile(qp.data() + p.q_off + (h * p.rows_pad + b * RB) * dim, sc.k.data(), sc.v.data(), n, dim,
@@ -382,7 +390,7 @@ static void prefill_attention_impl(const T* q, int64_t q_step, const FreshRows<T
       min_limit = std::min(min_limit, sc.limit[r]);
       if (r >= rows) continue;
       const T* src = q + (start + token) * q_step + (h * group + row % group) * dim;
-      for (int64_t d = 0; d < dim; ++d) sc.qt[d * RB + r] = static_cast<float>(src[d]) * scale;
+      pack_query(src, scale, dim, sc.qt.data() + r);
     }
     const RowState st{sc.m, sc.l, sc.o.data()};
     start_rows(st, dim);
@@ -391,14 +399,8 @@ static void prefill_attention_impl(const T* q, int64_t q_step, const FreshRows<T
       const int64_t n = std::min(TILE_KEYS, task.keys - t0);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t pos = t0 + t;
-        if (pos < prior) {
-          const int64_t block = table[pos / block_size], in_block = pos % block_size;
-          sc.k[t] = reader.key(block, in_block, h, sc.kbuf.data() + t * dim);
-          sc.v[t] = reader.value(block, in_block, h, sc.vbuf.data() + t * dim);
-        } else {
-          sc.k[t] = fresh.key(start + pos - prior, h, sc.kbuf.data() + t * dim);
-          sc.v[t] = fresh.value(start + pos - prior, h, sc.vbuf.data() + t * dim);
-        }
+        if (pos < prior) sc.take(t, reader, dim, table[pos / block_size], pos % block_size, h);
+        else sc.take(t, fresh, dim, start + pos - prior, h);
       }
       sc.pad_keys(n);
       const bool all_visible = t0 + n <= min_limit;
