@@ -10,6 +10,7 @@ import torch
 from sharekv.model.attention import PagedAttention
 from sharekv.model.elementwise import Elementwise
 from sharekv.model.kv_cache import KVCache, LayerKV
+from sharekv.model.linear import Linear
 from sharekv.model.native import cpu_kernels
 from sharekv.model.rope import RotaryEmbedding
 from sharekv.model.runner import step_metadata
@@ -212,3 +213,33 @@ def test_fused_elementwise_equals_torch(ops, dtype):
     assert q_out.data_ptr() == q.data_ptr()  # rotated where it lies, in the fused product
     torch.testing.assert_close(q_out, q_ref, **tol)
     torch.testing.assert_close(k_out, k_ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 40), (96, 64), (1000, 576)])
+def test_gemv_equals_linear(ops, dtype, out_features, in_features):
+    """The one-row product against F.linear, with and without a bias, on shapes whose rows do not fill the
+    kernel's groups of four and whose length is not a whole number of vectors."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, in_features, generator=gen).to(dtype)
+    weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
+    bias = torch.randn(out_features, generator=gen).to(dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 1e-2}
+    for b in (None, bias):
+        want = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+        got = ops.gemv(x, weight, b)
+        assert got.dtype == dtype and got.shape == (1, out_features)
+        torch.testing.assert_close(got.float(), want, **tol)
+    torch.library.opcheck(ops.gemv.default, (x, weight, bias))
+
+
+def test_linear_takes_each_small_row_path(ops):
+    """Whichever path the timing picks for one and two rows, a Linear gives F.linear's numbers."""
+    gen = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    layer = Linear(weight, bias, native=ops)
+    assert set(layer.small_rows) == {1, 2} and layer.small_rows[2] != "gemv"
+    for path in ("gemv", "plain", "packed"):
+        layer.small_rows = {1: path}
+        x = torch.randn(1, 32, generator=gen)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)

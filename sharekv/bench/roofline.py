@@ -23,6 +23,7 @@ from sharekv.model.checkpoint import Checkpoint
 from sharekv.model.config import ModelConfig
 from sharekv.model.cost import OP_CLASSES, CostLog
 from sharekv.model.linear import Linear
+from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import DTYPES
 
 ROWS = (1, 8, 32, 128, 512)
@@ -55,7 +56,7 @@ def _best_seconds(fn, min_seconds: float) -> float:
 
 def gemm_gflops(out_features: int, in_features: int, rows: int, dtype: torch.dtype, min_seconds: float) -> float:
     gen = torch.Generator().manual_seed(0)
-    layer = Linear(torch.randn(out_features, in_features, generator=gen).to(dtype))
+    layer = Linear(torch.randn(out_features, in_features, generator=gen).to(dtype), native=cpu_kernels())
     x = torch.randn(rows, in_features, generator=gen).to(dtype)
     with torch.inference_mode():
         seconds = _best_seconds(lambda: layer(x), min_seconds)
@@ -68,7 +69,9 @@ def forward_linears_gflops(config: ModelConfig, rows: int, dtype: torch.dtype, m
     cache and flatters the rate when the model's weights do not fit in it)."""
     gen = torch.Generator().manual_seed(0)
     shapes = [shape for name, shape in linear_shapes(config).items() if name != "lm_head"]
-    layers = [[Linear(torch.randn(n, k, generator=gen).to(dtype)) for n, k in shapes] for _ in range(config.num_layers)]
+    native = cpu_kernels()
+    layers = [[Linear(torch.randn(n, k, generator=gen).to(dtype), native=native) for n, k in shapes]
+              for _ in range(config.num_layers)]
     inputs = [torch.randn(rows, k, generator=gen).to(dtype) for _, k in shapes]
 
     def forward() -> None:

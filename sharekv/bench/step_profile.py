@@ -29,11 +29,12 @@ from sharekv.config import EngineArgs
 from sharekv.llm import LLM
 
 PHASES = ("schedule", "forward", "lm_head", "sample")
-LINEAR_OPS = {"mkldnn::_linear_pointwise", "aten::linear", "aten::addmm", "aten::mm"}
+LINEAR_OPS = {"mkldnn::_linear_pointwise", "sharekv::gemv", "aten::linear", "aten::addmm", "aten::mm"}
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::matmul", "aten::bmm", "aten::logsumexp"}
-KV_WRITE_OPS = {"aten::index_put_", "sharekv::quantize_write_"}
-ATTENTION_KERNELS = {"sharekv::paged_decode_attention", "sharekv::prefix_attention_merge_"}
+KV_WRITE_OPS = {"aten::index_put_", "sharekv::quantize_write_", "sharekv::write_kv_"}
+ATTENTION_KERNELS = {"sharekv::paged_decode_attention", "sharekv::prefix_attention_merge_",
+                     "sharekv::prefill_attention_"}
 
 
 def op_class(name: str, input_shapes: list, shapes: dict[tuple[int, int], str]) -> str:

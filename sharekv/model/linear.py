@@ -5,21 +5,24 @@ machine; oneDNN with a weight reordered once at load reaches about 200 (the same
 backend uses). Elsewhere, or if packing is unavailable, it is plain F.linear.
 
 A product of one or two rows (a lone decode) reads the weight once whatever the layout, and which path
-reads it faster depends on the CPU: on an Intel Xeon, SmolLM2's linear layers at one row took 27.6 ms
+reads it fastest depends on the CPU: on an Intel Xeon, SmolLM2's linear layers at one row took 27.6 ms
 packed and 18.0 ms through F.linear (MKL's matrix-vector product, at the memory's bandwidth); on an AMD
 EPYC, F.linear took 2 to 6 times as long as the packed form at one and two rows (MKL's slower path off
-Intel CPUs). So the first packed layer of each dtype times both at one and two rows and keeps the plain
-weight (kept anyway) for the row counts where it wins.
+Intel CPUs), and the native one-row product (`csrc/gemv.cpp`) read the weights 10-35% faster than the
+packed form in fp32. So the first packed layer of each dtype times the paths at one and two rows, on a
+weight too large for the CPU's caches, and each product of that many rows takes the fastest.
 """
 
 from __future__ import annotations
 
 import time
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
-_PLAIN_MAX_ROWS: dict[torch.dtype, int] = {}  # per dtype: products of at most this many rows go to F.linear
+# per dtype: the path ("gemv", "plain" or "packed") that multiplies 1 and 2 rows fastest on this CPU
+_SMALL_ROW_PATHS: dict[tuple[torch.dtype, bool], dict[int, str]] = {}
 
 
 def _fastest_seconds(fn, repeats: int = 7) -> float:
@@ -32,42 +35,52 @@ def _fastest_seconds(fn, repeats: int = 7) -> float:
     return best
 
 
-def plain_max_rows(dtype: torch.dtype) -> int:
-    """The most rows for which F.linear beats the packed form on this CPU (0: never), timed once per dtype
-    on a weight the size of a model's layer (16 MiB in fp32, so it streams from memory as in a step)."""
-    if dtype not in _PLAIN_MAX_ROWS:
+def small_row_paths(dtype: torch.dtype, native: ModuleType | None) -> dict[int, str]:
+    """The fastest path at 1 and 2 rows, timed once per dtype (and with or without the native kernels) on
+    a weight of 64 MiB in fp32: larger than the CPU's last-level cache, so it streams from memory as a
+    step's weights do."""
+    key = (dtype, native is not None)
+    if key not in _SMALL_ROW_PATHS:
         gen = torch.Generator().manual_seed(0)
-        weight = torch.randn(4096, 1024, generator=gen).to(dtype)
+        weight = torch.randn(8192, 2048, generator=gen).to(dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        rows = 0
+        paths = {}
         with torch.inference_mode():
             for m in (1, 2):
-                x = torch.randn(m, 1024, generator=gen).to(dtype)
-                plain = _fastest_seconds(lambda x=x: F.linear(x, weight))
-                onednn = _fastest_seconds(lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [],
-                                                                                           ""))
-                if plain >= onednn:
-                    break
-                rows = m
-        _PLAIN_MAX_ROWS[dtype] = rows
-    return _PLAIN_MAX_ROWS[dtype]
+                x = torch.randn(m, 2048, generator=gen).to(dtype)
+                candidates = {"plain": lambda x=x: F.linear(x, weight),
+                              "packed": lambda x=x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
+                                                                                         [], "")}
+                if native is not None and m == 1:
+                    candidates["gemv"] = lambda x=x: native.gemv(x, weight, None)
+                seconds = {name: _fastest_seconds(fn) for name, fn in candidates.items()}
+                paths[m] = min(seconds, key=seconds.get)
+        _SMALL_ROW_PATHS[key] = paths
+    return _SMALL_ROW_PATHS[key]
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
+                 native: ModuleType | None = None) -> None:
+        """`pack`: reorder the weight for oneDNN where it can; `native`: the compiled kernels, whose one-row
+        product is then a candidate for single rows."""
         self.weight = weight
         self.bias = bias
         self.packed = None
-        self.plain_max_rows = 0
+        self.native = native
+        self.small_rows: dict[int, str] = {}
         if pack and weight.device.type == "cpu" and torch.backends.mkldnn.is_available() \
                 and weight.dtype in (torch.float32, torch.bfloat16):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-                self.plain_max_rows = plain_max_rows(weight.dtype)
+                self.small_rows = small_row_paths(weight.dtype, native)
             except (RuntimeError, AttributeError):
                 self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] > self.plain_max_rows:
+        path = self.small_rows.get(x.shape[0], "packed")
+        if path == "gemv":
+            return self.native.gemv(x, self.weight, self.bias)
+        if self.packed is not None and path == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

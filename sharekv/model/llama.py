@@ -40,6 +40,8 @@ class LlamaModel:
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
 
+        native = cpu_kernels() if device.type == "cpu" and native_kernels else None
+
         def take(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ModelLoadError(f"checkpoint is missing weight {name!r}")
@@ -59,19 +61,19 @@ class LlamaModel:
             mlp = p + "mlp."
             self.layers.append(DecoderLayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=Linear(qkv, bias, native_kernels),
-                o_proj=Linear(take(attn + "o_proj.weight"), pack=native_kernels),
+                qkv=Linear(qkv, bias, native_kernels, native),
+                o_proj=Linear(take(attn + "o_proj.weight"), pack=native_kernels, native=native),
                 post_norm=take(p + "post_attention_layernorm.weight"),
                 gate_up=Linear(torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]),
-                               pack=native_kernels),
-                down=Linear(take(mlp + "down_proj.weight"), pack=native_kernels),
+                               pack=native_kernels, native=native),
+                down=Linear(take(mlp + "down_proj.weight"), pack=native_kernels, native=native),
             ))
         self.norm = take("model.norm.weight")
         tied = c.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"), pack=native_kernels)
+        self.lm_head = Linear(self.embed if tied else take("lm_head.weight"), pack=native_kernels, native=native)
         self.rotary = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype, device)
         self.attention = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim, c.sliding_window)
-        self.elementwise = Elementwise(cpu_kernels() if device.type == "cpu" and native_kernels else None)
+        self.elementwise = Elementwise(native)
         if c.head_dim % 16 == 0:
             self.attention.native = self.elementwise.native
 

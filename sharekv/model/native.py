@@ -27,7 +27,7 @@ from sharekv.config import default_cache_dir
 
 logger = logging.getLogger("sharekv")
 _SOURCES = [os.path.join(os.path.dirname(__file__), "csrc", name)
-            for name in ("paged_attention.cpp", "tiled_attention.cpp", "elementwise.cpp")]
+            for name in ("paged_attention.cpp", "tiled_attention.cpp", "elementwise.cpp", "gemv.cpp")]
 _HEADERS = [os.path.join(os.path.dirname(__file__), "csrc", name) for name in ("vec.h", "cache_rows.h")]
 # fast math, but keep infinities: a row with nothing to attend to has a log-sum-exp of -inf
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
@@ -94,6 +94,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sharekv::add_rms_norm_")
     def _(residual, x, weight, eps):
         return torch.empty_like(residual)
+
+    @torch.library.register_fake("sharekv::gemv")
+    def _(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("sharekv::silu_mul")
     def _(gate_up):
