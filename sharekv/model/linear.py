@@ -16,6 +16,7 @@ weight too large for the CPU's caches, and each product of that many rows takes 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -25,14 +26,17 @@ import torch.nn.functional as F
 _SMALL_ROW_PATHS: dict[tuple[torch.dtype, bool], dict[int, str]] = {}
 
 
-def _fastest_seconds(fn, repeats: int = 7) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _fastest(candidates: dict[str, Callable[[], object]], rounds: int = 15) -> str:
+    """The candidate with the fastest single call, timed in turn round after round: the memory's bandwidth
+    drifts by tens of percent over seconds on a shared machine, and timing each candidate in a block of its
+    own once picked the slower path."""
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.get)
 
 
 def small_row_paths(dtype: torch.dtype, native: ModuleType | None) -> dict[int, str]:
@@ -53,8 +57,7 @@ def small_row_paths(dtype: torch.dtype, native: ModuleType | None) -> dict[int, 
                                                                                          [], "")}
                 if native is not None and m == 1:
                     candidates["gemv"] = lambda x=x: native.gemv(x, weight, None)
-                seconds = {name: _fastest_seconds(fn) for name, fn in candidates.items()}
-                paths[m] = min(seconds, key=seconds.get)
+                paths[m] = _fastest(candidates)
         _SMALL_ROW_PATHS[key] = paths
     return _SMALL_ROW_PATHS[key]
 

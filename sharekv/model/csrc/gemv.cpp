@@ -4,7 +4,8 @@
 // bandwidth, and what matters is streaming the weight at that speed. The weight stays in its plain [out, in]
 // layout; each thread takes a contiguous range of output rows and walks ROWS weight rows side by side, one
 // vector of each at a time, against the input row held in the caches. On the development machine (AMD EPYC)
-// this reads SmolLM2's layers at 49-72 GB/s against oneDNN's packed product's 42 at one row.
+// this read SmolLM2's layers 5-40% faster than oneDNN's packed product at one row, measured side by side
+// (the machine's own bandwidth drifted between 40 and 80 GB/s over minutes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -14,6 +15,10 @@
 
 // Weight rows walked side by side: enough independent sums to hide the multiply-add latency.
 constexpr int ROWS = 4;
+// Each load asks for the same place in the rows two groups ahead (a hint, harmless past the end): with it
+// the weights streamed 10-35% faster than on the hardware prefetcher alone (SmolLM2's LM head 82 against
+// 60 GB/s, measured side by side).
+constexpr int PREFETCH_GROUPS = 2;
 
 static inline float sum_lanes(vfw v) {
   float s = 0.f;
@@ -35,7 +40,10 @@ static void gemv_rows(const float* x, const T* w, const T* bias, T* y, int64_t n
     vfw acc[ROWS] = {};
     for (int64_t k = 0; k < whole; k += W) {
       const vfw xv = loadw(x + k);
-      for (int r = 0; r < ROWS; ++r) acc[r] += load_floats(w + (n + r) * k_size + k) * xv;
+      for (int r = 0; r < ROWS; ++r) {
+        __builtin_prefetch(w + (n + PREFETCH_GROUPS * ROWS + r) * k_size + k, 0, 0);
+        acc[r] += load_floats(w + (n + r) * k_size + k) * xv;
+      }
     }
     for (int r = 0; r < ROWS; ++r) finish(n + r, sum_lanes(acc[r]));
   }
