@@ -8,7 +8,7 @@ A product of one or two rows (a lone decode) reads the weight once whatever the 
 reads it fastest depends on the CPU: on an Intel Xeon, SmolLM2's linear layers at one row took 27.6 ms
 packed and 18.0 ms through F.linear (MKL's matrix-vector product, at the memory's bandwidth); on an AMD
 EPYC, F.linear took 2 to 6 times as long as the packed form at one and two rows (MKL's slower path off
-Intel CPUs), and the native one-row product (`csrc/gemv.cpp`) read the weights 10-35% faster than the
+Intel CPUs), and the native one-row product (`csrc/gemv.cpp`) read the weights 5-40% faster than the
 packed form in fp32. So the first packed layer of each dtype times the paths at one and two rows, on a
 weight too large for the CPU's caches, and each product of that many rows takes the fastest.
 """
