@@ -121,7 +121,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching, namespace, num_tail_blocks,
                                  residual_blocks, min_window_blocks=int(kivi))
         self.compressor = KVCompressor(self.kv.pool, args.block_size, (config.num_layers, config.num_kv_heads),
-                                       args.kv_eviction, args.kv_budget, window_size=args.kv_eviction_window,
+                                       args.kv_eviction, args.kv_budget, whole_blocks=kivi,
+                                       window_size=args.kv_eviction_window,
                                        kernel_size=args.kv_eviction_kernel, n_sink=args.kv_eviction_sinks)
         self.scheduler = make_scheduler(args.schedule, kv=self.kv, max_num_batched_tokens=args.max_num_batched_tokens,
                                         max_num_seqs=max_num_seqs, max_model_len=self.max_model_len,

@@ -171,6 +171,12 @@ def test_bench_kv_fidelity(tmp_path):
     # int4: 4-bit codes, and per 16-token block fp16 (scale, min) per key channel and per value token
     assert formats["int4"]["capacity_vs_model_dtype"] == 1024 / 224 and formats["int4"]["residual_tokens"] == 128
     assert formats["int2"]["teacher_forced"]["mean_kl"] > formats["int4"]["teacher_forced"]["mean_kl"]
+    # eviction on each format: every uniform policy (layer budgets need no residual window: plain int8 only)
+    uniform = {f"{p}@0.5" for p in ("streaming_llm", "snapkv", "h2o")}
+    assert set(formats["int8"]["evicted"]) == set(runs) and set(formats["int4"]["evicted"]) == uniform
+    for name in uniform:  # quantized and compressed: no closer to the full fp32 cache than compressed alone
+        assert 0.3 < formats["int4"]["evicted"][name]["top1_agreement"] < 1.0
+        assert formats["int2"]["evicted"][name]["mean_kl"] >= runs[name]["mean_kl"]
     batch = result["memory_bound"]["runs"]
     assert batch["none"]["evicted_tokens"] == 0
     assert batch["int8 KV"]["pool_tokens"] > 3 * batch["none"]["pool_tokens"]

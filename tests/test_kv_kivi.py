@@ -203,7 +203,7 @@ def test_swap_moves_params_with_codes():
 
 class KiviManagerMachine(KVManagerMachine):
     """The KV manager's state machine with a KIVI cache: tails in the tables, seals as they leave the
-    residual window (no eviction: it does not run on KIVI)."""
+    residual window, and evictions that keep whole blocks (the compressor rounds a KIVI budget up)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -216,8 +216,12 @@ class KiviManagerMachine(KVManagerMachine):
         self.kv.pending_seals.clear()  # (the runner's copies)
         super()._compute(seq, n)
 
-    evict = evict_layered = None  # not rules here
+    evict_layered = None  # not a rule here: layer budgets are refused with a residual window
     quantized_blocks_full = True
+
+    def _draw_kept(self, data, protected, slots):
+        whole = range(-(-protected // BLOCK) * BLOCK, slots, BLOCK)
+        return data.draw(st.sampled_from(whole)) if len(whole) else None
 
     @rule(running=st.integers(1, 6))
     def share_tails(self, running):
@@ -264,7 +268,7 @@ class Int8WindowManagerMachine(KiviManagerMachine):
         self.kv = KVCacheManager(num_blocks=12, block_size=BLOCK, num_tail_blocks=5, residual_blocks=2,
                                  min_window_blocks=0)
 
-    evict = KVManagerMachine.evict
+    _draw_kept = KVManagerMachine._draw_kept
     quantized_blocks_full = False
 
 
@@ -356,19 +360,58 @@ def test_kivi_keeps_a_trained_models_distributions():
     assert results["int2"].mean_kl > results["int4"].mean_kl
 
 
-def test_eviction_is_refused_on_kivi_and_layer_budgets_on_a_window(small_llama):
-    with pytest.raises(ValueError, match=r"does not run on a KIVI cache \(int4\)"):
-        EngineArgs(kv_cache_dtype="int4", kv_eviction="h2o", kv_budget="0.5").validate()
+def test_layer_budgets_are_refused_with_a_window(small_llama):
+    """Per-layer budgets lie in layer-blocks of the quantized pool, not in a residual window's tails: refused
+    on int8 with a window and on KIVI (which always has one)."""
     with pytest.raises(ValueError, match=r"pyramidkv does not run on a KV cache with a residual window"):
         EngineArgs(kv_cache_dtype="int8", kv_residual=32, kv_eviction="pyramidkv", kv_budget="0.5").validate()
+    with pytest.raises(ValueError, match=r"cake does not run on a KV cache with a residual window"):
+        EngineArgs(kv_cache_dtype="int4", kv_eviction="cake", kv_budget="0.5").validate()
+    EngineArgs(kv_cache_dtype="int4", kv_eviction="h2o", kv_budget="0.5").validate()
     llm = LLM(small_llama, kv_cache_dtype="int2", kv_cache_memory="1MiB", block_size=4)
-    with pytest.raises(InvalidParameter, match=r"does not run on a KIVI cache \(int2\)"):
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="h2o", kv_budget="0.5"), use_tqdm=False)
+    with pytest.raises(InvalidParameter, match=r"pyramidkv does not run on a KV cache with a residual window"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="pyramidkv", kv_budget="0.5"),
+                     use_tqdm=False)
     assert_engine_clean(llm.engine)
     llm = LLM(small_llama, kv_cache_dtype="int8", kv_residual=8, kv_cache_memory="1MiB", block_size=4)
     with pytest.raises(InvalidParameter, match=r"cake does not run on a KV cache with a residual window"):
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, kv_eviction="cake", kv_budget="0.5"), use_tqdm=False)
     assert_engine_clean(llm.engine)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_kivi_compaction_requantizes_whole_blocks(in_place):
+    """On a KIVI pool a compaction writes each target block whole: the kept slots as the cache held them
+    (codes dequantized, tails as they are), quantized again as one block, keys per channel over the new
+    block's tokens; a target tail takes them as read."""
+    bs, num_blocks, kvh, d = 4, 8, 2, 16
+    cache = KVCache(_config(num_layers=2), num_blocks, bs, torch.float32, "int4", num_tail_blocks=3)
+    torch.manual_seed(0)
+    table = [0, 1, 2, num_blocks, num_blocks + 1]  # three quantized blocks, then two tails (the last unfilled)
+    slots = (torch.tensor(table)[:, None] * bs + torch.arange(bs)).flatten()[:18]
+    layer_kv = [cache.layer(i) for i in range(2)]
+    for kv in layer_kv:
+        kv.write(slots, torch.randn(18, kvh, d), torch.randn(18, kvh, d))
+    ids = torch.tensor(table)
+    before = [(kv.keys(ids).view(-1, kvh, d).clone(), kv.values(ids).view(-1, kvh, d).clone()) for kv in layer_kv]
+    first = 4  # the first block is shared: kept as it is
+    keep = torch.stack([torch.stack([torch.cat([torch.arange(first), first + torch.randperm(14)[:8].sort().values])
+                                     for _ in range(kvh)]) for _ in range(2)])  # 12 slots: three whole blocks
+    target = table[:3] if in_place else [0, 5, num_blocks + 2]  # a fresh block, and a tail
+    cache.compact([Compaction(table, keep, first, None if in_place else target)])
+    for layer, kv in enumerate(layer_kv):
+        for block in range(1, 3):  # the blocks after the shared one
+            for i, (read, quantize, dequantize) in enumerate((
+                    (kv.keys, quantize_kivi_keys, dequantize_kivi_keys),
+                    (kv.values, cache.quantize_values, dequantize_kivi_values))):
+                got = read(torch.tensor([target[block]]))[0]
+                # each kept slot as the cache read it before, [bs, kv_heads, d]
+                expected = torch.stack([before[layer][i][keep[layer, h, block * bs + j], h]
+                                        for j in range(bs) for h in range(kvh)]).view(bs, kvh, d)
+                if target[block] < num_blocks:
+                    expected = dequantize(*quantize(expected[None], 4), 4, torch.float32)[0]
+                assert torch.equal(got, expected), (in_place, layer, block, i)
+        assert torch.equal(kv.keys(torch.tensor([0]))[0], before[layer][0][:bs])  # the shared block untouched
 
 
 @pytest.mark.parametrize("in_place", [True, False])
@@ -425,4 +468,35 @@ def test_eviction_with_an_int8_residual_window(small_llama):
                     assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8 + len(shared)
                     tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
         assert engine.compressor.num_compactions >= 2 and tails_seen > 0
+        assert_engine_clean(engine)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_eviction_on_kivi(small_llama, fmt):
+    """Every uniform policy runs on KIVI: a sequence keeps whole blocks (its budget rounded up), requantized
+    from the kept slots, so after a compaction its slots fill whole blocks until the window comes back with
+    the next token; budgets hold while decoding, and every block and tail is given back; also behind a
+    shared prefix and for a prompt that fits in its window."""
+    shared = list(range(100, 124))
+    prompts = [list(range(3, 3 + 60)), list(range(70, 70 + 44)), shared + [5, 6, 7], shared + list(range(30, 50)),
+               [9, 8, 7, 6]]
+    for policy in ("snapkv", "h2o", "streaming_llm"):
+        llm = LLM(small_llama, kv_cache_dtype=fmt, kv_residual=16, kv_cache_memory="2MiB", block_size=8,
+                  kv_eviction_window=8)
+        engine = llm.engine
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_eviction=policy, kv_budget=20)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        tails_seen, compactions = 0, 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            if engine.compressor.num_compactions > compactions:  # the ones just compacted fill whole blocks
+                compactions = engine.compressor.num_compactions
+                assert any(seq.num_kv_slots % 8 == 0 for seq in engine.scheduler.running)
+            for seq in engine.scheduler.running:
+                if seq.eviction is not None and seq.eviction.settled:
+                    # 20 rounded up to whole blocks, a block more before the next compaction, the prefix
+                    assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8 + len(shared)
+                    tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
+        assert compactions >= 2 and tails_seen > 0
         assert_engine_clean(engine)

@@ -79,7 +79,9 @@ class KVManagerMachine(RuleBasedStateMachine):
         protected = min(self._shared_blocks(seq) * BLOCK, seq.num_kv_slots)
         if protected >= seq.num_kv_slots:
             return
-        kept = data.draw(st.integers(protected, seq.num_kv_slots - 1))
+        kept = self._draw_kept(data, protected, seq.num_kv_slots)
+        if kept is None:
+            return
         before = seq.num_evicted_tokens + seq.num_kv_slots
         old = list(seq.block_table)
         keys = {b: self.kv.block(b).key for b in old}
@@ -92,6 +94,10 @@ class KVManagerMachine(RuleBasedStateMachine):
             assert self.kv.block(block_id).key is None
         if target is not None:  # copied from: the old blocks keep what the index says they hold
             assert all(self.kv.block(b).key == keys[b] for b in old[first // BLOCK:] if not self.kv.is_tail(b))
+
+    def _draw_kept(self, data, protected: int, slots: int) -> int | None:
+        """Slots an eviction keeps of `slots`, at least the `protected` ones (None: none can go)."""
+        return data.draw(st.integers(protected, slots - 1))
 
     @precondition(lambda self: any(seq.layer_slots is None for seq in self.live))
     @rule(data=st.data())

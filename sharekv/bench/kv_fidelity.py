@@ -13,7 +13,9 @@ whole cache: the same teacher-forced texts over all their positions and the same
 model's dtype; and tokens per GiB of pool. The texts run one block of new tokens a step, as generated
 tokens arrive: a chunk attends to its own tokens in full precision under a residual window (and KIVI), so
 one whole-text prefill would hide the error; block by block, every token reads what aged out of the window
-quantized (plain int8 reads the same either way).
+quantized (plain int8 reads the same either way). Each format also runs every policy it allows at 0.5 on the
+teacher-forced protocol above, against the model's dtype with the full cache: eviction and quantization
+together.
 Then a memory-bound batch: the needle prompts, 96 tokens each, with a KV pool of the bytes that hold a
 third of the batch's tokens in the model's dtype; wall time and output tokens/s with each policy at the
 middle budget, and each quantized format, against neither.
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 from sharekv.bench.quality import HELD_TEXTS, TeacherForced, compare, greedy_agreement, held_text, teacher_forced
 from sharekv.bench.report import pyplot, save_figure, write_result
 from sharekv.config import EngineArgs
-from sharekv.kv.eviction import POLICIES
+from sharekv.kv.eviction import POLICIES, eviction_refusal
 from sharekv.kv.quant import KIVI_BITS, KV_FORMATS, QUANTIZED_KV_CACHE_DTYPES
 from sharekv.llm import LLM
 from sharekv.model.config import ModelConfig
@@ -94,19 +96,24 @@ def _eviction(policy: str | None, budget: float, **more) -> dict:
     return {} if policy is None else {"kv_eviction": policy, "kv_budget": budget, **more}
 
 
-def _teacher_forced_part(llm: LLM, texts: list[list[int]], contexts: list[int], budgets: list[float]) -> dict:
-    def run(policy: str | None, budget: float) -> list[TeacherForced]:
-        runs = []
-        for tokens, ctx in zip(texts, contexts, strict=True):
-            params = SamplingParams(temperature=0.0, max_tokens=1, **_eviction(policy, budget, kv_compress_at=ctx))
-            full = teacher_forced(llm, [tokens], params)[0]
-            runs.append(TeacherForced(tokens[ctx:], full.logprobs[ctx:]))  # the rows read over compressed KV
-        return runs
+def _compressed_rows(llm: LLM, texts: list[list[int]], contexts: list[int], policy: str | None,
+                     budget: float) -> list[TeacherForced]:
+    """Teacher-forced log-probabilities of each text's rows after its context, read over the context's KV
+    as `policy` compressed it (kvpress's protocol)."""
+    runs = []
+    for tokens, ctx in zip(texts, contexts, strict=True):
+        params = SamplingParams(temperature=0.0, max_tokens=1, **_eviction(policy, budget, kv_compress_at=ctx))
+        full = teacher_forced(llm, [tokens], params)[0]
+        runs.append(TeacherForced(tokens[ctx:], full.logprobs[ctx:]))
+    return runs
 
-    reference = run(None, 1.0)
+
+def _teacher_forced_part(llm: LLM, texts: list[list[int]], contexts: list[int], budgets: list[float],
+                         reference: list[TeacherForced]) -> dict:
     results = {}
     for policy, budget in tqdm(list(itertools.product(POLICIES, budgets)), desc="teacher-forced", unit="run"):
-        results[f"{policy}@{budget}"] = dataclasses.asdict(compare(reference, run(policy, budget)))
+        results[f"{policy}@{budget}"] = dataclasses.asdict(
+            compare(reference, _compressed_rows(llm, texts, contexts, policy, budget)))
     return {"positions": sum(len(r.logprobs) for r in reference), "runs": results}
 
 
@@ -148,9 +155,12 @@ def format_settings(name: str) -> dict:
 
 
 def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[int]], reference: list[TeacherForced],
-                       needles: list[Needle], full_answers: list[bool], kv_cache_dtypes: tuple[str, ...]) -> dict:
+                       needles: list[Needle], full_answers: list[bool], kv_cache_dtypes: tuple[str, ...],
+                       contexts: list[int], compressed_reference: list[TeacherForced], budget: float) -> dict:
     """Each quantized format on the whole cache against the reference run (the engine's own KV format, the
-    model's dtype by default): every teacher-forced position, the needles, and the pool's tokens per GiB."""
+    model's dtype by default): every teacher-forced position, the needles, and the pool's tokens per GiB;
+    then each eviction policy the format runs, at `budget`, on the eviction protocol's rows against the
+    same reference's full cache (eviction and quantization together)."""
     def tokens_per_gib(kv_cache_dtype: str, group: int = args.kv_group_size) -> float:
         block = kv_bytes_per_block(config, args.block_size, DTYPES[args.dtype], kv_cache_dtype, group)
         return 2**30 / block * args.block_size
@@ -177,6 +187,9 @@ def _quantization_part(args: EngineArgs, config: ModelConfig, texts: list[list[i
             "value_group": group if kv_cache_dtype in KIVI_BITS else None,
             "tokens_per_gib": tokens_per_gib(kv_cache_dtype, group),
             "capacity_vs_model_dtype": tokens_per_gib(kv_cache_dtype, group) / tokens_per_gib("auto"),
+            "evicted": {f"{policy}@{budget}": dataclasses.asdict(compare(
+                compressed_reference, _compressed_rows(llm, texts, contexts, policy, budget)))
+                for policy in POLICIES if eviction_refusal(policy, kv_cache_dtype, bool(tails)) is None},
         }
         del llm
     return {"model_dtype_tokens_per_gib": tokens_per_gib("auto"), "formats": results}
@@ -296,15 +309,17 @@ def run_kv_fidelity_bench(args: EngineArgs, out_path: str, kvpress_python: str |
         "policies": list(POLICIES),
         "window_size": args.kv_eviction_window, "kernel_size": args.kv_eviction_kernel,
         "n_sink": args.kv_eviction_sinks,
-        "teacher_forced": _teacher_forced_part(llm, texts, contexts, budgets),
-        "needles": _needle_part(llm, needles, budgets),
     }
+    compressed_reference = _compressed_rows(llm, texts, contexts, None, 1.0)  # the same rows, the full cache
+    result["teacher_forced"] = _teacher_forced_part(llm, texts, contexts, budgets, compressed_reference)
+    result["needles"] = _needle_part(llm, needles, budgets)
     config = llm.engine.model_config
     reference = teacher_forced(llm, texts) if kv_cache_dtypes else None  # every position, on the whole cache
     del llm
     if kv_cache_dtypes:
         result["quantization"] = _quantization_part(args, config, texts, reference, needles,
-                                                    result["needles"]["full_cache_answers"], kv_cache_dtypes)
+                                                    result["needles"]["full_cache_answers"], kv_cache_dtypes,
+                                                    contexts, compressed_reference, 0.5)
     if kvpress_python:
         result["kvpress"] = _kvpress_part(args, needles, kvpress_python)
     result["memory_bound"] = _memory_bound_part(args, config, needles, 0.5, batch_max_tokens, kv_cache_dtypes)

@@ -23,11 +23,13 @@ from sharekv.sequence import Sequence
 
 class KVCompressor:
     def __init__(self, pool: BlockPool, block_size: int, shape: tuple[int, int], policy: str | None = None,
-                 budget: str | None = None, **options: int) -> None:
+                 budget: str | None = None, whole_blocks: bool = False, **options: int) -> None:
         """`shape` is (layers, kv_heads); `policy` and `budget` are the defaults of requests that set none;
+        `whole_blocks`: keep whole blocks (a KIVI cache, whose blocks are quantized only when full);
         `options` (window_size, kernel_size, n_sink) configure every policy."""
         self.pool = pool
         self.block_size = block_size
+        self.whole_blocks = whole_blocks
         self.shape = shape
         self.options = options
         self.default_policy = policy if policy != NONE else None
@@ -84,11 +86,12 @@ class KVCompressor:
         end = self.prefill_stop(seq)
         return max(0, end - self.last_chunk_tokens(seq)) // self.block_size
 
-    @staticmethod
-    def _kept(state: EvictionState, shared: int, computed: int) -> int:
+    def _kept(self, state: EvictionState, shared: int, computed: int) -> int:
         """Slots a sequence keeps with `computed` tokens: the budget bounds its own KV; KV it shares with
-        other sequences (never edited) is kept on top."""
-        return shared + state.budget.tokens_for(max(1, computed - shared))
+        other sequences (never edited) is kept on top. On a KIVI cache, rounded up to whole blocks: each is
+        then quantized full, and the next token starts a tail block as usual."""
+        kept = shared + state.budget.tokens_for(max(1, computed - shared))
+        return -(-kept // self.block_size) * self.block_size if self.whole_blocks else kept
 
     def peak_slots(self, seq: Sequence, total: int, shared: int = 0) -> int:
         """The most cache slots the sequence holds until it has `total` tokens: its prefill in full, then

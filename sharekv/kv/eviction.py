@@ -193,14 +193,11 @@ NONE = "none"  # a request's way to turn off the engine's default policy
 
 
 def eviction_refusal(name: str, kv_cache_dtype: str, residual_window: bool) -> str | None:
-    """Why policy `name` cannot run on the KV cache, or None. A KIVI format's per-channel keys would have to
-    be requantized by a compaction; a layer budget's layer-blocks lie in the quantized pool, not in the
-    residual window's tails."""
-    if kv_cache_dtype in KIVI_BITS:
-        return f"does not run on a KIVI cache ({kv_cache_dtype}) yet; use --kv-cache-dtype int8 or auto"
+    """Why policy `name` cannot run on the KV cache, or None. A layer budget's layer-blocks lie in the
+    quantized pool, not in the residual window's tails (which a KIVI cache always has)."""
     policy = POLICIES.get(name)
-    if residual_window and policy is not None and policy.per_layer:
-        return f"{name} does not run on a KV cache with a residual window (--kv-residual) yet"
+    if (residual_window or kv_cache_dtype in KIVI_BITS) and policy is not None and policy.per_layer:
+        return f"{name} does not run on a KV cache with a residual window (--kv-residual, or a KIVI format) yet"
     return None
 
 

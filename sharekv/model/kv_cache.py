@@ -411,7 +411,8 @@ class KVCache:
         layer and KV head (an eviction): every move of the step in one gather, then one scatter, per part
         (so a move in place never reads a slot another move has written)."""
         if self.bits is not None:
-            raise NotImplementedError("KV eviction does not run on a KIVI (int4, int2) cache")
+            self._compact_kivi(compactions)
+            return
         if self.tail is not None:
             self._compact_over_tails(compactions)
             return
@@ -449,6 +450,34 @@ class KVCache:
             into = (layer[to_block], kv, target[to_block], head[to_block])
             data[into], scales[into] = all_codes[to_block], all_scales[to_block]
             tail[layer[~to_block], kv, target[~to_block] - first_tail, head[~to_block]] = rows[~to_block]
+
+    def _compact_kivi(self, compactions: list[Compaction]) -> None:
+        """`compact` on a KIVI pool. A key block's ranges span its tokens, so no slot moves alone: each target
+        block is written whole from the kept slots read as floats (dequantized, or as a tail holds them),
+        and quantized again (a target among the tails takes them as read). The compressor keeps whole blocks
+        on such a cache, so every target block is full. Each layer reads all of a sequence's moved blocks
+        before it writes any, so a compaction in place never reads what it has written."""
+        bs, kv_heads = self.block_size, self.data.shape[4]
+        heads = torch.arange(kv_heads, device=self.device)[:, None]
+        for c in compactions:
+            if c.kept % bs:
+                raise ValueError(f"a compaction on a KIVI cache keeps whole blocks, not {c.kept} slots")
+            start = c.first // bs
+            keep = c.keep[..., start * bs:].to(self.device) - start * bs  # [layers, kv_heads, n]: slots read
+            sources = torch.as_tensor(c.block_table[start:], device=self.device)
+            targets = torch.as_tensor((c.target_table or c.block_table)[start:c.kept // bs], device=self.device)
+            to_tail = targets >= self.num_blocks
+            for layer, kv in enumerate(self._layers):
+                for read, codes, params, quantize, tail in (
+                        (kv.keys, kv.k, kv.k_params, quantize_kivi_keys, kv.tail_k),
+                        (kv.values, kv.v, kv.v_params, self.quantize_values, kv.tail_v)):
+                    rows = read(sources).flatten(0, 1)  # [slots, kv_heads, d]
+                    blocks = rows[keep[layer], heads].transpose(0, 1).reshape(len(targets), bs, kv_heads, -1)
+                    if bool(to_tail.any()):
+                        tail[targets[to_tail] - self.num_blocks] = blocks[to_tail]
+                    ids = targets[~to_tail]
+                    if len(ids):
+                        codes[ids], params[ids] = quantize(blocks[~to_tail], self.bits)
 
     def _table_moves(self, c: Compaction) -> tuple[torch.Tensor, ...]:
         """The moves of a compaction alike in every layer as (layer, source slot, target slot, KV head),
