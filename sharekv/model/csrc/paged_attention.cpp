@@ -69,6 +69,35 @@ static void key_pass(Rows& reader, const int64_t* table, int64_t first, int64_t 
   });
 }
 
+// s[0, n) replaced by its softmax, a vector at a time; returns the log-sum-exp of the scores. (libm's expf
+// is scalar: one call per score had taken a third of the kernel's time.)
+static inline float softmax_(float* s, int64_t n) {
+  const int64_t whole = n / W * W;
+  vfw top = vfw{} - std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < whole; i += W) {
+    const vfw v = loadw(s + i);
+    top = v > top ? v : top;
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < W; ++j) m = std::max(m, top[j]);
+  for (int64_t i = whole; i < n; ++i) m = std::max(m, s[i]);
+  vfw acc = {};
+  for (int64_t i = 0; i < whole; i += W) {
+    const vfw e = exp_w(loadw(s + i) - m);
+    storew(s + i, e);
+    acc += e;
+  }
+  float sum = 0.f;
+  for (int j = 0; j < W; ++j) sum += acc[j];
+  for (int64_t i = whole; i < n; ++i) {
+    s[i] = std::exp(s[i] - m);
+    sum += s[i];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+  return m + std::log(sum);
+}
+
 // The shapes whose passes keep their vectors in registers: 1-4 query heads per KV head and a head of 2 or 4
 // vectors (64-dim heads on AVX-512; 16- and 32-dim on AVX2). Others take the generic loops.
 static inline bool in_registers(int64_t group, int64_t dim) {
@@ -129,19 +158,7 @@ static void decode_kernel(const T* q, const Rows& rows, const int64_t* block_tab
           for (int64_t g = 0; g < group; ++g) scores[g * n + at] = dot16(qf.data() + g * dim, kf, dim);
         });
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * n;
-        const float m = *std::max_element(s, s + n);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; ++i) {
-          s[i] = std::exp(s[i] - m);
-          sum += s[i];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-        lse[b * heads + h * group + g] = m + std::log(sum);
-      }
+      for (int64_t g = 0; g < group; ++g) lse[b * heads + h * group + g] = softmax_(scores.data() + g * n, n);
       if (mass != nullptr && mass_rows[b] >= 0) {
         float* row_mass = mass + (mass_rows[b] * kv_heads + h) * mass_width + first;
         for (int64_t i = 0; i < n; ++i) {
