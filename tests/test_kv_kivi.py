@@ -38,7 +38,7 @@ from sharekv.model.native import cpu_kernels
 from sharekv.model.runner import step_metadata
 from sharekv.sampling_params import InvalidParameter
 from sharekv.sched.output import Compaction
-from tests.conftest import STORIES_DIR, assert_engine_clean, mixed_prompts
+from tests.conftest import STORIES_DIR, assert_engine_clean, build_llama, mixed_prompts
 from tests.test_kv_properties import BLOCK, KVManagerMachine
 from tests.test_kv_quant import SCENARIOS as INT8_SCENARIOS
 from tests.test_kv_quant import _config
@@ -500,3 +500,19 @@ def test_eviction_on_kivi(small_llama, fmt):
                     tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
         assert compactions >= 2 and tails_seen > 0
         assert_engine_clean(engine)
+
+
+def test_kivi_eviction_survives_preemption(tmp_path):
+    """snapkv on int4 in a pool too small for the outputs, under `fcfs` (which admits by the next step's
+    blocks, not the whole run's): sequences compacted after their prompts are preempted as they grow and
+    resume (their whole quantized blocks swapped, the tail recomputed from the position after their kept
+    slots), finish every token, and leave nothing held."""
+    model = build_llama(str(tmp_path / "llama"), num_hidden_layers=2, max_position_embeddings=512)
+    llm = LLM(model, kv_cache_dtype="int4", kv_residual=16, kv_cache_memory="40KiB", block_size=8,
+              kv_eviction_window=8, swap_space="4MiB", schedule="fcfs")
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, kv_eviction="snapkv", kv_budget=24)
+    outs = llm.generate([{"prompt_token_ids": list(range(3 + i, 63 + i))} for i in range(6)], params, use_tqdm=False)
+    engine = llm.engine
+    assert engine.scheduler.num_swapped_out > 0 and engine.compressor.num_compactions == 6
+    assert all(len(o.outputs[0].token_ids) == 200 for o in outs)
+    assert_engine_clean(engine)
