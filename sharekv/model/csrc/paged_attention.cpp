@@ -70,7 +70,7 @@ static void key_pass(Rows& reader, const int64_t* table, int64_t first, int64_t 
 }
 
 // s[0, n) replaced by its softmax, a vector at a time; returns the log-sum-exp of the scores. (libm's expf
-// is scalar: one call per score had taken a third of the kernel's time.)
+// is scalar here: one call per score, where exp_w takes a vector of them.)
 static inline float softmax_(float* s, int64_t n) {
   const int64_t whole = n / W * W;
   vfw top = vfw{} - std::numeric_limits<float>::infinity();
