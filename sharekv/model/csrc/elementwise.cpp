@@ -33,7 +33,7 @@ static void add_rms_norm_row(T* row, const T* x, const T* weight, T* out, int64_
     }
     acc += v * v;
   }
-  for (int j = 0; j < W; ++j) squares += acc[j];
+  squares += sum_lanes(acc);
   for (int64_t e = d; e < hidden; ++e) {
     if (x) row[e] = round_to<T>(static_cast<float>(row[e]) + static_cast<float>(x[e]));
     const float v = static_cast<float>(row[e]);

@@ -20,12 +20,6 @@ constexpr int ROWS = 4;
 // 60 GB/s, measured side by side).
 constexpr int PREFETCH_GROUPS = 2;
 
-static inline float sum_lanes(vfw v) {
-  float s = 0.f;
-  for (int j = 0; j < W; ++j) s += v[j];
-  return s;
-}
-
 // Output rows [n0, n1) of y = x W^T (+ b), x given as floats.
 template <typename T>
 static void gemv_rows(const float* x, const T* w, const T* bias, T* y, int64_t n0, int64_t n1, int64_t k_size) {

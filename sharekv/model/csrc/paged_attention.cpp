@@ -62,9 +62,7 @@ static void key_pass(Rows& reader, const int64_t* table, int64_t first, int64_t 
     for (int g = 0; g < G; ++g) {
       vfw part = q[g][0] * k[0];
       for (int c = 1; c < C; ++c) part += q[g][c] * k[c];
-      float sum = 0.f;
-      for (int j = 0; j < W; ++j) sum += part[j];
-      scores[g * n + at] = sum;
+      scores[g * n + at] = sum_lanes(part);
     }
   });
 }
@@ -78,8 +76,7 @@ static inline float softmax_(float* s, int64_t n) {
     const vfw v = loadw(s + i);
     top = v > top ? v : top;
   }
-  float m = -std::numeric_limits<float>::infinity();
-  for (int j = 0; j < W; ++j) m = std::max(m, top[j]);
+  float m = max_lanes(top);
   for (int64_t i = whole; i < n; ++i) m = std::max(m, s[i]);
   vfw acc = {};
   for (int64_t i = 0; i < whole; i += W) {
@@ -87,8 +84,7 @@ static inline float softmax_(float* s, int64_t n) {
     storew(s + i, e);
     acc += e;
   }
-  float sum = 0.f;
-  for (int j = 0; j < W; ++j) sum += acc[j];
+  float sum = sum_lanes(acc);
   for (int64_t i = whole; i < n; ++i) {
     s[i] = std::exp(s[i] - m);
     sum += s[i];

@@ -39,6 +39,18 @@ static inline vfw exp_w(vfw x) {
   return (vfw)(scaled & keep);
 }
 
+// The sum and the largest of a vector's lanes, in lane order.
+static inline float sum_lanes(vfw v) {
+  float s = 0.f;
+  for (int j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+static inline float max_lanes(vfw v) {
+  float m = v[0];
+  for (int j = 1; j < W; ++j) m = m > v[j] ? m : v[j];
+  return m;
+}
+
 // Fixed 16-lane inner loops: gcc turns each into whole-register FMAs (dim is a multiple of 16).
 static inline float dot16(const float* a, const float* b, int64_t dim) {
   float acc[16] = {0.f};
