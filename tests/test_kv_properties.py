@@ -211,6 +211,96 @@ class TestBlockPool:
         pool.check_invariants()
 
 
+    def test_sequences_growing_side_by_side_keep_their_blocks_in_runs(self):
+        pool = BlockPool(200)
+        tables: list[list[int]] = []
+        for _ in range(4):  # each one's prompt of four blocks, then a decode block at a time, in turn
+            tables.append([pool.allocate().block_id])
+            for _ in range(3):
+                tables[-1].append(pool.allocate(after=tables[-1][-1]).block_id)
+        for _ in range(BlockPool.RUN):
+            for table in tables:
+                table.append(pool.allocate(after=table[-1]).block_id)
+        for table in tables:
+            assert table == list(range(table[0], table[0] + 4 + BlockPool.RUN)), table
+        # past its room a sequence starts a new run, and grows in it
+        for _ in range(3):
+            tables[0].append(pool.allocate(after=tables[0][-1]).block_id)
+        assert tables[0][-3:] == list(range(tables[0][-3], tables[0][-3] + 3))
+        pool.check_invariants()
+
+    def test_blocks_left_behind_runs_are_not_reserved(self):
+        pool = BlockPool(3 * BlockPool.RUN)
+        tables: list[list[int]] = [[], [], []]
+        for i in range(pool.num_blocks):  # three sequences take turns until the pool is full
+            table = tables[i % 3]
+            table.append(pool.allocate(after=table[-1] if table else None).block_id)
+        assert pool.num_free_blocks == 0
+        assert sorted(b for t in tables for b in t) == list(range(pool.num_blocks))
+        pool.check_invariants()
+
+
+class BlockPoolMachine(RuleBasedStateMachine):
+    """Random allocations (after a held block or anywhere), releases, prefix-cache registrations, hits and
+    resets on a small pool: its free count and lists stay consistent, and a hint never hands out a block in
+    use or more blocks than the pool has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = BlockPool(2 * BlockPool.RUN + 5, first_id=3)
+        self.held: list[int] = []  # one entry per reference taken
+
+    def _block(self, block_id: int):
+        return self.pool.blocks[block_id - self.pool.first_id]
+
+    @rule(data=st.data())
+    def allocate(self, data) -> None:
+        if not self.pool.num_free_blocks:
+            return
+        after = data.draw(st.sampled_from([None, *self.held, 0, 10**6]))
+        wanted = None if after is None else self.pool.first_id <= after + 1 < self.pool.first_id + len(self.pool.blocks)
+        free_next = wanted and self.pool.is_free(self._block(after + 1)) and self._block(after + 1).key is None
+        block = self.pool.allocate(after=after)
+        assert block.block_id not in self.held and block.ref_count == 1 and block.key is None
+        if free_next:
+            assert block.block_id == after + 1  # the block after the hint, free and holding no cached KV
+        self.held.append(block.block_id)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def release(self, data) -> None:
+        block_id = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        self.pool.release(self._block(block_id))
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), key=st.integers(0, 5))
+    def register(self, data, key: int) -> None:
+        self.pool.register(self._block(data.draw(st.sampled_from(self.held))), bytes([key]))
+
+    @rule(key=st.integers(0, 5))
+    def hit(self, key: int) -> None:
+        block = self.pool.lookup(bytes([key]))
+        if block is not None:
+            self.pool.share(block)
+            self.held.append(block.block_id)
+
+    @rule()
+    def reset(self) -> None:
+        assert self.pool.reset_prefix_cache() == (not self.held)
+
+    @invariant()
+    def consistent(self) -> None:
+        self.pool.check_invariants()
+        in_use = Counter(self.held)
+        assert self.pool.num_free_blocks == self.pool.num_blocks - len(in_use)
+        for block_id, refs in in_use.items():
+            assert self._block(block_id).ref_count == refs and not self.pool.is_free(self._block(block_id))
+
+
+TestBlockPoolMachine = BlockPoolMachine.TestCase
+TestBlockPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
 class SwapSpaceMachine(RuleBasedStateMachine):
     """Random takes, returns (with and without cache keys), lookups and claims of host swap slots."""
 

@@ -150,7 +150,7 @@ class KVCacheManager:
         needed = seq.blocks_needed(num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
             pool = self.tails if needed - len(seq.block_table) <= new_tails else self.pool
-            seq.block_table.append(pool.allocate().block_id)
+            seq.block_table.append(pool.allocate(after=seq.block_table[-1] if seq.block_table else None).block_id)
         if seq.layer_slots is not None:
             seq.layer_slots.grow(seq.num_computed_tokens + num_new_tokens)
         if held and needed - held > new_tails and self.is_tail(seq.block_table[held - 1]):
@@ -159,7 +159,7 @@ class KVCacheManager:
 
     def _seal(self, seq: Sequence, i: int) -> None:
         """Put a quantized block in place of the sequence's full tail i (the copy is left pending)."""
-        tail, block = seq.block_table[i], self.pool.allocate().block_id
+        tail, block = seq.block_table[i], self.pool.allocate(after=seq.block_table[i - 1] if i else None).block_id
         self.pending_seals.append((tail, block))
         self.num_seals += 1
         seq.block_table[i] = block
@@ -230,7 +230,7 @@ class KVCacheManager:
         needed = cdiv(kept, bs) - start
         if needed > self.pool.num_free_blocks:
             return None
-        return seq.block_table[:start] + [self.pool.allocate().block_id for _ in range(needed)], start * bs
+        return self._extend(seq.block_table[:start], needed), start * bs
 
     def evict(self, seq: Sequence, kept: int, first: int, target_table: list[int] | None) -> None:
         """An eviction kept the sequence's first `kept` slots, moving those from slot `first` on, into
@@ -263,7 +263,14 @@ class KVCacheManager:
         needed = slots.table_blocks(seq.num_computed_tokens) - slots.shared_blocks
         if needed > self.pool.num_free_blocks:
             return slots, None
-        return slots, seq.block_table[:slots.shared_blocks] + [self.pool.allocate().block_id for _ in range(needed)]
+        return slots, self._extend(seq.block_table[:slots.shared_blocks], needed)
+
+    def _extend(self, table: list[int], n: int) -> list[int]:
+        """`table` and n fresh blocks after it, each placed after the one before (one run where the pool can)."""
+        table = list(table)
+        for _ in range(n):
+            table.append(self.pool.allocate(after=table[-1] if table else None).block_id)
+        return table
 
     def _layer_map(self, seq: Sequence, kept: list[int], first: int) -> LayerSlots:
         return LayerSlots(len(kept), self.block_size, first // self.block_size, [k - first for k in kept],
