@@ -1,4 +1,4 @@
-"""The pool of KV blocks: reference counts, the free list, and the prefix-cache index.
+"""The pool of KV blocks: reference counts, the free blocks, and the prefix-cache index.
 
 A block whose reference count drops to zero stays in the prefix-cache index (if it is full and hashed)
 while it is free; it is evicted only when the allocator hands it out again. Blocks with no cached content
@@ -140,7 +140,8 @@ class BlockPool:
         if block.key is not None:
             del self._cached[block.key]
             block.key = None
-            if block.ref_count == 0 and self._cached_free.pop(block.block_id, False) is None:
+            if block.block_id in self._cached_free:  # free: it now holds nothing worth keeping
+                del self._cached_free[block.block_id]
                 self._mark_uncached_free(block)
 
     def reset_prefix_cache(self) -> bool:

@@ -39,6 +39,11 @@ def block_keys(parent: BlockKey, token_ids: list[int], block_size: int, first: i
     return keys
 
 
+def _allocate_after(pool: BlockPool, table: list[int]) -> int:
+    """A block for the end of `table`, placed after its last block where the pool can (`BlockPool`)."""
+    return pool.allocate(after=table[-1] if table else None).block_id
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  key_namespace: str = "", num_tail_blocks: int = 0, residual_blocks: int = 1,
@@ -150,7 +155,7 @@ class KVCacheManager:
         needed = seq.blocks_needed(num_new_tokens, self.block_size)
         while len(seq.block_table) < needed:
             pool = self.tails if needed - len(seq.block_table) <= new_tails else self.pool
-            seq.block_table.append(pool.allocate(after=seq.block_table[-1] if seq.block_table else None).block_id)
+            seq.block_table.append(_allocate_after(pool, seq.block_table))
         if seq.layer_slots is not None:
             seq.layer_slots.grow(seq.num_computed_tokens + num_new_tokens)
         if held and needed - held > new_tails and self.is_tail(seq.block_table[held - 1]):
@@ -159,7 +164,7 @@ class KVCacheManager:
 
     def _seal(self, seq: Sequence, i: int) -> None:
         """Put a quantized block in place of the sequence's full tail i (the copy is left pending)."""
-        tail, block = seq.block_table[i], self.pool.allocate(after=seq.block_table[i - 1] if i else None).block_id
+        tail, block = seq.block_table[i], _allocate_after(self.pool, seq.block_table[:i])
         self.pending_seals.append((tail, block))
         self.num_seals += 1
         seq.block_table[i] = block
@@ -269,7 +274,7 @@ class KVCacheManager:
         """`table` and n fresh blocks after it, each placed after the one before (one run where the pool can)."""
         table = list(table)
         for _ in range(n):
-            table.append(self.pool.allocate(after=table[-1] if table else None).block_id)
+            table.append(_allocate_after(self.pool, table))
         return table
 
     def _layer_map(self, seq: Sequence, kept: list[int], first: int) -> LayerSlots:
