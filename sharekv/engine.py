@@ -21,6 +21,7 @@ from sharekv.kv.manager import KVCacheManager
 from sharekv.kv.quant import check_kv_format, kivi_bits
 from sharekv.kv.swap import SwapSpace
 from sharekv.model.checkpoint import Checkpoint
+from sharekv.model.cpu_heap import keep_freed_memory
 from sharekv.model.kv_cache import kv_bytes_per_block
 from sharekv.model.llama import LlamaModel
 from sharekv.model.runner import DTYPES, ModelRunner
@@ -97,6 +98,8 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         dtype = DTYPES[args.dtype]
         device = torch.device(args.device)
+        if device.type == "cpu":
+            keep_freed_memory()
         check_kv_format(config.head_dim, args.kv_cache_dtype, args.kv_group_size)
         per_block = kv_bytes_per_block(config, args.block_size, dtype, args.kv_cache_dtype, args.kv_group_size)
         residual_blocks, kivi = args.residual_blocks(), kivi_bits(args.kv_cache_dtype) is not None
