@@ -445,60 +445,56 @@ def test_compaction_moves_slots_between_int8_blocks_and_tails(in_place):
                     assert torch.equal(got[i, h], expected), (layer, h, i, src)
 
 
+_SHARED = list(range(100, 124))
+_WINDOWED_PROMPTS = [list(range(3, 3 + 60)), list(range(70, 70 + 44)), _SHARED + [5, 6, 7],
+                     _SHARED + list(range(30, 50)), [9, 8, 7, 6]]
+
+
+def _evict_behind_a_window(model: str, kv_cache_dtype: str, policy: str, budget: int) -> tuple[LLM, int]:
+    """Five requests (two behind a shared prefix whose blocks are followed by tails, one that fits in its
+    window) under `policy` at `budget` tokens, on 8-token blocks with a 16-token residual window, run to
+    the end; checks that after its compaction a sequence holds at most a block over 24 slots beside the
+    prefix (snapkv compacts once, so it may grow past that). Returns the LLM (its compressor's history
+    records each compaction) and the steps on which a compacted sequence held a tail."""
+    llm = LLM(model, kv_cache_dtype=kv_cache_dtype, kv_residual=16, kv_cache_memory="2MiB", block_size=8,
+              kv_eviction_window=8)
+    engine = llm.engine
+    engine.compressor.history = []  # every compaction's kept slots
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_eviction=policy, kv_budget=budget)
+    for i, p in enumerate(_WINDOWED_PROMPTS):
+        engine.add_request(str(i), p, params)
+    tails_seen = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            if seq.eviction is not None and seq.eviction.settled:
+                assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8 + len(_SHARED)
+                tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
+    return llm, tails_seen
+
+
 def test_eviction_with_an_int8_residual_window(small_llama):
     """int8 with a residual window runs every uniform policy: budgets hold while decoding, the window comes
     back after each compaction, and every block and tail is given back; also behind a shared prefix (whose
     blocks are followed by tails) and for a prompt that fits in its window."""
-    shared = list(range(100, 124))
-    prompts = [list(range(3, 3 + 60)), list(range(70, 70 + 44)), shared + [5, 6, 7], shared + list(range(30, 50)),
-               [9, 8, 7, 6]]
     for policy in ("snapkv", "h2o", "streaming_llm"):
-        llm = LLM(small_llama, kv_cache_dtype="int8", kv_residual=16, kv_cache_memory="2MiB", block_size=8,
-                  kv_eviction_window=8)
-        engine = llm.engine
-        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_eviction=policy, kv_budget=24)
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
-        tails_seen = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            for seq in engine.scheduler.running:
-                if seq.eviction is not None and seq.eviction.settled:
-                    # within a block of the budget, and a shared prefix on top
-                    assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8 + len(shared)
-                    tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
-        assert engine.compressor.num_compactions >= 2 and tails_seen > 0
-        assert_engine_clean(engine)
+        llm, tails_seen = _evict_behind_a_window(small_llama, "int8", policy, budget=24)
+        assert llm.engine.compressor.num_compactions >= 2 and tails_seen > 0
+        assert_engine_clean(llm.engine)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int2"])
 def test_eviction_on_kivi(small_llama, fmt):
     """Every uniform policy runs on KIVI: a sequence keeps whole blocks (its budget rounded up), requantized
     from the kept slots, so after a compaction its slots fill whole blocks until the window comes back with
-    the next token; budgets hold while decoding, and every block and tail is given back; also behind a
-    shared prefix and for a prompt that fits in its window."""
-    shared = list(range(100, 124))
-    prompts = [list(range(3, 3 + 60)), list(range(70, 70 + 44)), shared + [5, 6, 7], shared + list(range(30, 50)),
-               [9, 8, 7, 6]]
+    the next token; budgets hold while decoding (20 rounded up to whole blocks, a block more before the next
+    compaction), and every block and tail is given back; also behind a shared prefix and for a prompt that
+    fits in its window."""
     for policy in ("snapkv", "h2o", "streaming_llm"):
-        llm = LLM(small_llama, kv_cache_dtype=fmt, kv_residual=16, kv_cache_memory="2MiB", block_size=8,
-                  kv_eviction_window=8)
-        engine = llm.engine
-        engine.compressor.history = []  # every compaction's kept slots
-        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_eviction=policy, kv_budget=20)
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
-        tails_seen = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            for seq in engine.scheduler.running:
-                if seq.eviction is not None and seq.eviction.settled:
-                    # 20 rounded up to whole blocks, a block more before the next compaction, the prefix
-                    assert policy == "snapkv" or seq.num_kv_slots <= 24 + 8 + len(shared)
-                    tails_seen += any(engine.kv.is_tail(b) for b in seq.block_table)
-        kept = [keep.shape[-1] for _, keep in engine.compressor.history]
+        llm, tails_seen = _evict_behind_a_window(small_llama, fmt, policy, budget=20)
+        kept = [keep.shape[-1] for _, keep in llm.engine.compressor.history]
         assert len(kept) >= 2 and all(k % 8 == 0 for k in kept) and tails_seen > 0, kept
-        assert_engine_clean(engine)
+        assert_engine_clean(llm.engine)
 
 
 def test_kivi_eviction_survives_preemption(tmp_path):
