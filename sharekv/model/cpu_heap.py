@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 # mallopt's parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -26,6 +27,7 @@ TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
 
 
+@functools.cache  # every engine calls it; finding the C library runs ldconfig, and the setting is per process
 def keep_freed_memory() -> bool:
     """Tune glibc's heap as above, once per process; False where the C library is not glibc."""
     path = ctypes.util.find_library("c")
@@ -40,5 +42,6 @@ def keep_freed_memory() -> bool:
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return all(mallopt(option, value) == 1 for option, value in
-               ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    applied = [mallopt(option, value) == 1 for option, value in
+               ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))]
+    return all(applied)
